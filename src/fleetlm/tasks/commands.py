@@ -1,0 +1,100 @@
+"""`fleet tasks generate|docs` and `fleet eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from fleetlm.tasks.base import TaskError
+
+tasks_app = typer.Typer(help="The built-in checkable task suite.", no_args_is_help=True)
+
+
+def _domains(text: str | None) -> list[str] | None:
+    from fleetlm.tasks.suite import domain_module
+
+    if not text:
+        return None
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    for name in names:
+        domain_module(name)  # raises a TaskError naming the valid domains
+    return names
+
+
+@tasks_app.command("generate")
+def generate_cmd(
+    out: Path = typer.Option(..., "--out", help="Where to write the JSONL records."),
+    domains: str = typer.Option("", "--domains", help="Comma-separated domains (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    n: int = typer.Option(100, "--n", help="Records per domain, spread evenly over the levels."),
+    levels: str = typer.Option("", "--levels", help="Levels, e.g. 1,2,3 or 2-5 (default: all)."),
+    split: str = typer.Option("train", "--split", help="train, dev, test or all."),
+    world_seed: int = typer.Option(0, "--world-seed", help="Seed of the facts world (keep it fixed)."),
+    system: str = typer.Option("", "--system", help="An optional system message for every record."),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Let a question repeat."),
+) -> None:
+    """Write chat records with gold answers: training data and eval sets in one format."""
+    from fleetlm.tasks.suite import generate, parse_levels, write_jsonl
+
+    records = generate(_domains(domains), n=n, seed=seed, levels=parse_levels(levels), split=split,
+                       unique=not allow_duplicates, world_seed=world_seed, system=system or None)
+    write_jsonl(records, out)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+    summary = ", ".join(f"{d} {c}" for d, c in counts.items())
+    typer.echo(f"wrote {len(records)} records ({summary}) to {out}")
+
+
+@tasks_app.command("docs")
+def docs_cmd(
+    out: Path = typer.Option(..., "--out", help="Directory for the documents."),
+    world_seed: int = typer.Option(0, "--world-seed", help="Seed of the facts world."),
+    level: int = typer.Option(6, "--level", help="World size level (1-6)."),
+) -> None:
+    """Export the facts world as a document collection (one .txt per entity + docs.jsonl)."""
+    from fleetlm.tasks import facts
+    from fleetlm.tasks.suite import write_documents
+
+    if level not in facts.LEVELS:
+        raise TaskError(f"level must be one of {facts.LEVELS}, got {level}")
+    path = write_documents(out, world_seed=world_seed, level=level)
+    n = sum(1 for _ in path.open())
+    typer.echo(f"wrote {n} documents ({facts.build_world(world_seed, level).facts()} facts) to {out}")
+
+
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", help="A checkpoint directory."),
+    data: Path = typer.Option(..., "--data", help="Task records (JSONL from `fleet tasks generate`)."),
+    dtype: str = typer.Option("f32", "--dtype", help="f32, bf16, int8 or int4."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per batch."),
+    max_tokens: int = typer.Option(48, "--max-tokens", help="Longest reply to generate."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the JSON summary here."),
+    predictions_out: Path | None = typer.Option(None, "--predictions", help="Write replies and marks here."),
+) -> None:
+    """Accuracy of a model on task records, per domain and level (normalized exact match)."""
+    from fleetlm.tasks.evaluate import evaluate_model, format_table, score_records
+    from fleetlm.tasks.suite import read_jsonl, write_jsonl
+
+    records = read_jsonl(data)
+    if not records:
+        raise TaskError(f"no records in {data}")
+    report, predictions = evaluate_model(model, records, dtype=dtype, batch_size=batch_size,
+                                         max_tokens=max_tokens)
+    report.data = str(data)
+    typer.echo(format_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        typer.echo(f"summary: {json_out}")
+    if predictions_out:
+        _, marks = score_records(records, predictions)
+        write_jsonl([{"id": r.get("id"), "prediction": p, "answer": r["answer"], "correct": m}
+                     for r, p, m in zip(records, predictions, marks, strict=True)], predictions_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(tasks_app, name="tasks")
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fleetlm.tasks.base import TaskError
+from fleetlm.tasks.commands import register
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_generate_writes_records(app, tmp_path):
+    out = tmp_path / "t.jsonl"
+    args = ["tasks", "generate", "--domains", "arithmetic,facts", "--seed", "3", "--n", "12",
+            "--levels", "1-3", "--split", "dev", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "wrote" in result.output and f"{len(recs)} records" in result.output
+    assert {r["domain"] for r in recs} == {"arithmetic", "facts"} and {r["level"] for r in recs} <= {1, 2, 3}
+    assert all(r["split"] == "dev" for r in recs)
+    again = tmp_path / "again.jsonl"
+    CliRunner().invoke(app, args[:-1] + [str(again)])
+    assert again.read_text() == out.read_text()
+
+
+def test_bad_input_is_a_typed_error(app, tmp_path):
+    bad = ["tasks", "generate", "--domains", "poetry", "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, bad)
+    assert isinstance(result.exception, TaskError) and "unknown domain" in str(result.exception)
+    missing = ["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]
+    result = CliRunner().invoke(app, missing)
+    assert isinstance(result.exception, TaskError) and "no such data file" in str(result.exception)
+
+
+def test_docs_command(app, tmp_path):
+    result = CliRunner().invoke(app, ["tasks", "docs", "--out", str(tmp_path / "docs"), "--level", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "docs" / "docs.jsonl").is_file() and list((tmp_path / "docs").glob("person-*.txt"))
+    result = CliRunner().invoke(app, ["tasks", "docs", "--out", str(tmp_path), "--level", "9"])
+    assert isinstance(result.exception, TaskError)
+
+
+def test_eval_prints_table_and_writes_json(app, tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    CliRunner().invoke(app, ["tasks", "generate", "--domains", "strings", "--n", "6", "--levels", "1,2",
+                             "--out", str(data)])
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+
+    class Echo:  # answers every question right
+        @classmethod
+        def load(cls, path, dtype="bf16"):
+            return cls()
+
+        def chat(self, conversations, **sampling):
+            return [next(r["answer"] for r in recs if r["messages"] == c) for c in conversations]
+
+    monkeypatch.setitem(sys.modules, "fleetlm.engine", types.SimpleNamespace(Engine=Echo))
+    summary, preds = tmp_path / "s.json", tmp_path / "p.jsonl"
+    args = ["eval", "--model", str(tmp_path), "--data", str(data), "--batch-size", "4",
+            "--json", str(summary), "--predictions", str(preds)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "strings" in result.output and "100.0" in result.output
+    got = json.loads(summary.read_text())
+    assert got["n"] == 6 and got["accuracy"] == 1.0 and set(got["domains"]["strings"]["levels"]) == {"1", "2"}
+    assert all(json.loads(line)["correct"] for line in preds.read_text().splitlines())
+
+
+def test_fleet_cli_exits_2_on_bad_domain(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "from fleetlm.cli import main; main()", "tasks", "generate",
+                          "--domains", "poetry", "--out", str(tmp_path / "x.jsonl")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: unknown domain 'poetry'")
