@@ -111,7 +111,9 @@ def test_evaluate_model_batches_through_the_engine(monkeypatch):
                     else "?" for c in conversations]
 
     monkeypatch.setitem(sys.modules, "fleetlm.engine", types.SimpleNamespace(Engine=FakeEngine))
-    report, preds = evaluate_model("some/model", recs, dtype="f32", batch_size=5, progress=False)
+    # A training file (gold assistant turn included) is prompted without the answer.
+    trained = [suite.with_answer(r) for r in recs]
+    report, preds = evaluate_model("some/model", trained, dtype="f32", batch_size=5, progress=False)
     assert calls[0] == ("load", "some/model", "f32")
     assert [c[1] for c in calls[1:]] == [5, 5, 2] and all(c[2] == 0.0 for c in calls[1:])
     expected = sum(len(r["messages"][-1]["content"]) < 12 for r in recs)

@@ -90,3 +90,12 @@ def test_write_documents(tmp_path):
     assert len(docs) == len(list((tmp_path / "docs").glob("*.txt")))
     first = (tmp_path / "docs" / f"{docs[0]['id']}.txt").read_text()
     assert docs[0]["title"] in first and docs[0]["text"] in first
+
+
+def test_answers_become_the_assistant_turn_and_are_stripped_for_prompting():
+    plain = suite.generate(domains=["arithmetic"], n=4, seed=2)
+    trained = suite.generate(domains=["arithmetic"], n=4, seed=2, answers=True)
+    for p, t in zip(plain, trained, strict=True):
+        assert t["messages"] == p["messages"] + [{"role": "assistant", "content": p["answer"]}]
+        assert suite.prompt_messages(t) == p["messages"] and suite.prompt_messages(p) == p["messages"]
+        assert suite.with_answer(t) == t  # idempotent

@@ -34,12 +34,15 @@ def generate_cmd(
     world_seed: int = typer.Option(0, "--world-seed", help="Seed of the facts world (keep it fixed)."),
     system: str = typer.Option("", "--system", help="An optional system message for every record."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Let a question repeat."),
+    with_answers: bool = typer.Option(False, "--with-answers",
+                                      help="End each conversation with the gold answer (training data)."),
 ) -> None:
     """Write chat records with gold answers: training data and eval sets in one format."""
     from fleetlm.tasks.suite import generate, parse_levels, write_jsonl
 
     records = generate(_domains(domains), n=n, seed=seed, levels=parse_levels(levels), split=split,
-                       unique=not allow_duplicates, world_seed=world_seed, system=system or None)
+                       unique=not allow_duplicates, world_seed=world_seed, system=system or None,
+                       answers=with_answers)
     write_jsonl(records, out)
     counts: dict[str, int] = {}
     for r in records:

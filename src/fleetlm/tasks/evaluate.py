@@ -141,6 +141,7 @@ def evaluate_model(model_dir: str | Path, records: Sequence[Mapping[str, Any]], 
     from tqdm import tqdm
 
     from fleetlm.engine import Engine
+    from fleetlm.tasks.suite import prompt_messages
 
     if batch_size < 1:
         raise TaskError(f"batch size must be >= 1, got {batch_size}")
@@ -150,8 +151,8 @@ def evaluate_model(model_dir: str | Path, records: Sequence[Mapping[str, Any]], 
     with tqdm(total=len(records), desc=f"eval {Path(model_dir).name}", unit="q", disable=not progress) as bar:
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
-            # The record's messages are the prompt as is: no assistant turn, the template adds the cue.
-            conversations = [list(r["messages"]) for r in batch]
+            # A training file's gold assistant turn is dropped, so the model never sees the answer.
+            conversations = [prompt_messages(r) for r in batch]
             replies = engine.chat(conversations, max_tokens=max_tokens, temperature=0.0)
             score_records(batch, replies, report)
             predictions += replies

@@ -56,6 +56,20 @@ def to_record(task: Task, system: str | None = None) -> dict[str, Any]:
             "messages": messages, "answer": task.answer}
 
 
+def with_answer(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a training conversation: the gold answer appended as the assistant turn."""
+    answer = {"role": "assistant", "content": record["answer"]}
+    return {**record, "messages": prompt_messages(record) + [answer]}
+
+
+def prompt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """The messages a model is asked with: any trailing assistant turn (a training answer) removed."""
+    messages = list(record["messages"])
+    while messages and messages[-1].get("role") == "assistant":
+        messages.pop()
+    return messages
+
+
 def _sampler(domain: str, world_seed: int) -> Callable[[random.Random, int], Task]:
     module = domain_module(domain)
     if domain == "facts":
@@ -65,11 +79,13 @@ def _sampler(domain: str, world_seed: int) -> Callable[[random.Random, int], Tas
 
 def generate(domains: Sequence[str] | None = None, n: int = 100, seed: int = 0,
              levels: Sequence[int] | None = None, split: str = "train", unique: bool = True,
-             world_seed: int = 0, system: str | None = None, max_tries: int = 200) -> list[dict[str, Any]]:
+             world_seed: int = 0, system: str | None = None, max_tries: int = 200,
+             answers: bool = False) -> list[dict[str, Any]]:
     """`n` records per domain, spread evenly over the levels, drawn only from `split` ("all": any split).
 
     With `unique`, a question appears at most once per domain; a level whose question space (in that split) is
     smaller than its share yields fewer records rather than looping forever (`max_tries` draws per record).
+    With `answers`, each conversation ends with the gold answer as the assistant turn (training data).
     """
     if split not in (*SPLITS, "all"):
         raise TaskError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or all")
@@ -95,7 +111,8 @@ def generate(domains: Sequence[str] | None = None, n: int = 100, seed: int = 0,
                         unique and task.question in seen):
                     continue
                 seen.add(task.question)
-                records.append(to_record(task, system))
+                record = to_record(task, system)
+                records.append(with_answer(record) if answers else record)
                 got += 1
     return records
 
