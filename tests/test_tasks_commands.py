@@ -82,3 +82,32 @@ def test_fleet_cli_exits_2_on_bad_domain(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: unknown domain 'poetry'")
+
+
+def test_routing_joins_prediction_files(app, tmp_path):
+    data = tmp_path / "d.jsonl"
+    gen = ["tasks", "generate", "--domains", "classification", "--n", "4", "--out", str(data)]
+    CliRunner().invoke(app, gen)
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    # Written in reverse order: rows are joined by id, not by position.
+    good.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n"
+                            for r in recs[::-1]))
+    bad.write_text("".join(json.dumps({"id": r["id"], "prediction": "sports"}) + "\n" for r in recs))
+    out = tmp_path / "route.jsonl"
+    args = ["tasks", "routing", "--data", str(data), "--pred", f"big={good}", "--pred", f"small={bad}",
+            "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in recs]
+    assert all(r["scores"]["big"] == 1.0 for r in rows)
+    assert [r["scores"]["small"] for r in rows] == [float(r["answer"] == "sports") for r in recs]
+    bad.write_text(json.dumps({"id": recs[0]["id"], "prediction": "x"}) + "\n")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, TaskError)
+    assert "lacks predictions for 3 records" in str(result.exception)
+    result = CliRunner().invoke(app, args[:4] + ["--pred", f"x={tmp_path / 'none'}", "--out", str(out)])
+    assert isinstance(result.exception, TaskError) and "no such predictions file" in str(result.exception)
+    result = CliRunner().invoke(app, args[:4] + ["--pred", "nofile", "--out", str(out)])
+    assert isinstance(result.exception, TaskError) and "NAME=FILE" in str(result.exception)

@@ -68,6 +68,39 @@ def docs_cmd(
     typer.echo(f"wrote {n} documents ({facts.build_world(world_seed, level).facts()} facts) to {out}")
 
 
+@tasks_app.command("routing")
+def routing_cmd(
+    data: Path = typer.Option(..., "--data", help="The task records the models answered."),
+    pred: list[str] = typer.Option(..., "--pred", help="NAME=FILE from `fleet eval --predictions`; repeat."),
+    out: Path = typer.Option(..., "--out", help="Where to write the routing-data JSONL."),
+) -> None:
+    """Join several models' predictions on one task file into routing data (prompt, responses, scores)."""
+    from fleetlm.tasks.evaluate import write_routing_data
+    from fleetlm.tasks.suite import read_jsonl
+
+    records = read_jsonl(data)
+    predictions: dict[str, list[str]] = {}
+    for item in pred:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise TaskError(f"--pred wants NAME=FILE, got {item!r}")
+        if not Path(file).is_file():
+            raise TaskError(f"no such predictions file: {file}")
+        by_id = {}
+        for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                by_id[row["id"]] = row["prediction"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise TaskError(f"{file}:{lineno}: not a prediction row") from exc
+        missing = [r["id"] for r in records if r.get("id") not in by_id]
+        if missing:
+            raise TaskError(f"{file} lacks predictions for {len(missing)} records (e.g. {missing[0]})")
+        predictions[name] = [by_id[r["id"]] for r in records]
+    write_routing_data(out, records, predictions)
+    typer.echo(f"wrote {len(records)} routing rows for {', '.join(predictions)} to {out}")
+
+
 def eval_cmd(
     model: Path = typer.Option(..., "--model", help="A checkpoint directory."),
     data: Path = typer.Option(..., "--data", help="Task records (JSONL from `fleet tasks generate`)."),
