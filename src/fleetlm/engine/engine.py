@@ -1,0 +1,96 @@
+"""The local-model Backend: load a checkpoint at a chosen width and generate from it, streamed and batched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fleetlm.engine.generate import (
+    GenerationError,
+    GenerationRequest,
+    GenerationStats,
+    TokenEvent,
+    TokenizerLike,
+    decode_one_token,
+    generate,
+)
+from fleetlm.errors import FleetError
+
+__all__ = ["DTYPES", "Engine", "GenerationError", "GenerationRequest", "GenerationStats", "TokenEvent",
+           "UnsupportedDtypeError"]
+
+# Weight widths a model can be loaded at; int8/int4 are weight-only, their activations use ACTIVATION_DTYPE.
+DTYPES = ("bf16", "f32", "int8", "int4")
+ACTIVATION_DTYPE = torch.bfloat16
+
+
+class UnsupportedDtypeError(FleetError):
+    """A --dtype the engine does not know, or a quantized width whose kernels are not available."""
+
+
+class Engine:
+    """A loaded model + tokenizer that turns GenerationRequests into streamed TokenEvents."""
+
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike, name: str = "model", dtype: str = "f32",
+                 compile: bool = False) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.dtype = dtype
+        self.last_stats = GenerationStats()
+        # Compiling the decode step fuses the many small ops per layer; off by default (minutes to compile).
+        self._decode = torch.compile(decode_one_token, dynamic=True) if compile else decode_one_token
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "bf16", name: str | None = None,
+             compile: bool = False) -> Engine:
+        """Load an HF-layout checkpoint directory; dtype is one of bf16, f32, int8, int4."""
+        from fleetlm.model.checkpoint import load_checkpoint
+        from fleetlm.model.tokenizer import Tokenizer
+
+        if dtype not in DTYPES:
+            raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        path = Path(path)
+        torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
+        model = load_checkpoint(path, dtype=torch_dtype)
+        if dtype in ("int8", "int4"):
+            model = _quantize(model, dtype)
+        tokenizer = Tokenizer.from_dir(path)
+        return cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
+
+    def generate(self, requests: GenerationRequest | Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
+        """Stream TokenEvents for one request or a batch (events carry the request's index in the batch)."""
+        if isinstance(requests, GenerationRequest):
+            requests = [requests]
+        self.last_stats = GenerationStats()
+        return generate(self.model, self.tokenizer, list(requests), decode_fn=self._decode,
+                        stats=self.last_stats)
+
+    def complete(self, prompts: Sequence[str], **sampling: Any) -> list[str]:
+        """Continue each prompt (batched); sampling: GenerationRequest's fields (max_tokens, stop, ...)."""
+        return self._collect([GenerationRequest(prompt=p, **sampling) for p in prompts])
+
+    def chat(self, conversations: Sequence[list[dict[str, Any]]], **sampling: Any) -> list[str]:
+        """Answer each conversation (a list of {"role", "content"} messages) through the chat template."""
+        return self._collect([GenerationRequest(messages=list(c), **sampling) for c in conversations])
+
+    def _collect(self, requests: list[GenerationRequest]) -> list[str]:
+        texts = [""] * len(requests)
+        for event in self.generate(requests):
+            texts[event.request_index] += event.text
+        return texts
+
+
+def _quantize(model: nn.Module, scheme: str) -> nn.Module:
+    try:
+        from fleetlm.engine.quant import quantize
+    except ModuleNotFoundError as exc:
+        if exc.name != "fleetlm.engine.quant":
+            raise  # a broken import inside the quantizer is a bug, not a missing feature
+        raise UnsupportedDtypeError(f"dtype {scheme} needs fleetlm.engine.quant, not available") from exc
+    return quantize(model, scheme)
+
