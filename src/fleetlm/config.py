@@ -1,0 +1,166 @@
+"""The fleet.yaml schema: which models the gateway serves, where they run, what they cost, how it routes.
+
+A model is exactly one of: one of our checkpoints (`path` + `dtype`), a GGUF file (`gguf`), or a remote
+OpenAI-compatible endpoint (`remote` base URL + `api_key_env`). Prices are dollars per million tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fleetlm.errors import ConfigError
+
+DEFAULT_SQLITE_FILE = "fleet.db"
+
+
+class _Strict(BaseModel):
+    # A typo in fleet.yaml should fail loudly, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(_Strict):
+    input: float = Field(0.0, ge=0, description="$ per 1M prompt tokens")
+    output: float = Field(0.0, ge=0, description="$ per 1M completion tokens")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+class ModelSpec(_Strict):
+    path: str | None = None
+    dtype: Literal["bf16", "f16", "f32", "int8", "int4"] = "bf16"
+    gguf: str | None = None
+    remote: str | None = Field(
+        None, description="base URL of an OpenAI-compatible API, e.g. http://h:8000/v1"
+    )
+    remote_model: str | None = Field(None, description="model name upstream; defaults to this model's name")
+    api_key_env: str | None = None
+    timeout: float = Field(60.0, gt=0, description="seconds per upstream attempt")
+    retries: int = Field(1, ge=0, le=10, description="extra attempts after a failed one")
+    price: Price = Field(default_factory=Price)
+    aliases: list[str] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+    max_context: int | None = Field(None, gt=0)
+    embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_location(self) -> ModelSpec:
+        given = [k for k in ("path", "gguf", "remote") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, gguf, remote (got {', '.join(given) or 'none'})")
+        if self.remote and not self.remote.startswith(("http://", "https://")):
+            raise ValueError(f"remote must be an http(s) URL, got {self.remote!r}")
+        return self
+
+    @property
+    def kind(self) -> Literal["local", "gguf", "remote"]:
+        return "local" if self.path else "gguf" if self.gguf else "remote"
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if value is None:
+            raise ConfigError(f"environment variable {self.api_key_env} (api key) is not set")
+        return value
+
+
+class RouterSpec(_Strict):
+    name: str = "auto"
+    kind: Literal["random", "knn", "mlp", "mf", "cascade", "cheapest", "strongest"] = "mlp"
+    quality_floor: float = Field(0.95, ge=0, le=1)
+    budget_usd_per_1k: float | None = Field(None, ge=0)
+    path: str | None = Field(None, description="a fitted router saved by `fleet route fit`")
+    models: list[str] | None = Field(None, description="candidates; defaults to every model")
+
+
+class FleetConfig(_Strict):
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    router: RouterSpec | None = None
+    storage: str | None = None
+    strongest: str | None = Field(None, description="reference model for savings; default: priciest")
+    require_api_key: bool | None = Field(None, description="None: required once any key exists")
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> FleetConfig:
+        seen: dict[str, str] = {}
+        for name, spec in self.models.items():
+            for alias in [name, *spec.aliases]:
+                if alias in seen and seen[alias] != name:
+                    raise ValueError(f"name {alias!r} is used by both {seen[alias]!r} and {name!r}")
+                seen[alias] = name
+        if self.router and self.router.name in seen:
+            raise ValueError(f"router name {self.router.name!r} clashes with a model name or alias")
+        for name, spec in self.models.items():
+            for fb in spec.fallbacks:
+                if fb not in seen:
+                    raise ValueError(f"models.{name}.fallbacks: unknown model {fb!r}")
+        for ref in [self.strongest, *((self.router.models or []) if self.router else [])]:
+            if ref is not None and ref not in seen:
+                raise ValueError(f"unknown model {ref!r}")
+        return self
+
+    def resolve(self, name: str) -> str | None:
+        """The canonical model name for a name or alias, None when unknown (the router is not a model)."""
+        if name in self.models:
+            return name
+        for canonical, spec in self.models.items():
+            if name in spec.aliases:
+                return canonical
+        return None
+
+    def strongest_model(self) -> str:
+        if self.strongest:
+            return self.resolve(self.strongest) or self.strongest
+        return max(self.models, key=lambda n: (self.models[n].price.output, self.models[n].price.input))
+
+    def storage_url(self) -> str:
+        return resolve_storage_url(self.storage)
+
+
+def resolve_storage_url(configured: str | None = None) -> str:
+    """The config's storage URL, else $FLEET_DB_URL, else a SQLite file in the working directory."""
+    return configured or os.environ.get("FLEET_DB_URL") or f"sqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}"
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {msg}{more}"
+
+
+def parse_config(data: object, source: str = "fleet config") -> FleetConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'models' section")
+    try:
+        config = FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+    base = Path(source).parent if source.endswith((".yaml", ".yml")) else None
+    if base is not None:
+        # Local paths in a config file are relative to the file, not to wherever `fleet serve` runs.
+        for spec in config.models.values():
+            if spec.path and not Path(spec.path).is_absolute():
+                spec.path = str((base / spec.path).resolve())
+            if spec.gguf and not Path(spec.gguf).is_absolute():
+                spec.gguf = str((base / spec.gguf).resolve())
+    return config
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(data, str(path))

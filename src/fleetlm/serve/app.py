@@ -1,0 +1,467 @@
+"""The FastAPI gateway: OpenAI's API in front of the fleet, with keys, limits, fallbacks and a usage log.
+
+Every request that gets past body parsing leaves one row in the usage store, committed before the
+response (or the stream's final `data: [DONE]`) is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fleetlm.config import FleetConfig
+from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
+from fleetlm.serve.errors import (
+    APIError,
+    BackendError,
+    BadRequest,
+    BudgetExceeded,
+    ModelNotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    error_body,
+)
+from fleetlm.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    parse_request,
+)
+from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
+
+
+class Router(Protocol):
+    """A virtual model: picks a real model for a request (fleetlm.route provides the fitted ones)."""
+
+    name: str
+
+    def route(self, request: ChatCompletionRequest | CompletionRequest) -> RouteDecision: ...
+
+
+@dataclass
+class _Call:
+    """What one request did, filled in as it goes and logged at the end."""
+
+    endpoint: str
+    start: float = field(default_factory=time.perf_counter)
+    request_id: str = field(default_factory=lambda: new_id("req"))
+    model_requested: str = "?"
+    model_used: str | None = None
+    route: str = "direct"
+    predicted_quality: float | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    key: ApiKey | None = None
+    user: str | None = None
+    stream: bool = False
+    ttft_ms: float | None = None
+
+    def headers(self, cost: float | None = None) -> dict[str, str]:
+        h = {
+            "x-fleet-model": self.model_used or "",
+            "x-fleet-route": _header_safe(self.route_header()),
+            "x-request-id": self.request_id,
+        }
+        if cost is not None:
+            h["x-fleet-cost-usd"] = f"{cost:.8f}"
+        return h
+
+    def route_header(self) -> str:
+        if self.fallbacks:
+            return f"{self.route}; fallback from {','.join(self.fallbacks)}"
+        return self.route
+
+
+def _header_safe(s: str) -> str:
+    return s.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace("\n", " ")[:500]
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: FleetConfig,
+        store: UsageStore,
+        backends: dict[str, Backend],
+        router: Router | None = None,
+    ):
+        self.config, self.store, self.backends, self.router = config, store, backends, router
+        self._recent: dict[str, deque[float]] = defaultdict(deque)
+
+    # ------------------------------------------------------------ request plumbing
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest("invalid content-length header")
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def authorize(self, request: Request, call: _Call) -> None:
+        header = request.headers.get("authorization", "")
+        secret = header[7:].strip() if header.lower().startswith("bearer ") else None
+        key = await run_in_threadpool(self.store.find_key, secret) if secret else None
+        required = self.config.require_api_key
+        if required is None:
+            required = await run_in_threadpool(self.store.has_keys)
+        if key is None or key.revoked:
+            if required:
+                raise Unauthorized("missing or invalid API key" if secret else "an API key is required")
+            return
+        call.key = key
+        if key.rpm is not None:
+            now, window = time.monotonic(), self._recent[key.key_id]
+            while window and window[0] <= now - 60:
+                window.popleft()
+            if len(window) >= key.rpm:
+                raise RateLimited(f"key {key.key_id}: more than {key.rpm} requests per minute")
+            window.append(now)
+        if key.budget_usd is not None:
+            spent = await run_in_threadpool(self.store.spend, key.key_id)
+            if spent >= key.budget_usd:
+                raise BudgetExceeded(f"key {key.key_id}: budget of ${key.budget_usd:.2f} is spent")
+
+    def resolve(self, name: str, request: Any, call: _Call) -> list[str]:
+        """The models to try, in order: the chosen one, then its fallbacks."""
+        call.model_requested = name
+        if self.config.router is not None and name == self.config.router.name:
+            if self.router is None:
+                raise ServiceUnavailable(f"router {name!r} is configured but no fitted router is loaded")
+            decision = self.router.route(request)
+            model = decision.model
+            call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
+        else:
+            model = self.config.resolve(name)
+            if model is None:
+                raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+            call.route = "direct" if model == name else f"alias:{name}"
+        chain = [model]
+        for fb in self.config.models[model].fallbacks:
+            canonical = self.config.resolve(fb)
+            if canonical and canonical not in chain:
+                chain.append(canonical)
+        return chain
+
+    async def first_success(
+        self, chain: list[str], call: _Call, attempt: Callable[[Backend], Awaitable[Any]]
+    ) -> Any:
+        errors = []
+        for model in chain:
+            try:
+                result = await attempt(self.backends[model])
+                call.model_used = model
+                return result
+            except BackendError as exc:
+                if not exc.retryable and exc.upstream_status is not None and exc.upstream_status < 500:
+                    call.model_used = model
+                    raise _client_error(exc) from None
+                errors.append(exc.message)
+                call.fallbacks.append(model)
+        raise ServiceUnavailable("no model could serve the request: " + " | ".join(errors))
+
+    def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
+        if model is None:
+            return 0.0
+        return self.config.models[model].price.cost(prompt_tokens, completion_tokens)
+
+    def record(
+        self,
+        call: _Call,
+        status: int,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        error: str | None = None,
+    ) -> RequestRecord:
+        # A failed request costs nothing; a stream the client cut short pays for what was generated.
+        cost = self.cost(call.model_used, prompt_tokens, completion_tokens) if status < 500 else 0.0
+        return RequestRecord(
+            request_id=call.request_id,
+            endpoint=call.endpoint,
+            model_requested=call.model_requested,
+            status=status,
+            model_used=call.model_used,
+            route_reason=call.route,
+            predicted_quality=call.predicted_quality,
+            fallbacks=call.fallbacks,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            latency_ms=(time.perf_counter() - call.start) * 1000,
+            ttft_ms=call.ttft_ms,
+            error=error,
+            stream=call.stream,
+            key_id=call.key.key_id if call.key else None,
+            user=call.user,
+        )
+
+    async def log(
+        self,
+        call: _Call,
+        status: int,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        error: str | None = None,
+    ) -> float:
+        record = self.record(call, status, prompt_tokens, completion_tokens, error)
+        await run_in_threadpool(self.store.log, record)
+        return record.cost_usd
+
+    # ------------------------------------------------------------ endpoints
+
+    async def handle(self, request: Request, endpoint: str, model_cls: type) -> Response:
+        call = _Call(endpoint)
+        try:
+            body = await self.read_body(request)
+            parsed = parse_request(model_cls, body)
+            call.model_requested = parsed.model
+            call.user = getattr(parsed, "user", None)
+            await self.authorize(request, call)
+            chain = self.resolve(parsed.model, parsed, call)
+            if endpoint == "embeddings":
+                return await self._embeddings(parsed, chain, call)
+            call.stream = parsed.stream
+            if parsed.stream:
+                return await self._stream(parsed, chain, call, chat=endpoint == "chat")
+            return await self._whole(parsed, chain, call, chat=endpoint == "chat")
+        except APIError as exc:
+            if exc.status != 413 and not (isinstance(exc, BadRequest) and call.model_requested == "?"):
+                await self.log(call, exc.status, error=exc.message)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
+
+    async def _whole(self, req: Any, chain: list[str], call: _Call, *, chat: bool) -> Response:
+        gen: Generation = await self.first_success(
+            chain, call, (lambda b: b.chat(req)) if chat else (lambda b: b.complete(req))
+        )
+        call.ttft_ms = (time.perf_counter() - call.start) * 1000
+        usage = Usage.of(gen.prompt_tokens, gen.completion_tokens)
+        model = req.model
+        if chat:
+            body: Any = ChatCompletion(
+                model=model,
+                usage=usage,
+                choices=[
+                    ChatChoice(
+                        index=c.index,
+                        message=AssistantMessage(content=c.text, tool_calls=c.tool_calls),
+                        finish_reason=c.finish_reason,
+                        logprobs=c.logprobs,
+                    )
+                    for c in gen.choices
+                ],
+            )
+        else:
+            body = Completion(
+                model=model,
+                usage=usage,
+                choices=[
+                    CompletionChoice(
+                        index=c.index, text=c.text or "", finish_reason=c.finish_reason, logprobs=c.logprobs
+                    )
+                    for c in gen.choices
+                ],
+            )
+        cost = await self.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
+        return JSONResponse(body.model_dump(exclude_none=True), headers=call.headers(cost))
+
+    async def _stream(self, req: Any, chain: list[str], call: _Call, *, chat: bool) -> Response:
+        async def open_stream(backend: Backend) -> tuple[AsyncIterator[Delta], Delta | None]:
+            it = (backend.stream_chat(req) if chat else backend.stream_complete(req)).__aiter__()
+            try:  # the first piece arrives before we commit to this backend, so a failure can fall back
+                return it, await it.__anext__()
+            except StopAsyncIteration:
+                return it, None
+
+        deltas, first = await self.first_success(chain, call, open_stream)
+        call.ttft_ms = (time.perf_counter() - call.start) * 1000
+        stream_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+
+        def event(choices: list, usage: Usage | None = None) -> str:
+            if chat:
+                obj: Any = ChatCompletionChunk(
+                    id=stream_id, created=created, model=req.model, choices=choices, usage=usage
+                )
+                data = obj.model_dump(exclude_none=True)
+                if usage is None and choices:
+                    data["usage"] = None  # OpenAI sends usage: null on content chunks when usage is asked
+            else:
+                obj = Completion(id=stream_id, created=created, model=req.model, choices=choices, usage=usage)
+                data = obj.model_dump(exclude_none=True)
+            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+        def piece(d: Delta, first_of_choice: bool) -> str:
+            if chat:
+                delta = ChunkDelta(
+                    role="assistant" if first_of_choice else None, content=d.text, tool_calls=d.tool_calls
+                )
+                return event(
+                    [
+                        ChunkChoice(
+                            index=d.index, delta=delta, finish_reason=d.finish_reason, logprobs=d.logprobs
+                        )
+                    ]
+                )
+            return event(
+                [
+                    CompletionChoice(
+                        index=d.index, text=d.text or "", finish_reason=d.finish_reason, logprobs=d.logprobs
+                    )
+                ]
+            )
+
+        async def body() -> AsyncIterator[str]:
+            usage: tuple[int, int] = (0, 0)
+            seen: set[int] = set()
+            status, error = 499, "client went away"
+            try:
+                pending = first
+                while pending is not None:
+                    if pending.usage is not None:
+                        usage = pending.usage
+                    if pending.text is not None or pending.finish_reason or pending.tool_calls:
+                        yield piece(pending, pending.index not in seen)
+                        seen.add(pending.index)
+                    pending = await anext(deltas, None)
+                status, error = 200, None
+                await self.log(call, 200, *usage)
+                if req.include_usage():
+                    yield event([], Usage.of(*usage))
+                yield "data: [DONE]\n\n"
+            except BackendError as exc:
+                status, error = 502, exc.message
+                await self.log(call, 502, *usage, error=exc.message)
+                yield f"data: {json.dumps(error_body(exc.message, exc.type, None, exc.code))}\n\n"
+            finally:
+                if status == 499:  # cancelled mid-stream: no await works here any more, so log in place
+                    self.store.log(self.record(call, 499, *usage, error=error))
+
+        headers = call.headers()
+        headers["cache-control"] = "no-cache"
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    async def _embeddings(self, req: EmbeddingRequest, chain: list[str], call: _Call) -> Response:
+        emb = await self.first_success(chain, call, lambda b: b.embed(req))
+        cost = await self.log(call, 200, emb.prompt_tokens, 0)
+        body = EmbeddingResponse(
+            model=req.model,
+            usage=Usage.of(emb.prompt_tokens, 0),
+            data=[Embedding(index=i, embedding=v) for i, v in enumerate(emb.vectors)],
+        )
+        return JSONResponse(body.model_dump(), headers=call.headers(cost))
+
+    def models(self) -> ModelList:
+        cards = [ModelCard(id=name) for name in self.config.models]
+        if self.config.router is not None:
+            cards.append(ModelCard(id=self.config.router.name, owned_by="fleetlm-router"))
+        return ModelList(data=cards)
+
+
+def _client_error(exc: BackendError) -> APIError:
+    """An upstream 4xx is the client's mistake (e.g. context too long): pass it on with its status."""
+    err = BadRequest(exc.message)
+    err.status = exc.upstream_status or 400
+    if err.status == 429:
+        err.type, err.code = "rate_limit_error", "rate_limit_exceeded"
+    return err
+
+
+def create_app(
+    config: FleetConfig, store: UsageStore, backends: dict[str, Backend], router: Router | None = None
+) -> FastAPI:
+    gw = Gateway(config, store, backends, router)
+
+    async def close_backends() -> None:
+        for b in backends.values():
+            await b.aclose()
+
+    app = FastAPI(title="fleetlm gateway", version="0.1.0", on_shutdown=[close_backends])
+    app.state.gateway = gw
+
+    def _body_schema(model_cls: type) -> dict:
+        # The body is parsed by hand (size limit, exact 400s), so its schema is declared for the docs.
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                    }
+                },
+            }
+        }
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "models": list(config.models),
+            "router": config.router.name if config.router else None,
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return gw.models().model_dump()
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> Response:
+        for card in gw.models().data:
+            if card.id == model_id or config.resolve(model_id) == card.id:
+                return JSONResponse(card.model_dump())
+        err = ModelNotFound(f"the model {model_id!r} does not exist", param="model")
+        return JSONResponse(err.body(), status_code=404)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        return await gw.handle(request, "chat", ChatCompletionRequest)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        return await gw.handle(request, "completions", CompletionRequest)
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        return await gw.handle(request, "embeddings", EmbeddingRequest)
+
+    return app

@@ -1,0 +1,251 @@
+"""The usage log: one row per request, and API keys, in SQLite (default) or PostgreSQL through SQLAlchemy.
+
+Durability: a record is committed before the response leaves the server. SQLite runs in WAL mode with
+synchronous=FULL, so a committed row survives the process being killed (and a power cut as well).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+from fleetlm.errors import ConfigError
+
+metadata = MetaData()
+
+requests_table = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("created", Float, nullable=False, index=True),  # unix seconds
+    Column("endpoint", String(32), nullable=False),
+    Column("model_requested", String(200), nullable=False),
+    Column("model_used", String(200)),
+    Column("route_reason", Text),
+    Column("predicted_quality", Float),
+    Column("fallbacks", Text),  # comma-separated models that failed before model_used answered
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("cost_usd", Float, nullable=False, default=0.0),
+    Column("latency_ms", Float),
+    Column("ttft_ms", Float),
+    Column("status", Integer, nullable=False),
+    Column("error", Text),
+    Column("stream", Integer, nullable=False, default=0),
+    Column("key_id", String(32), index=True),
+    Column("user", String(200)),
+)
+
+keys_table = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("name", String(200)),
+    Column("budget_usd", Float),  # None: unlimited
+    Column("rpm", Integer),  # None: unlimited
+    Column("created", Float, nullable=False),
+    Column("revoked", Integer, nullable=False, default=0),
+)
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    model_requested: str
+    status: int
+    model_used: str | None = None
+    route_reason: str | None = None
+    predicted_quality: float | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    error: str | None = None
+    stream: bool = False
+    key_id: str | None = None
+    user: str | None = None
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class ApiKey:
+    key_id: str
+    name: str | None
+    budget_usd: float | None
+    rpm: int | None
+    created: float
+    revoked: bool
+
+
+def hash_key(secret: str) -> str:
+    # Keys are random 32-byte tokens, so a plain SHA-256 is enough (no dictionary to guard against).
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+    cur.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: committed means on disk
+    cur.execute("PRAGMA busy_timeout=10000")  # wait for a concurrent writer instead of failing
+    cur.close()
+
+
+class UsageStore:
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+            self.engine: Engine = create_engine(url, pool_pre_ping=True, future=True)
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise ConfigError(f"storage: cannot use {self.url!r} ({exc})") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise ConfigError(f"storage: cannot open {self.url!r} ({exc.orig})") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ requests
+
+    def log(self, record: RequestRecord) -> None:
+        row = asdict(record)
+        row["fallbacks"] = ",".join(record.fallbacks) or None
+        row["stream"] = int(record.stream)
+        with self.engine.begin() as conn:
+            conn.execute(requests_table.insert().values(**row))
+
+    def requests(self, since: float | None = None) -> list[dict]:
+        q = select(requests_table).order_by(requests_table.c.id)
+        if since is not None:
+            q = q.where(requests_table.c.created >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def usage(self, since: float | None = None, by: Literal["model", "key", "day"] = "model") -> list[dict]:
+        """Totals grouped by the model that answered, the key, or the UTC day."""
+        rows = self.requests(since)
+        groups: dict[str, dict] = {}
+        for r in rows:
+            if by == "model":
+                k = r["model_used"] or f"({r['model_requested']}, unserved)"
+            elif by == "key":
+                k = r["key_id"] or "(no key)"
+            else:
+                k = datetime.fromtimestamp(r["created"], tz=timezone.utc).strftime("%Y-%m-%d")
+            g = groups.setdefault(
+                k,
+                {
+                    by: k,
+                    "requests": 0,
+                    "errors": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "cost_usd": 0.0,
+                    "latency_ms_sum": 0.0,
+                },
+            )
+            g["requests"] += 1
+            g["errors"] += int(r["status"] >= 400)
+            g["prompt_tokens"] += r["prompt_tokens"] or 0
+            g["completion_tokens"] += r["completion_tokens"] or 0
+            g["cost_usd"] += r["cost_usd"] or 0.0
+            g["latency_ms_sum"] += r["latency_ms"] or 0.0
+        out = []
+        for g in sorted(groups.values(), key=lambda g: str(g[by])):
+            g["mean_latency_ms"] = g.pop("latency_ms_sum") / g["requests"]
+            out.append(g)
+        return out
+
+    def spend(self, key_id: str) -> float:
+        q = select(func.coalesce(func.sum(requests_table.c.cost_usd), 0.0)).where(
+            requests_table.c.key_id == key_id
+        )
+        with self.engine.connect() as conn:
+            return float(conn.execute(q).scalar_one())
+
+    # ------------------------------------------------------------ keys
+
+    def create_key(
+        self, name: str | None = None, budget_usd: float | None = None, rpm: int | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key; the secret is returned once and only its hash is stored."""
+        if budget_usd is not None and budget_usd < 0:
+            raise ConfigError("budget must be >= 0")
+        if rpm is not None and rpm < 1:
+            raise ConfigError("rpm must be >= 1")
+        secret = "fk-" + secrets.token_urlsafe(32)
+        key = ApiKey(
+            key_id=secrets.token_hex(6),
+            name=name,
+            budget_usd=budget_usd,
+            rpm=rpm,
+            created=time.time(),
+            revoked=False,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                keys_table.insert().values(
+                    key_id=key.key_id,
+                    key_hash=hash_key(secret),
+                    name=name,
+                    budget_usd=budget_usd,
+                    rpm=rpm,
+                    created=key.created,
+                    revoked=0,
+                )
+            )
+        return key, secret
+
+    def find_key(self, secret: str) -> ApiKey | None:
+        q = select(keys_table).where(keys_table.c.key_hash == hash_key(secret))
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return None if row is None else _key(row._mapping)
+
+    def keys(self) -> list[ApiKey]:
+        with self.engine.connect() as conn:
+            return [_key(r._mapping) for r in conn.execute(select(keys_table).order_by(keys_table.c.created))]
+
+    def has_keys(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(keys_table)).scalar_one() > 0
+
+
+def _key(m: Any) -> ApiKey:
+    return ApiKey(
+        key_id=m["key_id"],
+        name=m["name"],
+        budget_usd=m["budget_usd"],
+        rpm=m["rpm"],
+        created=m["created"],
+        revoked=bool(m["revoked"]),
+    )

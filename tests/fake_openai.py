@@ -1,0 +1,211 @@
+"""A small OpenAI-compatible upstream for tests, served by uvicorn in a thread on a loopback port.
+
+Its behaviour depends on the model asked for: "broken" always answers 500, "flaky" fails its first
+`flaky_failures` calls, "badreq" answers 400, "slow" sleeps `slow_seconds`, "midfail" breaks mid-stream;
+any other model echoes the last user message. Token counts are word counts, so tests can check costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+@dataclass
+class Upstream:
+    port: int = 0
+    calls: Counter = field(default_factory=Counter)
+    payloads: list = field(default_factory=list)
+    headers: list = field(default_factory=list)
+    flaky_failures: int = 1
+    slow_seconds: float = 2.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _app(up: Upstream) -> FastAPI:
+    app = FastAPI()
+
+    async def gate(request: Request) -> tuple[dict, JSONResponse | None]:
+        body = await request.json()
+        model = body.get("model", "")
+        up.calls[model] += 1
+        up.payloads.append(body)
+        up.headers.append(dict(request.headers))
+        if model == "broken" or (model == "flaky" and up.calls[model] <= up.flaky_failures):
+            return body, JSONResponse(
+                {"error": {"message": "upstream exploded", "type": "server_error"}}, 500
+            )
+        if model == "badreq":
+            return body, JSONResponse(
+                {"error": {"message": "context too long", "type": "invalid_request_error"}}, 400
+            )
+        if model == "slow":
+            await asyncio.sleep(up.slow_seconds)
+        return body, None
+
+    def chat_reply(body: dict) -> tuple[str, int]:
+        msgs = body.get("messages", [])
+        last = next((m.get("content") or "" for m in reversed(msgs) if m.get("role") == "user"), "")
+        prompt_tokens = sum(_words(m.get("content") or "") for m in msgs)
+        return f"echo: {last}", prompt_tokens
+
+    def sse(events: list[dict], fail_midway: bool) -> StreamingResponse:
+        async def gen():
+            for i, e in enumerate(events):
+                if fail_midway and i == 2:
+                    yield 'data: {"error": {"message": "died mid-stream"}}\n\n'
+                    return
+                yield f"data: {json.dumps(e)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body, err = await gate(request)
+        if err:
+            return err
+        text, pt = chat_reply(body)
+        ct = _words(text)
+        base = {"id": "up-1", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            return {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+            }
+        events = [
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+            }
+        ]
+        for w in text.split(" "):
+            events.append(
+                {
+                    **base,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": {"content": w + " "}}],
+                }
+            )
+        events.append(
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
+        )
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(
+                {
+                    **base,
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+                }
+            )
+        return sse(events, body["model"] == "midfail")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body, err = await gate(request)
+        if err:
+            return err
+        prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
+        text = f" completed: {prompt}"
+        pt, ct = _words(prompt), _words(text)
+        base = {
+            "id": "up-2",
+            "created": int(time.time()),
+            "model": body["model"],
+            "object": "text_completion",
+        }
+        if not body.get("stream"):
+            return {
+                **base,
+                "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+            }
+        events = [
+            {**base, "choices": [{"index": 0, "text": w, "finish_reason": None}]} for w in text.split(" ")
+        ]
+        events.append({**base, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+        events.append(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+            }
+        )
+        return sse(events, False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body, err = await gate(request)
+        if err:
+            return err
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
+            for i, t in enumerate(texts)
+        ]
+        n = sum(_words(t) for t in texts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UpstreamServer:
+    """Context manager: runs the fake upstream until exit."""
+
+    def __init__(self) -> None:
+        self.upstream = Upstream(port=free_port())
+        config = uvicorn.Config(
+            _app(self.upstream), host="127.0.0.1", port=self.upstream.port, log_level="error", lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.02)
+        return self.upstream
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
