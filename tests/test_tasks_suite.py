@@ -65,6 +65,10 @@ def test_levels_filter_system_message_and_errors():
         suite.generate(split="validation")
     with pytest.raises(TaskError, match="none of levels"):
         suite.generate(domains=["classification"], levels=[6])
+    hard = suite.generate(levels=[5, 6], n=4)  # all domains: classification (levels 1-3) sits out
+    assert {r["domain"] for r in hard} == set(suite.DOMAINS) - {"classification"}
+    with pytest.raises(TaskError, match="no domain has levels"):
+        suite.generate(levels=[9])
     assert suite.parse_levels("1,3-5") == [1, 3, 4, 5] and suite.parse_levels("") is None
     with pytest.raises(TaskError, match="bad --levels"):
         suite.parse_levels("one")

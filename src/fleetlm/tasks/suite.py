@@ -95,6 +95,8 @@ def generate(domains: Sequence[str] | None = None, n: int = 100, seed: int = 0,
     for domain in domains or list(DOMAINS):
         known = levels_of(domain)
         domain_levels = known if levels is None else [lv for lv in levels if lv in known]
+        if not domain_levels and domains is None:
+            continue  # every domain by default: those without the asked levels (classification > 3) sit out
         if not domain_levels:
             raise TaskError(f"domain {domain!r} has none of levels {list(levels or [])}; it has {known}")
         sample = _sampler(domain, world_seed)
@@ -114,6 +116,8 @@ def generate(domains: Sequence[str] | None = None, n: int = 100, seed: int = 0,
                 record = to_record(task, system)
                 records.append(with_answer(record) if answers else record)
                 got += 1
+    if levels is not None and not records and n > 0 and domains is None:
+        raise TaskError(f"no domain has levels {list(levels)}")
     return records
 
 
