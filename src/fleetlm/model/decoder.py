@@ -1,0 +1,250 @@
+"""One compact decoder for the Llama family (Llama, Qwen2, Mistral), gpt-fast style.
+
+Submodule names mirror Hugging Face's (`embed_tokens`, `layers[i].self_attn.q_proj`, ...), so that checkpoint
+tensors map 1:1 by dropping the `model.` prefix, and every projection is a plain nn.Linear that the quantizer
+can swap for a quantized one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetlm.model.config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache [B, n_kv_heads, S, head_dim]: fixed shapes, so decode steps never reallocate."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        n_kv_heads: int,
+        max_seq_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, T, D] at slots input_pos [B, T] (per row); return the B rows in use."""
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device)[:, None]
+        # Advanced indices on dims 0 and 2 put [B, T] first: the target view is [B, T, H_kv, D].
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache[:b], self.v_cache[:b]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale after casting back, as the reference implementation does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, with the config's rope_scaling applied."""
+    dim = config.head_dim
+    base = config.rope_theta
+    scaling = config.rope_scaling or {}
+    kind = config.rope_type
+    if kind == "dynamic":
+        # Dynamic NTK: stretch the base once the sequence outgrows the trained context.
+        trained = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+        seq_len = max(seq_len or 0, trained)
+        factor = float(scaling["factor"])
+        base = base * ((factor * seq_len / trained) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_scale(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    context = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for positions pos [B, T]; angles in float32 whatever the model dtype."""
+    angles = pos[..., None].float() * inv_freq.to(pos.device)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half-split rotation (the Hugging Face layout), not interleaved pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.arch == "llama"  # Qwen2 biases q/k/v only
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # A plain float32 tensor, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = rope_inv_freq(config)
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    def setup_caches(
+        self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """Allocate a static KV cache per layer; forward(idx, input_pos) then reads and writes it."""
+        ref = self.norm.weight
+        dtype = dtype or ref.dtype
+        c = self.config
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(
+                max_batch_size, c.num_kv_heads, max_seq_length, c.head_dim, dtype, ref.device
+            )
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    def reset_caches(self, rows: list[int] | None = None) -> None:
+        """Zero the cache of the given batch rows (all rows when None)."""
+        for layer in self.layers:
+            cache = layer.self_attn.kv_cache
+            if cache is None:
+                continue
+            if rows is None:
+                cache.k_cache.zero_()
+                cache.v_cache.zero_()
+            else:
+                cache.k_cache[rows] = 0
+                cache.v_cache[rows] = 0
+
+    def remove_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.max_batch_size = self.max_seq_length = 0
+
+    def _mask(self, pos: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        # Query at position p sees key slots s <= p (and s > p - window with a sliding window).
+        key_pos = (
+            torch.arange(self.max_seq_length, device=pos.device)[None, None, :]
+            if use_cache
+            else pos[:, None, :]
+        )
+        query_pos = pos[:, :, None]
+        mask = key_pos <= query_pos
+        if self.config.sliding_window is not None:
+            mask = mask & (key_pos > query_pos - self.config.sliding_window)
+        return mask[:, None]  # [B, 1, T, S]
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal."""
+        b, t = idx.shape
+        use_cache = input_pos is not None and self.max_seq_length > 0
+        if input_pos is None:
+            pos = torch.arange(t, device=idx.device)[None].expand(b, t)
+            window = self.config.sliding_window
+            mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
+        else:
+            pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
+            mask = self._mask(pos, use_cache)
+        x = self.embed_tokens(idx)
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            inv_freq = rope_inv_freq(self.config, int(pos.max()) + 1)
+        cos, sin = rope_cos_sin(inv_freq, pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, pos if use_cache else None)
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from fleetlm.model import Transformer, load_checkpoint
+from fleetlm.model.config import ModelConfig
+
+TOL = 1e-4
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def random_ids(vocab: int, b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_forward_matches_transformers(tiny_checkpoint_factory, arch):
+    path = tiny_checkpoint_factory(arch)
+    ours, ref = load_checkpoint(path), hf_model(path)
+    ids = random_ids(ours.config.vocab_size, 2, 24)
+    with torch.no_grad():
+        got = ours(ids)
+    want = hf_logits(ref, ids)
+    assert got.shape == (2, 24, ours.config.vocab_size) and got.dtype == torch.float32
+    assert (
+        want.abs().max() > 1.0
+    )  # the fixture's logits are not all near zero, so the comparison means something
+    assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_prefill_and_decode_match_full_forward(tiny_checkpoint_factory, arch):
+    path = tiny_checkpoint_factory(arch)
+    model, ref = load_checkpoint(path), hf_model(path)
+    ids = random_ids(model.config.vocab_size, 1, 12, seed=1)
+    full = hf_logits(ref, ids)
+    model.setup_caches(max_batch_size=1, max_seq_length=32)
+    with torch.no_grad():
+        pre = model(ids[:, :7], torch.arange(7)[None])
+        steps = [model(ids[:, t : t + 1], torch.tensor([[t]])) for t in range(7, 12)]
+    got = torch.cat([pre, *steps], dim=1)
+    assert (got - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_right_padded_prompts(tiny_checkpoint_factory, arch):
+    path = tiny_checkpoint_factory(arch)
+    model, ref = load_checkpoint(path), hf_model(path)
+    vocab = model.config.vocab_size
+    lengths, new = [5, 11, 3], 4
+    seqs = [random_ids(vocab, 1, n + new, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    prompt = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompt[b, :n] = seqs[b][:n]
+        prompt[b, n:] = 7  # any id: padding slots are never attended by real tokens
+    pos = torch.arange(width)[None].repeat(len(lengths), 1)  # padding positions run on past each length
+    model.setup_caches(max_batch_size=4, max_seq_length=32)
+    with torch.no_grad():
+        pre = model(prompt, pos)
+        steps = []
+        for s in range(new):
+            tok = torch.stack([seqs[b][n + s] for b, n in enumerate(lengths)])[:, None]
+            steps.append(model(tok, torch.tensor(lengths)[:, None] + s))
+    for b, n in enumerate(lengths):
+        want = hf_logits(ref, seqs[b][None])[0]
+        assert (pre[b, :n] - want[:n]).abs().max().item() <= TOL
+        got_steps = torch.cat([st[b] for st in steps])
+        assert (got_steps - want[n : n + new]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+    ],
+)
+def test_rope_scaling_matches_transformers(tiny_checkpoint_factory, scaling):
+    # Short trained context (16 / max_position 32) and 40 tokens, so every scaled band is in play.
+    path = tiny_checkpoint_factory("llama", rope_scaling=scaling, max_position_embeddings=32)
+    ours, ref = load_checkpoint(path), hf_model(path)
+    assert ours.config.rope_type == scaling["rope_type"]
+    ids = random_ids(ours.config.vocab_size, 1, 40, seed=3)
+    with torch.no_grad():
+        got = ours(ids)
+    assert (got - hf_logits(ref, ids)).abs().max().item() <= TOL
+    if (
+        scaling["rope_type"] != "dynamic"
+    ):  # dynamic NTK depends on the length seen, so only a full pass compares
+        ours.setup_caches(1, 64)
+        with torch.no_grad():
+            pre = ours(ids[:, :30], torch.arange(30)[None])
+            step = ours(ids[:, 30:31], torch.tensor([[30]]))
+        assert (torch.cat([pre, step], 1) - got[:, :31]).abs().max().item() <= TOL
+
+
+def test_mistral_sliding_window_matches_transformers(tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("mistral", sliding_window=6)
+    ours, ref = load_checkpoint(path), hf_model(path)
+    assert ours.config.sliding_window == 6
+    ids = random_ids(ours.config.vocab_size, 1, 20, seed=4)
+    want = hf_logits(ref, ids)
+    with torch.no_grad():
+        full = ours(ids)
+        ours.setup_caches(1, 32)
+        pre = ours(ids[:, :10], torch.arange(10)[None])
+        steps = [ours(ids[:, t : t + 1], torch.tensor([[t]])) for t in range(10, 20)]
+    assert (full - want).abs().max().item() <= TOL
+    assert (torch.cat([pre, *steps], 1) - want).abs().max().item() <= TOL
+
+
+def test_reset_caches_zeroes_selected_rows(tiny_llama):
+    model = load_checkpoint(tiny_llama)
+    model.setup_caches(max_batch_size=2, max_seq_length=16)
+    with torch.no_grad():
+        model(random_ids(model.config.vocab_size, 2, 5), torch.arange(5)[None].repeat(2, 1))
+    cache = model.layers[0].self_attn.kv_cache
+    assert cache.k_cache.shape == (2, 2, 16, 16)
+    assert cache.k_cache[0].abs().sum() > 0 and cache.k_cache[1].abs().sum() > 0
+    model.reset_caches([1])
+    assert cache.k_cache[0].abs().sum() > 0 and cache.k_cache[1].abs().sum() == 0
+    model.reset_caches()
+    assert cache.v_cache.abs().sum() == 0
+
+
+def test_tied_embeddings_share_one_tensor():
+    config = ModelConfig(
+        arch="qwen2",
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_word_embeddings=True,
+        attention_bias=True,
+    )
+    model = Transformer(config)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.layers[0].self_attn.q_proj.bias is not None and model.layers[0].self_attn.o_proj.bias is None
+
+
+def test_bf16_model_runs_close_to_float32(tiny_llama):
+    f32, bf16 = load_checkpoint(tiny_llama), load_checkpoint(tiny_llama, dtype=torch.bfloat16)
+    assert bf16.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = random_ids(f32.config.vocab_size, 1, 16, seed=5)
+    with torch.no_grad():
+        a, b = f32(ids), bf16(ids)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max().item() < 0.25 * a.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
