@@ -1,0 +1,177 @@
+"""Weight-only int8 and int4 linears for CPU decoding, on PyTorch's packed-weight kernels.
+
+Decoding one token reads every weight once, so its speed is set by bytes read: int8 halves bf16's bytes,
+int4 quarters them. Activations stay in a float dtype (bf16 by default); only weights are quantized.
+- Int8Linear: symmetric, one scale per output channel, `aten._weight_int8pack_mm` (x @ (q * scale).T).
+- Int4Linear: asymmetric, group-wise along the input dimension, `aten._weight_int4pack_mm_for_cpu`
+  on weights packed once at load time by `aten._convert_weight_to_int4pack_for_cpu`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fleetlm.errors import FleetError
+
+__all__ = ["SCHEMES", "Int4Linear", "Int8Linear", "QuantizationError", "quantize", "quantized_bytes"]
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class QuantizationError(FleetError):
+    """An unknown scheme or group size, or a model with nothing that can be quantized."""
+
+
+def quantize_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: w ~= q * scale[:, None], q in [-127, 127]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit: q in [0, 15]; returns (q int32 [N, K], scales_and_zeros [K/g, N, 2]).
+
+    The kernel dequantizes as (q - 8) * scale + zero, so zero = min + 8 * scale maps q=0 to the group min.
+    """
+    w = weight.detach().float()
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8.0 * scale
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    return q, scales_and_zeros
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias with int8 weights read by `_weight_int8pack_mm`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> Int8Linear:
+        dtype = dtype or linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        q, scale = quantize_int8_weight(linear.weight)
+        m.weight.copy_(q)
+        m.scales.copy_(scale.to(dtype))
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().to(dtype))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        # The kernel wants a 2-D activation of the scales' dtype; callers may hand 3-D [B, T, K].
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(q).T + bias with 4-bit group-wise weights packed for `_weight_int4pack_mm_for_cpu`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise QuantizationError(f"in_features {in_features} is not a multiple of group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # Packed layout: [N, K/2] uint8 (two 4-bit values a byte), made by the CPU packing op.
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64,
+                    dtype: torch.dtype | None = None) -> Int4Linear:
+        dtype = dtype or linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, dtype)
+        q, sz = quantize_int4_weight(linear.weight, group_size)
+        m.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        m.scales_and_zeros = sz.to(dtype)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().to(dtype))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
+                                                       self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    skip = set(skip)
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and child_name not in skip and full not in skip:
+                found.append((module, child_name, child))
+    return found
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Iterable[str] = (),
+             dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the model's nn.Linear layers in place with Int8Linear or Int4Linear; embeddings stay float.
+
+    skip: child names (e.g. "lm_head") or full module paths to leave in float. dtype: the activation
+    dtype of the quantized layers (default: each layer's current weight dtype).
+    """
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    targets = _linears(model, skip)
+    if not targets:
+        raise QuantizationError("the model has no nn.Linear layers to quantize")
+    for parent, child_name, linear in targets:
+        if scheme == "int8":
+            new: nn.Module = Int8Linear.from_linear(linear, dtype)
+        elif linear.in_features % group_size:
+            # A layer whose width does not split into groups keeps int8 rather than failing the whole model.
+            new = Int8Linear.from_linear(linear, dtype)
+        else:
+            new = Int4Linear.from_linear(linear, group_size, dtype)
+        setattr(parent, child_name, new)
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers: what one decode step reads (KV cache aside)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,124 @@
+"""Weight-only int8/int4 linears: kernel numerics, a quantized tiny model, greedy top-1 agreement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fleetlm.bench.agreement import greedy_tokens, top1_agreement
+from fleetlm.engine.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizationError,
+    quantize,
+    quantize_int4_weight,
+    quantized_bytes,
+)
+from fleetlm.model import ModelConfig, Transformer
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.detach().float() - ref.detach().float()).norm() / ref.detach().float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_close_to_float(dtype: torch.dtype, bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=bias).to(dtype)
+    x = torch.randn(2, 3, 256, dtype=dtype)
+    q = Int8Linear.from_linear(lin)
+    y = q(x)
+    assert y.shape == (2, 3, 96) and y.dtype == dtype
+    assert q.weight.dtype == torch.int8
+    assert _rel_err(y, lin(x)) < 0.02  # 8 bits per channel: well under 1% on random weights, bf16 adds noise
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_close_to_float(group_size: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=True).to(dtype)
+    x = torch.randn(5, 256, dtype=dtype)
+    q = Int4Linear.from_linear(lin, group_size)
+    y = q(x)
+    assert y.shape == (5, 64) and y.dtype == dtype
+    err = _rel_err(y, lin(x))
+    assert 0.0 < err < 0.12  # 16 levels per group: a few percent, never exact
+
+
+def test_int4_kernel_matches_reference_dequantization() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    q, sz = quantize_int4_weight(w, 32)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    scale = sz[..., 0].t().repeat_interleave(32, dim=1)
+    zero = sz[..., 1].t().repeat_interleave(32, dim=1)
+    deq = (q.float() - 8) * scale + zero
+    assert float((deq - w).abs().max()) <= float(scale.max()) / 2 + 1e-5  # round-to-nearest: half a step
+    layer = nn.Linear(128, 64, bias=False)
+    layer.weight.data.copy_(w)
+    m = Int4Linear.from_linear(layer, 32)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(m(x), x @ deq.t(), atol=1e-4, rtol=1e-4)
+
+
+def _tiny_model(dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.05)
+    return model.to(dtype).eval()
+
+
+def test_quantize_swaps_linears_and_shrinks_weights() -> None:
+    model = _tiny_model()
+    before = quantized_bytes(model)
+    quantize(model, "int8")
+    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.layers[0].mlp.down_proj, Int8Linear)
+    assert isinstance(model.embed_tokens, nn.Embedding)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert quantized_bytes(model) < 0.5 * before
+
+    model4 = quantize(_tiny_model(), "int4", group_size=64, skip=["lm_head"])
+    assert isinstance(model4.lm_head, nn.Linear)
+    assert isinstance(model4.layers[1].self_attn.q_proj, Int4Linear)
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.03), ("int4", 0.3)])
+def test_quantized_tiny_model_logits_close(scheme: str, tol: float) -> None:
+    ref_model = _tiny_model()
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_model(idx)
+        q = quantize(copy.deepcopy(ref_model), scheme, group_size=32)(idx)
+    assert _rel_err(q, ref) < tol
+
+
+@pytest.mark.parametrize("scheme,floor", [("int8", 0.9), ("int4", 0.6)])
+def test_greedy_top1_agreement_with_bf16(scheme: str, floor: float) -> None:
+    ref_model = _tiny_model(torch.bfloat16)
+    prompt = list(range(10, 26))
+    reference = greedy_tokens(ref_model, prompt, 48)
+    assert len(reference) == 48
+    assert top1_agreement(ref_model, prompt, reference) > 0.95  # the reference agrees with itself
+    qmodel = quantize(copy.deepcopy(ref_model), scheme, group_size=32)
+    agreement = top1_agreement(qmodel, prompt, reference)
+    assert floor <= agreement <= 1.0
+
+
+def test_bad_scheme_and_group_size_are_typed_errors() -> None:
+    with pytest.raises(QuantizationError, match="unknown quantization scheme"):
+        quantize(_tiny_model(), "int3")
+    with pytest.raises(QuantizationError, match="group size"):
+        quantize(_tiny_model(), "int4", group_size=48)
+    with pytest.raises(QuantizationError, match="no nn.Linear"):
+        quantize(nn.Embedding(4, 4), "int8")
