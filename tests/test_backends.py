@@ -130,8 +130,8 @@ def test_mid_stream_failure_is_not_retried(upstream):
     assert not exc.value.retryable and upstream.calls["midfail"] == 1
 
 
-def test_build_backends_marks_local_models_unavailable_until_a_runtime_registers():
-    cfg = parse_config({"models": {"r": {"remote": "http://127.0.0.1:9/v1"}, "l": {"path": "/x"}}})
+def test_build_backends_marks_gguf_models_unavailable_until_a_runtime_registers():
+    cfg = parse_config({"models": {"r": {"remote": "http://127.0.0.1:9/v1"}, "l": {"gguf": "/x.gguf"}}})
     backends = build_backends(cfg)
     assert isinstance(backends["r"], RemoteBackend) and isinstance(backends["l"], UnavailableBackend)
     assert all(isinstance(b, Backend) for b in backends.values())

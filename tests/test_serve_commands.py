@@ -32,6 +32,7 @@ models:
   flaky: {{remote: "{upstream_url}", remote_model: broken, retries: 1, fallbacks: [small]}}
 storage: "sqlite:///{db}"
 max_body_bytes: 100000
+body_timeout_s: 1.5
 """)
     return cfg
 
@@ -168,10 +169,24 @@ def test_lying_content_length_does_not_hang(served):
     assert conn.getresponse().status == 413
 
 
+def test_a_body_that_never_arrives_times_out(served):
+    server, _, _, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("content-length", "100")
+    conn.endheaders()
+    conn.send(b'{"model": ')
+    t0 = time.time()
+    r = conn.getresponse()
+    assert r.status == 408 and time.time() - t0 < 10
+    assert json.loads(r.read())["error"]["code"] == "request_timeout"
+
+
 def test_keys_usage_and_401_through_the_cli(served, monkeypatch):
     server, client, db, tmp = served
     runner = CliRunner()
     url = f"sqlite:///{db}"
+    client.chat.completions.create(model="small", messages=[{"role": "user", "content": "count me"}])
     res = runner.invoke(app, ["usage", "--db", url, "--by", "model"])
     assert res.exit_code == 0 and "small" in res.stdout and "TOTAL" in res.stdout
     res = runner.invoke(app, ["usage", "--config", str(tmp / "fleet.yaml"), "--since", "1h"])

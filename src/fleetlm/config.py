@@ -86,6 +86,7 @@ class FleetConfig(_Strict):
     strongest: str | None = Field(None, description="reference model for savings; default: priciest")
     require_api_key: bool | None = Field(None, description="None: required once any key exists")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0, description="time a client gets to send its request body")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:

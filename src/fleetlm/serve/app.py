@@ -6,6 +6,7 @@ response (or the stream's final `data: [DONE]`) is sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import defaultdict, deque
@@ -28,6 +29,7 @@ from fleetlm.serve.errors import (
     ModelNotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
     error_body,
@@ -121,12 +123,22 @@ class Gateway:
                 raise BadRequest("invalid content-length header")
             if int(declared) > limit:
                 raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def collect() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+
+        try:  # a client that promises a body and never sends it must not hold a worker forever
+            await asyncio.wait_for(collect(), timeout=self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.config.body_timeout_s:g} s"
+            ) from None
         return b"".join(chunks)
 
     async def authorize(self, request: Request, call: _Call) -> None:
@@ -153,14 +165,18 @@ class Gateway:
             if spent >= key.budget_usd:
                 raise BudgetExceeded(f"key {key.key_id}: budget of ${key.budget_usd:.2f} is spent")
 
-    def resolve(self, name: str, request: Any, call: _Call) -> list[str]:
+    async def resolve(self, name: str, request: Any, call: _Call) -> list[str]:
         """The models to try, in order: the chosen one, then its fallbacks."""
         call.model_requested = name
         if self.config.router is not None and name == self.config.router.name:
             if self.router is None:
                 raise ServiceUnavailable(f"router {name!r} is configured but no fitted router is loaded")
-            decision = self.router.route(request)
-            model = decision.model
+            decision = await run_in_threadpool(self.router.route, request)  # may embed the prompt
+            model = self.config.resolve(decision.model)
+            if model is None:
+                raise ServiceUnavailable(
+                    f"router {name!r} chose {decision.model!r}, which is not in the fleet"
+                )
             call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
         else:
             model = self.config.resolve(name)
@@ -248,7 +264,7 @@ class Gateway:
             call.model_requested = parsed.model
             call.user = getattr(parsed, "user", None)
             await self.authorize(request, call)
-            chain = self.resolve(parsed.model, parsed, call)
+            chain = await self.resolve(parsed.model, parsed, call)
             if endpoint == "embeddings":
                 return await self._embeddings(parsed, chain, call)
             call.stream = parsed.stream
@@ -256,7 +272,7 @@ class Gateway:
                 return await self._stream(parsed, chain, call, chat=endpoint == "chat")
             return await self._whole(parsed, chain, call, chat=endpoint == "chat")
         except APIError as exc:
-            if exc.status != 413 and not (isinstance(exc, BadRequest) and call.model_requested == "?"):
+            if call.model_requested != "?":  # a body we could not read names no model: nothing to log
                 await self.log(call, exc.status, error=exc.message)
             return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
 

@@ -354,10 +354,15 @@ def register_kind(kind: str, factory: BackendFactory) -> None:
 
 
 def build_backends(config: FleetConfig) -> dict[str, Backend]:
-    """One backend per configured model; a model whose runtime is missing becomes an UnavailableBackend."""
+    """One backend per configured model (local ones load now); a GGUF model is unavailable until its runtime
+    (llama-cpp-python) is wired in, so its fallbacks answer."""
     backends: dict[str, Backend] = {}
     for name, spec in config.models.items():
         factory = _FACTORIES.get(spec.kind)
+        if factory is None and spec.kind == "local":
+            from fleetlm.serve.local import LocalBackend  # imports torch: only when a local model is served
+
+            factory = _FACTORIES["local"] = LocalBackend.from_spec
         if factory is None:
             backends[name] = UnavailableBackend(name, f"no runtime for {spec.kind} models is installed yet")
         else:

@@ -35,6 +35,10 @@ class ModelNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class RequestTimeout(APIError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(APIError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
