@@ -1,4 +1,5 @@
 import json
+import shutil
 from datetime import datetime
 
 import pytest
@@ -117,11 +118,6 @@ def test_template_helpers(tiny_tokenizer_dir):
     tok.chat_template = {"default": "D{{ messages | length }}", "tool_use": "T{{ tools | length }}"}
     assert tok.apply_chat_template(CONVERSATIONS[0]) == "D1"
     assert tok.apply_chat_template(CONVERSATIONS[0], tools=TOOLS) == "T1"
-    tok.chat_template = "{{ messages[0].content }} and more"
-    assert (
-        tok.apply_chat_template([{"role": "user", "content": "go on"}], continue_final_message=True)
-        == "go on"
-    )
     tok.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat template"):
         tok.apply_chat_template(CONVERSATIONS[0])
@@ -158,3 +154,56 @@ def test_shipped_tokenizer_and_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="unreadable"):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("style", ["llama3", "chatml"])
+def test_continue_final_message_and_none_fields_match_transformers(tiny_tokenizer_dir, style):
+    path, _ = tiny_tokenizer_dir(style)
+    ours, ref = Tokenizer.from_dir(path), hf_tokenizer(path)
+    partial = [*CONVERSATIONS[1][:2], {"role": "assistant", "content": "The answer is "}]
+    got = ours.apply_chat_template(partial, continue_final_message=True)
+    want = ref.apply_chat_template(partial, continue_final_message=True, tokenize=False)
+    assert got == want and got.endswith("The answer is" if style == "llama3" else "The answer is ")
+    # OpenAI clients send content=None next to tool_calls; the key is dropped, as transformers does
+    openai_style = [dict(m, content=None) if m.get("tool_calls") else m for m in CONVERSATIONS[2]]
+    got = ours.apply_chat_template(openai_style, tools=TOOLS)
+    assert got == ref.apply_chat_template(
+        openai_style, tools=TOOLS, add_generation_prompt=True, tokenize=False
+    )
+
+
+def test_reasoning_aliases_namespace_and_dict(tiny_tokenizer_dir):
+    path, _ = tiny_tokenizer_dir("chatml")
+    ours, ref = Tokenizer.from_dir(path), hf_tokenizer(path)
+    template = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "[{{ m.reasoning_content | default('-') }}|{{ m.thinking | default('-') }}]{% endfor %}"
+        "{{ ns.n }}{{ dict.fromkeys(['a', 'b'], 1) | tojson }}{{ dict(x=eos_token) | tojson }}"
+    )
+    messages = [
+        {"role": "assistant", "content": "ok", "reasoning": "because"},
+        {"role": "user", "content": "hi"},
+    ]
+    ours.chat_template = ref.chat_template = template
+    assert ours.apply_chat_template(messages) == ref.apply_chat_template(messages, tokenize=False)
+    assert "[because|because]" in ours.apply_chat_template(messages)
+    ours.chat_template = "{% set ns = namespace(_x=1) %}"
+    with pytest.raises(ChatTemplateError):
+        ours.apply_chat_template(messages)
+    with pytest.raises(ChatTemplateError, match="empty"):
+        ours.apply_chat_template([])
+
+
+@pytest.mark.parametrize(
+    "style,flags", [("llama3", {"add_bos_token": False}), ("chatml", {"add_eos_token": True})]
+)
+def test_add_bos_eos_flags_handled_like_transformers(tiny_tokenizer_dir, tmp_path, style, flags):
+    path, _ = tiny_tokenizer_dir(style)
+    shutil.copyfile(path / "tokenizer.json", tmp_path / "tokenizer.json")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **flags}))
+    ours, ref = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    for text in TEXTS[:4]:
+        assert ours.encode(text) == ref(text)["input_ids"]
+    # transformers 5 keeps tokenizer.json's post-processor whatever these flags say; so do we
+    assert ours.encode("Hi") == Tokenizer.from_dir(path).encode("Hi")

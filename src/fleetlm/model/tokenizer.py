@@ -6,7 +6,9 @@ an environment set up the way transformers sets up its own, so the prompt string
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -14,14 +16,16 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from tokenizers import Tokenizer as _Backend
 
 from fleetlm.errors import CheckpointError, FleetError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# transformers' clean_up_tokenization: spaces before punctuation and English contractions.
+# transformers' clean_up_tokenization: spaces before punctuation and English contractions (never for BPE).
 _CLEANUPS = (
     (" .", "."),
     (" ?", "?"),
@@ -34,6 +38,9 @@ _CLEANUPS = (
     (" 've", "'ve"),
     (" 're", "'re"),
 )
+# Names a message's reasoning travels under; templates read the first, gpt-oss style ones read "thinking".
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_MARK = "\u2063FLEET_CONTINUE\u2063 "  # appended to the final message to find where it ends
 
 
 class ChatTemplateError(FleetError):
@@ -60,7 +67,15 @@ class Tokenizer:
         pad = self.token_id(self.special_tokens.get("pad_token"))
         # Any id works for padding (padded slots are masked); fall back to eos, as generate() does.
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.clean_up_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
+        # transformers skips the cleanup for BPE models: it would eat real spaces before punctuation.
+        self.clean_up_spaces = bool(self.config.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE"
+            or bool(
+                self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+            )
+        )
+        # Ids come from tokenizer.json's post-processor alone: transformers 5 (TokenizersBackend) ignores
+        # add_bos_token/add_eos_token in tokenizer_config.json too.
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -110,34 +125,54 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
-        continue_final_message: bool = False,
+        continue_final_message: bool | str = False,
         **kwargs: Any,
     ) -> str:
-        """The prompt string, identical to transformers' apply_chat_template(..., tokenize=False)."""
+        """The prompt string, identical to transformers' apply_chat_template(..., tokenize=False).
+
+        continue_final_message: leave the last message open (no end-of-turn) so that generation continues it;
+        True means its "content", a string names another field (e.g. "reasoning_content").
+        """
+        if not messages:
+            raise ChatTemplateError("cannot apply the chat template to an empty conversation")
         source = self._template_source(tools)
-        context = {**self.special_tokens, **kwargs}
-        if "additional_special_tokens" in self.config:
-            context.setdefault(
-                "additional_special_tokens", [_token_str(t) for t in self.config["additional_special_tokens"]]
+        # Like transformers: keys set to None are dropped (OpenAI clients send content=None), plain data only.
+        chat = _plain(list(messages))
+        if not all(isinstance(m, dict) for m in chat):
+            raise ChatTemplateError("chat messages must be dicts like {'role': 'user', 'content': '...'}")
+        chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in chat]
+        field = final = None
+        if continue_final_message:
+            add_generation_prompt = False
+            field = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = chat[-1].get(field)
+            if not isinstance(final, str):
+                raise ChatTemplateError(f"continue_final_message: the final message has no text {field!r}")
+            fields = (
+                [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+                if field in _REASONING_FIELDS
+                else [field]
             )
+            for f in fields:
+                chat[-1][f] = final + _CONTINUE_MARK
+        context = {**self.special_tokens, **_plain(kwargs)}
         try:
             text = compile_template(source).render(
-                messages=messages,
-                tools=tools,
-                documents=documents,
+                messages=chat,
+                tools=_plain(tools),
+                documents=_plain(documents),
                 add_generation_prompt=add_generation_prompt,
                 **context,
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:  # TypeError: e.g. tojson of an Undefined
             raise ChatTemplateError(f"chat template failed: {exc}") from None
-        if continue_final_message:
-            # Cut after the final message's text, so that generation continues it instead of a new turn.
-            final = messages[-1]["content"]
-            if final not in text:
-                raise ChatTemplateError(
-                    "continue_final_message: the final message is not in the rendered prompt"
-                )
-            text = text[: text.rindex(final) + len(final)]
+        if final is not None:
+            mark = _CONTINUE_MARK.strip()
+            if mark not in text:
+                raise ChatTemplateError("continue_final_message: the template drops the final message")
+            cut = text.rindex(mark)
+            # A template that trims the message also trimmed the mark's trailing space: trim the same way.
+            text = text[:cut] if text[cut:].startswith(_CONTINUE_MARK) else text[:cut].rstrip()
         return text
 
     def _template_source(self, tools: list | None) -> str:
@@ -198,6 +233,69 @@ class _GenerationTag(Extension):
         return caller()
 
 
+def _plain(value: Any) -> Any:
+    """Rebuild what a template sees from plain JSON-like data (dataclasses and pydantic models included)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    # Subclasses (enums, numpy scalars) are cut back to the base type, so templates see no extra methods.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (
+            type(value)(_plain(v) for v in value) if isinstance(value, tuple) else [_plain(v) for v in value]
+        )
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _plain(value.item())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without exposing the dict type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(Namespace):
+    """jinja2's namespace(), refusing underscore names (a sandbox escape route)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 (jinja2's signature trick keeps `self` free)
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat templates may not set underscore attributes on a namespace: {name!r}")
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
@@ -228,6 +326,8 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _Namespace
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
