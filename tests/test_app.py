@@ -260,3 +260,57 @@ def test_router_name_without_a_router_is_503(tmp_path):
     app = create_app(parse_config(CONFIG), store, {n: Scripted(n) for n in CONFIG["models"]})
     with TestClient(app) as client:
         assert post(client, chat("auto")).status_code == 503
+
+
+WEIRD = [None, -1, 0, 2**63, -1e308, 1e308, 0.5, "", "x" * 3000, "\ud800", [], {}, [1], [{}], {"a": 1}, True]
+FIELDS = {
+    "/v1/chat/completions": (
+        chat(),
+        [
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "seed",
+            "stream",
+            "stream_options",
+            "tools",
+            "tool_choice",
+            "response_format",
+            "logprobs",
+            "top_logprobs",
+            "user",
+        ],
+    ),
+    "/v1/completions": (
+        {"model": "cheap", "prompt": "x"},
+        ["model", "prompt", "max_tokens", "n", "logprobs", "echo", "stream", "stop", "suffix"],
+    ),
+    "/v1/embeddings": ({"model": "cheap", "input": "x"}, ["model", "input", "encoding_format", "dimensions"]),
+}
+
+
+@pytest.mark.parametrize("path", list(FIELDS))
+def test_no_field_value_makes_a_500(gw, path):
+    """A small deterministic fuzzer: every field gets every odd value (and goes missing); never a 5xx."""
+    client, _, _ = gw
+    base, fields = FIELDS[path]
+    seen = set()
+    for name in fields:
+        for value in [*WEIRD, "DELETE"]:
+            body = dict(base)
+            if value == "DELETE":
+                body.pop(name, None)
+            else:
+                body[name] = value
+            if name == "messages" and isinstance(value, list) and value:
+                body[name] = [{"role": "user", "content": v} for v in WEIRD]  # odd contents too
+            r = client.post(path, content=json.dumps(body))
+            assert r.status_code < 500, (name, value, r.status_code, r.text[:200])
+            assert "error" in r.json() if r.status_code >= 400 else True
+            seen.add(r.status_code)
+    assert 200 in seen and 400 in seen

@@ -1,8 +1,12 @@
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -120,3 +124,67 @@ def test_committed_records_survive_sigkill(tmp_path):
     s = UsageStore(url)
     stored = {r["request_id"] for r in s.requests()}
     assert {f"k{i}" for i in acked} <= stored
+
+
+def _pg_cluster():
+    """A throwaway PostgreSQL server on a loopback port: $FLEET_TEST_PG_URL, else initdb + pg_ctl here."""
+    if os.environ.get("FLEET_TEST_PG_URL"):
+        yield os.environ["FLEET_TEST_PG_URL"]
+        return
+    pytest.importorskip("psycopg")
+    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) and no $FLEET_TEST_PG_URL")
+    # PostgreSQL refuses to run as root: use its own system user then, in a directory it can reach.
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="fleet-pg-"))
+    data, port = root / "pg", _free_port()
+    data.mkdir()
+    if as_pg:
+        shutil.chown(root, "postgres")
+        shutil.chown(data, "postgres")
+    subprocess.run(
+        [*as_pg, "initdb", "-D", str(data), "-A", "trust", "-U", "fleet"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=on"
+    subprocess.run(
+        [*as_pg, "pg_ctl", "-D", str(data), "-o", opts, "-w", "-l", str(data / "log"), "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        yield f"postgresql://fleet@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_pg, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url():
+    yield from _pg_cluster()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_postgresql_storage(pg_url):
+    store = UsageStore(pg_url)
+    try:
+        store.log(rec(1, "a", "k1", 0.5))
+        store.log(rec(2, "b", "k1", 0.25, fallbacks=["a"]))
+        assert [r["request_id"] for r in store.requests()] == ["r1", "r2"]
+        assert store.requests()[1]["fallbacks"] == "a"
+        assert store.spend("k1") == pytest.approx(0.75)
+        key, secret = store.create_key("pg", budget_usd=1.0)
+        assert store.find_key(secret).key_id == key.key_id
+        assert {r["model"] for r in store.usage(by="model")} == {"a", "b"}
+    finally:
+        store.close()
