@@ -61,6 +61,22 @@ def test_save_round_trip_and_transformers_loads_it(tiny_checkpoint_factory, tmp_
     assert Tokenizer.from_dir(out).encode("hello fleet") == Tokenizer.from_dir(src).encode("hello fleet")
 
 
+def test_rope_scaled_model_saved_by_us_loads_in_transformers(tiny_checkpoint_factory, tmp_path):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    model = load_checkpoint(
+        tiny_checkpoint_factory("llama", rope_scaling=scaling, max_position_embeddings=32)
+    )
+    out = save_checkpoint(model, tmp_path / "scaled")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    assert (logits(hf_load(out), ids) - logits(model, ids)).abs().max().item() <= 1e-4
+
+
 def test_save_bf16_keeps_dtype(tiny_llama, tmp_path):
     out = save_checkpoint(load_checkpoint(tiny_llama, dtype="bf16"), tmp_path / "bf16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

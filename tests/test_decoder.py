@@ -127,6 +127,17 @@ def test_mistral_sliding_window_matches_transformers(tiny_checkpoint_factory):
     assert (torch.cat([pre, *steps], 1) - want).abs().max().item() <= TOL
 
 
+def test_explicit_head_dim_and_untied_qwen2(tiny_checkpoint_factory):
+    # head_dim != hidden / heads (as in Mistral-Nemo), and a Qwen2 with its own lm_head
+    for arch, extra in (("mistral", {"head_dim": 32}), ("qwen2", {"tie_word_embeddings": False})):
+        path = tiny_checkpoint_factory(arch, **extra)
+        ours, ref = load_checkpoint(path), hf_model(path)
+        ids = random_ids(ours.config.vocab_size, 2, 9, seed=6)
+        with torch.no_grad():
+            assert (ours(ids) - hf_logits(ref, ids)).abs().max().item() <= TOL
+    assert ours.lm_head.weight is not ours.embed_tokens.weight
+
+
 def test_reset_caches_zeroes_selected_rows(tiny_llama):
     model = load_checkpoint(tiny_llama)
     model.setup_caches(max_batch_size=2, max_seq_length=16)

@@ -127,7 +127,8 @@ class ModelConfig:
             "eos_token_id": (
                 self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
             ),
-            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
+            "torch_dtype": torch_dtype,  # the key transformers < 4.56 reads
             "initializer_range": 0.02,
             "use_cache": True,
         }
