@@ -1,0 +1,1 @@
+"""Routing: send each request to the cheapest model that can handle it (data, features, routers, metrics)."""

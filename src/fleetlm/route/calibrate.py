@@ -1,0 +1,106 @@
+"""A quality floor with a guarantee: pick the routing threshold on a held-out calibration split.
+
+Floor: routed quality >= q x the strong model's quality. Routed - q*strong = (1-q)*strong - losses + gains,
+where a loss is a prompt the strong model gets right and the routed choice gets wrong. Dropping the gains
+(conservative), the floor holds when  loss_rate <= (1-q) * strong_rate.  We bound loss_rate from above and
+strong_rate from below with exact Clopper-Pearson intervals (delta/2 each), and walk the thresholds from
+"all strong" downward (fixed-sequence testing, as in Learn-then-Test), stopping at the first that fails:
+with probability >= 1 - delta the chosen threshold keeps the floor on new data from the same distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import beta
+
+from fleetlm.errors import FleetError
+
+
+class CalibrationError(FleetError):
+    """A floor or confidence that makes no sense, or too little calibration data."""
+
+
+def clopper_pearson(k: int, n: int, delta: float) -> tuple[float, float]:
+    """One-sided exact bounds: (lower, upper), each holding with probability >= 1 - delta."""
+    lo = 0.0 if k == 0 else float(beta.ppf(delta, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - delta, k + 1, n - k))
+    return lo, hi
+
+
+@dataclass
+class Calibration:
+    threshold: float  # call the strong model when signal >= threshold
+    floor: float
+    confidence: float
+    share_strong: float  # expected share of calls to the strong model (on the calibration split)
+    cost_per_call: float  # expected cost per call at the given prices
+    cost_vs_strong: float  # that cost / always-strong's cost
+    loss_upper: float
+    strong_lower: float
+    n: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"floor {self.floor:.3f} of strong quality at {self.confidence:.0%} confidence "
+            f"(n={self.n}): threshold {self.threshold:.6g}",
+            f"expected share of strong calls {self.share_strong:.4f}; cost per call {self.cost_per_call:.6g} "
+            f"({self.cost_vs_strong:.4f} of always-strong)",
+        ]
+
+
+def calibrate_floor(
+    signal,
+    q_strong,
+    q_weak,
+    floor: float = 0.95,
+    confidence: float = 0.9,
+    price_strong: float = 1.0,
+    price_weak: float = 0.0,
+) -> Calibration:
+    signal = np.asarray(signal, dtype=np.float64)
+    q_strong = np.asarray(q_strong, dtype=np.float64) >= 0.5
+    q_weak = np.asarray(q_weak, dtype=np.float64) >= 0.5
+    n = len(signal)
+    if not 0.0 < floor <= 1.0:
+        raise CalibrationError(f"floor must be in (0, 1], got {floor}")
+    if not 0.0 < confidence < 1.0:
+        raise CalibrationError(f"confidence must be in (0, 1), got {confidence}")
+    if n < 10:
+        raise CalibrationError(f"need at least 10 calibration rows, got {n}")
+    delta = 1.0 - confidence
+    strong_lower, _ = clopper_pearson(int(q_strong.sum()), n, delta / 2)
+    budget = (1.0 - floor) * strong_lower
+    # candidate thresholds: each distinct signal value, from the highest share of strong calls down
+    cands = np.unique(signal)  # ascending: threshold = smallest value -> everyone strong
+    loss_if_weak = q_strong & ~q_weak  # a prompt left to the weak model loses only here
+    threshold, loss_hi = -np.inf, 0.0
+    for t in cands[1:]:  # t = cands[0] (and -inf) send everything to the strong model: zero loss
+        k = int((loss_if_weak & (signal < t)).sum())
+        _, hi = clopper_pearson(k, n, delta / 2)
+        if hi > budget:
+            break
+        threshold, loss_hi = float(t), hi
+    share = float((signal >= threshold).mean())
+    cost = share * price_strong + (1 - share) * price_weak
+    return Calibration(
+        threshold=threshold,
+        floor=floor,
+        confidence=confidence,
+        share_strong=share,
+        cost_per_call=cost,
+        cost_vs_strong=cost / price_strong if price_strong > 0 else 0.0,
+        loss_upper=loss_hi,
+        strong_lower=strong_lower,
+        n=n,
+    )
+
+
+def floor_holds(signal, q_strong, q_weak, threshold: float, floor: float) -> tuple[bool, float, float]:
+    """On new data: (routed quality >= floor x strong quality, routed quality, strong quality)."""
+    signal = np.asarray(signal, dtype=np.float64)
+    q_strong, q_weak = np.asarray(q_strong, np.float64), np.asarray(q_weak, np.float64)
+    routed = np.where(signal >= threshold, q_strong, q_weak).mean()
+    strong = q_strong.mean()
+    return bool(routed >= floor * strong - 1e-12), float(routed), float(strong)

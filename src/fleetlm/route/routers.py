@@ -1,0 +1,347 @@
+"""Routers: one interface, fit(rows) then score(rows) -> predicted quality per model, and a registry.
+
+A router is saved as DIR/router.json (kind, models, settings) + DIR/arrays.npz (plain numpy weights):
+no pickle, so loading a router never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fleetlm.errors import FleetError
+from fleetlm.route.data import RouteRow, model_names, score_matrix
+from fleetlm.route.features import Embedder, prompt_features, response_features
+
+
+class RouterError(FleetError):
+    """A router that is unknown, not fitted, or saved in a form we cannot read."""
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+@dataclass
+class Router:
+    """Base: subclasses set `kind` and implement _fit/_score; `models` is fixed by fit."""
+
+    models: list[str] = field(default_factory=list)
+    seed: int = 0
+    kind = "base"
+    needs_responses = False
+
+    def __post_init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.embedder: Embedder | None = None
+
+    def embed(self, rows: list[RouteRow]) -> np.ndarray:
+        if self.embedder is None:
+            self.embedder = Embedder()
+        return self.embedder([r.prompt for r in rows])
+
+    def fit(self, rows: list[RouteRow]) -> Router:
+        if not rows:
+            raise RouterError("cannot fit a router on no rows")
+        self.models = model_names(rows)
+        self._fit(rows, score_matrix(rows, self.models))
+        return self
+
+    def score(self, rows: list[RouteRow]) -> np.ndarray:
+        """Predicted quality in [0, 1], shape [len(rows), len(models)]."""
+        if not self.models:
+            raise RouterError("router is not fitted")
+        if not rows:
+            return np.zeros((0, len(self.models)), dtype=np.float32)
+        return np.asarray(self._score(rows), dtype=np.float32)
+
+    def _fit(self, rows: list[RouteRow], y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _score(self, rows: list[RouteRow]) -> np.ndarray:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "models"}
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "models": self.models, "settings": self.settings()}
+        (out / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
+        np.savez(out / "arrays.npz", **self.arrays)
+        return out
+
+
+class RandomRouter(Router):
+    """Ignores the prompt: the baseline every router must beat (APGR ~ 0.5)."""
+
+    kind = "random"
+
+    def _fit(self, rows, y):
+        self.arrays["mean"] = y.mean(0)
+
+    def _score(self, rows):
+        # A per-prompt seed from the id: the same prompt always gets the same draw.
+        out = np.empty((len(rows), len(self.models)), dtype=np.float32)
+        for i, r in enumerate(rows):
+            digest = hashlib.sha256(f"{self.seed}\0{r.id}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            out[i] = rng.random(len(self.models))
+        return out
+
+
+@dataclass
+class KNNRouter(Router):
+    """Mean outcome of the k most similar training prompts (cosine), shrunk toward the global mean."""
+
+    k: int = 40
+    prior: float = 5.0
+    kind = "knn"
+
+    def _fit(self, rows, y):
+        self.arrays.update(emb=self.embed(rows), y=y, mean=y.mean(0))
+
+    def _score(self, rows):
+        emb, y, mean = self.arrays["emb"], self.arrays["y"], self.arrays["mean"]
+        sims = self.embed(rows) @ emb.T
+        k = min(self.k, len(emb))
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return (y[idx].sum(1) + self.prior * mean) / (k + self.prior)
+
+
+def _standardize_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = x.mean(0)
+    sd = x.std(0) + 1e-6
+    return mu, sd
+
+
+@dataclass
+class LogisticRouter(Router):
+    """One L2-regularised logistic regression per model on [embedding, prompt surface features]."""
+
+    c: float = 0.5
+    kind = "logistic"
+
+    def _x(self, rows):
+        return np.hstack([self.embed(rows), np.stack([prompt_features(r.prompt) for r in rows])])
+
+    def _fit(self, rows, y):
+        from sklearn.linear_model import LogisticRegression
+
+        x = self._x(rows)
+        mu, sd = _standardize_fit(x)
+        x = (x - mu) / sd
+        coefs, bias = [], []
+        for j in range(y.shape[1]):
+            labels = (y[:, j] >= 0.5).astype(int)
+            if labels.min() == labels.max():  # one class only: predict the constant
+                coefs.append(np.zeros(x.shape[1]))
+                p = np.clip(labels.mean(), 1e-3, 1 - 1e-3)
+                bias.append(np.log(p / (1 - p)))
+                continue
+            clf = LogisticRegression(C=self.c, max_iter=2000).fit(x, labels)
+            coefs.append(clf.coef_[0])
+            bias.append(clf.intercept_[0])
+        self.arrays.update(mu=mu, sd=sd, w=np.array(coefs, dtype=np.float32).T, b=np.array(bias, np.float32))
+
+    def _score(self, rows):
+        a = self.arrays
+        x = (self._x(rows) - a["mu"]) / a["sd"]
+        return _sigmoid(x @ a["w"] + a["b"])
+
+
+def _torch_fit(net, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, wd: float, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(128):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net
+
+
+@dataclass
+class MLPRouter(Router):
+    """A small MLP head on [embedding, prompt features], one logit per model, trained with BCE in torch."""
+
+    hidden: int = 64
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    dropout: float = 0.2
+    kind = "mlp"
+
+    def _x(self, rows):
+        return np.hstack([self.embed(rows), np.stack([prompt_features(r.prompt) for r in rows])])
+
+    def _fit(self, rows, y):
+        import torch
+        from torch import nn
+
+        x = self._x(rows)
+        mu, sd = _standardize_fit(x)
+        torch.manual_seed(self.seed)
+        net = nn.Sequential(
+            nn.Dropout(self.dropout),
+            nn.Linear(x.shape[1], self.hidden),
+            nn.GELU(),
+            nn.Linear(self.hidden, y.shape[1]),
+        )
+        net.train()
+        _torch_fit(net, (x - mu) / sd, y, self.epochs, self.lr, self.weight_decay, self.seed)
+        self.arrays.update(
+            mu=mu,
+            sd=sd,
+            w1=net[1].weight.detach().numpy().T.copy(),
+            b1=net[1].bias.detach().numpy().copy(),
+            w2=net[3].weight.detach().numpy().T.copy(),
+            b2=net[3].bias.detach().numpy().copy(),
+        )
+
+    def _score(self, rows):
+        a = self.arrays
+        x = (self._x(rows) - a["mu"]) / a["sd"]
+        h = x @ a["w1"] + a["b1"]
+        h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))  # exact GELU, same as torch's default
+        return _sigmoid(h @ a["w2"] + a["b2"])
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return erf(x)
+
+
+@dataclass
+class MFRouter(Router):
+    """Matrix factorisation of prompt x model (RouteLLM's mf): logit = w . (v_model * P emb) + b_model."""
+
+    dim: int = 32
+    epochs: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    kind = "mf"
+
+    def _fit(self, rows, y):
+        import torch
+        from torch import nn
+
+        x = self.embed(rows)
+        m = y.shape[1]
+        torch.manual_seed(self.seed)
+
+        class MF(nn.Module):
+            def __init__(self, d_in: int, dim: int, n_models: int) -> None:
+                super().__init__()
+                self.proj = nn.Linear(d_in, dim, bias=False)
+                self.model_emb = nn.Parameter(torch.randn(n_models, dim) * 0.1)
+                self.out = nn.Linear(dim, 1, bias=False)
+                self.bias = nn.Parameter(torch.zeros(n_models))
+
+            def forward(self, e):  # [B, d_in] -> [B, n_models]
+                q = self.proj(e)
+                return self.out(q[:, None, :] * self.model_emb[None]).squeeze(-1) + self.bias
+
+        net = _torch_fit(
+            MF(x.shape[1], self.dim, m), x, y, self.epochs, self.lr, self.weight_decay, self.seed
+        )
+        self.arrays.update(
+            proj=net.proj.weight.detach().numpy().T.copy(),
+            model_emb=net.model_emb.detach().numpy().copy(),
+            out=net.out.weight.detach().numpy()[0].copy(),
+            bias=net.bias.detach().numpy().copy(),
+        )
+
+    def _score(self, rows):
+        a = self.arrays
+        q = self.embed(rows) @ a["proj"]
+        return _sigmoid((q[:, None, :] * a["model_emb"][None] * a["out"]).sum(-1) + a["bias"])
+
+
+@dataclass
+class CascadeRouter(Router):
+    """FrugalGPT-style cascade: the cheap model answers first; checks on its response predict whether
+    that answer is right. The cheap model's predicted quality is P(cheap answer right | prompt, response);
+    others get their training mean, so `strong - cheap` orders prompts by the need to escalate."""
+
+    cheap: str = ""
+    c: float = 0.3
+    use_embedding: bool = True
+    kind = "cascade"
+    needs_responses = True
+
+    def _x(self, rows):
+        missing = [r.id for r in rows if not r.responses or self.cheap not in r.responses]
+        if missing:
+            raise RouterError(f"cascade needs the response of {self.cheap!r}; row {missing[0]} has none")
+        feats = np.stack([response_features(r.prompt, r.responses[self.cheap]) for r in rows])
+        parts = [feats, np.stack([prompt_features(r.prompt) for r in rows])]
+        if self.use_embedding:
+            parts.append(self.embed(rows))
+        return np.hstack(parts)
+
+    def _fit(self, rows, y):
+        from sklearn.linear_model import LogisticRegression
+
+        if not self.cheap:
+            self.cheap = self.models[int(np.argmin(y.mean(0)))]  # the weakest model is taken as the cheap one
+        if self.cheap not in self.models:
+            raise RouterError(f"cheap model {self.cheap!r} is not among {self.models}")
+        j = self.models.index(self.cheap)
+        x = self._x(rows)
+        mu, sd = _standardize_fit(x)
+        labels = (y[:, j] >= 0.5).astype(int)
+        if labels.min() == labels.max():
+            raise RouterError("cascade needs both right and wrong answers of the cheap model to fit")
+        clf = LogisticRegression(C=self.c, max_iter=3000).fit((x - mu) / sd, labels)
+        self.arrays.update(
+            mu=mu, sd=sd, w=clf.coef_[0].astype(np.float32), b=np.float32(clf.intercept_[0]), mean=y.mean(0)
+        )
+
+    def _score(self, rows):
+        a = self.arrays
+        out = np.tile(a["mean"], (len(rows), 1))
+        x = (self._x(rows) - a["mu"]) / a["sd"]
+        out[:, self.models.index(self.cheap)] = _sigmoid(x @ a["w"] + a["b"])
+        return out
+
+
+ROUTERS: dict[str, type[Router]] = {
+    cls.kind: cls for cls in (RandomRouter, KNNRouter, LogisticRouter, MLPRouter, MFRouter, CascadeRouter)
+}
+
+
+def make_router(kind: str, **settings) -> Router:
+    if kind not in ROUTERS:
+        raise RouterError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
+    try:
+        return ROUTERS[kind](**settings)
+    except TypeError as exc:
+        raise RouterError(f"bad settings for router {kind!r}: {exc}") from None
+
+
+def load_router(path: str | Path) -> Router:
+    path = Path(path)
+    meta_path = path / "router.json"
+    if not meta_path.is_file():
+        raise RouterError(f"not a saved router (no router.json): {path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        router = make_router(meta["kind"], **meta.get("settings", {}))
+        router.models = list(meta["models"])
+        with np.load(path / "arrays.npz") as z:
+            router.arrays = {k: z[k] for k in z.files}
+    except (json.JSONDecodeError, KeyError, OSError, ValueError) as exc:
+        raise RouterError(f"cannot read router at {path}: {exc}") from None
+    return router

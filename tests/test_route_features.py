@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from fleetlm.route.features import (
+    RESPONSE_FEATURES,
+    CalcError,
+    Embedder,
+    arithmetic_checks,
+    final_answer,
+    prompt_features,
+    response_features,
+    safe_eval,
+)
+
+
+def test_safe_eval():
+    assert safe_eval("3*60") == 180
+    assert safe_eval("(2 + 3) x 4") == 20
+    assert safe_eval("1,200 / 4") == 300
+    assert safe_eval("$5 - 7") == -2
+    for bad in ("__import__('os')", "a + 1", "2 ** 999", "1 / 0", "[1, 2]"):
+        with pytest.raises(CalcError):
+            safe_eval(bad)
+
+
+def test_arithmetic_checks_catch_slips():
+    good = "So 3 x 60 = <<3*60=180>>180 meters. 180 x 3 = 540.\n#### 540"
+    bad = "He has 12 + 7 = 21 apples, and 21 * 2 = 42.\n#### 42"
+    assert arithmetic_checks(good) == (2, 0)
+    assert arithmetic_checks(bad) == (2, 1)
+    assert final_answer(good) == 540
+    assert final_answer("The answer is $1,250.") == 1250
+    assert final_answer("no number here") is None
+
+
+def test_response_features_shape_and_signal():
+    good = response_features("Tom has 12 apples and 7 more", "12 + 7 = 19\n#### 19")
+    bad = response_features("Tom has 12 apples and 7 more", "12 + 7 = 21\n#### 21")
+    assert good.shape == bad.shape == (len(RESPONSE_FEATURES),)
+    i = RESPONSE_FEATURES.index("any_wrong")
+    assert good[i] == 0 and bad[i] == 1
+    assert good[RESPONSE_FEATURES.index("has_final")] == 1
+    assert response_features("q", "")[RESPONSE_FEATURES.index("empty")] == 1
+    p = prompt_features("Is 2+2=4?\nA. yes\nB. no\nAnswer:")
+    assert p[4] == 2  # two options found
+
+
+def test_embedder_caches_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    emb = Embedder(cache_dir=tmp_path)
+    texts = ["What is the capital of France?", "Solve x + 2 = 5.", "What is the capital of France?"]
+    first = emb(texts)
+    assert first.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-4)
+    assert np.allclose(first[0], first[2])
+    assert len(list(tmp_path.rglob("*.f32"))) == 2  # one file per distinct text
+    # a fresh embedder must not touch the model for cached texts
+    again = Embedder(cache_dir=tmp_path)
+    monkeypatch.setattr(
+        again, "encode_uncached", lambda t: (_ for _ in ()).throw(AssertionError("re-embedded"))
+    )
+    assert np.allclose(again(texts), first)
+    # similar texts are closer than unrelated ones
+    sims = emb(["capital city of France", "integral of x squared"]) @ first[0]
+    assert sims[0] > sims[1]
