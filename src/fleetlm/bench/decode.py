@@ -1,0 +1,363 @@
+"""Decode benchmark: our engine vs transformers vs llama.cpp, single stream, on the same random weights.
+
+Each runner is timed the same way: a warm-up generation, then one greedy generation of `new_tokens`
+after a `prompt_tokens` prompt; decode tokens/s counts the tokens after the first (the first comes from
+prefill) over the time between the first and the last. Bytes read per token (all weights but the input
+embedding table) times tokens/s over the measured read bandwidth gives the share of bandwidth used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fleetlm.bench.agreement import top1_agreement
+from fleetlm.bench.bandwidth import read_bandwidth
+from fleetlm.errors import FleetError
+
+WIDTHS = ("bf16", "int8", "int4")
+LLAMA_CPP_TYPES = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+DEFAULT_CACHE = Path(os.environ.get("FLEETLM_CACHE", Path.home() / ".cache" / "fleetlm")) / "bench-415m"
+
+
+class BenchError(FleetError):
+    """A benchmark that cannot run as asked (a bad option, a missing peer library)."""
+
+
+@dataclass
+class BenchShape:
+    """The model shape; the default is the ~415M-parameter Llama of the issue."""
+
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    intermediate_size: int = 4864
+    vocab_size: int = 32000
+
+
+TINY_SHAPE = BenchShape(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                        vocab_size=1024)
+
+
+@dataclass
+class BenchOptions:
+    model_dir: Path = DEFAULT_CACHE
+    shape: BenchShape = field(default_factory=BenchShape)
+    prompt_tokens: int = 32
+    new_tokens: int = 128
+    warmup_tokens: int = 8
+    widths: tuple[str, ...] = WIDTHS
+    engine: bool = True
+    transformers: bool = True
+    llama_cpp: bool = True
+    threads: int = 0  # 0: torch's default (all cores)
+    bandwidth_mb: int = 1024
+    agreement_tokens: int = 256  # 0 skips the top-1 agreement of int8/int4 with bf16
+    profile: bool = False
+
+
+@dataclass
+class BenchRow:
+    runner: str  # "fleetlm", "transformers", "llama.cpp"
+    width: str  # bf16 | int8 | int4
+    tokens_per_second: float
+    bytes_per_token: int
+    decode_tokens: int
+    vs_llama_cpp: float | None = None
+    bandwidth_share: float | None = None
+    top1_agreement: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class BenchResult:
+    bandwidth_gbs: float
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    params: int
+    rows: list[BenchRow]
+    profiles: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def build_checkpoint(out_dir: Path, shape: BenchShape, seed: int = 0) -> Path:
+    """A random-weight Llama of `shape` in HF layout (bf16) with a small byte-level BPE tokenizer; cached."""
+    from fleetlm.model import ModelConfig, Transformer, save_checkpoint
+    from fleetlm.model.make_tiny import write_tokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # a small tokenizer: the model's vocab (and the GGUF export's) is padded past its last id
+    ids = write_tokenizer(out_dir, "llama3", vocab_size=512)
+    cfg = ModelConfig(arch="llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                      intermediate_size=shape.intermediate_size, num_layers=shape.num_layers,
+                      num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+                      bos_token_id=ids["bos_token_id"], eos_token_ids=ids["eos_token_ids"])
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)
+    save_checkpoint(model.to(torch.bfloat16), out_dir)
+    return out_dir
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the input embedding table (one row read)."""
+    embed = model.embed_tokens.weight
+    lm_head_weight = getattr(model.lm_head, "weight", None)
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "cache" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if t is embed and lm_head_weight is not embed:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Tensor bytes of a GGUF file, less the token embedding table when an output matrix exists."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors:
+        total -= tensors.get("token_embd.weight", 0)
+    return total
+
+
+def _rate(times: list[float]) -> float:
+    """Decode tokens/s from per-token timestamps: tokens after the first over the time they took."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def _prompt(n: int, vocab: int) -> list[int]:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(10, min(vocab, 500), (n,), generator=gen).tolist()
+
+
+def profile_decode_step(model: nn.Module, top: int = 12) -> list[tuple[str, float]]:
+    """Top ops by self CPU time (ms) over one decode step, through the engine's decode_one_token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fleetlm.engine.generate import decode_one_token
+
+    model.setup_caches(1, 64)
+    token, pos = torch.tensor([[11]]), torch.tensor([[5]])
+    with torch.inference_mode():
+        decode_one_token(model, token, pos)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode_one_token(model, token, pos)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [(e.key, e.self_cpu_time_total / 1000.0) for e in events]
+
+
+def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchResult,
+               reference: list[int] | None) -> tuple[BenchRow, list[int] | None]:
+    from fleetlm.engine import Engine
+    from fleetlm.engine.generate import GenerationRequest
+
+    engine = Engine.load(opts.model_dir, dtype=width)
+    nbytes = weight_bytes_per_token(engine.model)
+
+    def timed(n: int) -> list[int]:
+        req = GenerationRequest(prompt_ids=prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
+        return [e.token_id for e in engine.generate(req)]
+
+    timed(opts.warmup_tokens)
+    tokens = timed(opts.new_tokens)
+    stats = engine.last_stats
+    row = BenchRow("fleetlm", width, stats.decode_tokens_per_second, nbytes, stats.decode_tokens)
+    if opts.agreement_tokens:
+        if width == "bf16":
+            reference = tokens if len(tokens) >= opts.agreement_tokens else timed(opts.agreement_tokens)
+        elif reference:
+            row.top1_agreement = top1_agreement(engine.model, prompt, reference)
+    if opts.profile:
+        result.profiles[f"fleetlm {width}"] = profile_decode_step(engine.model)
+    return row, reference
+
+
+def run_transformers(opts: BenchOptions, prompt: list[int]) -> BenchRow:
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+    except ImportError as exc:
+        raise BenchError("transformers is not installed (pip install transformers)") from exc
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.first = True
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.first:  # the prompt is pushed once before any new token
+                self.first = False
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    model = AutoModelForCausalLM.from_pretrained(opts.model_dir, torch_dtype=torch.bfloat16).eval()
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embed
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors count once
+    nbytes -= 0 if tied else embed.numel() * embed.element_size()
+    ids = torch.tensor([prompt])
+
+    def timed(n: int) -> Stamps:
+        s = Stamps()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=s, pad_token_id=0)
+        return s
+
+    timed(opts.warmup_tokens)
+    s = timed(opts.new_tokens)
+    return BenchRow("transformers", "bf16", _rate(s.times), nbytes, len(s.times) - 1)
+
+
+def llama_cpp_files(opts: BenchOptions) -> dict[str, Path]:
+    """GGUF exports of the checkpoint at each width (bf16 exported, Q8_0/Q4_0 by llama.cpp's quantizer)."""
+    from fleetlm.compress.gguf import export_gguf, quantize_gguf
+
+    base = opts.model_dir / "model-bf16.gguf"
+    if not base.is_file():
+        export_gguf(opts.model_dir, base, "bf16")
+    files = {"bf16": base}
+    for width in ("int8", "int4"):
+        qtype = LLAMA_CPP_TYPES[width]
+        path = opts.model_dir / f"model-{qtype}.gguf"
+        if width in opts.widths and not path.is_file():
+            quantize_gguf(base, path, qtype)
+        files[width] = path
+    return files
+
+
+def run_llama_cpp(opts: BenchOptions, width: str, path: Path, prompt: list[int]) -> BenchRow:
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise BenchError("llama-cpp-python is not installed (pip install llama-cpp-python)") from exc
+    threads = opts.threads or torch.get_num_threads()
+    llm = Llama(model_path=str(path), n_ctx=opts.prompt_tokens + opts.new_tokens + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=opts.prompt_tokens, verbose=False, seed=0)
+
+    def timed(n: int) -> list[float]:
+        llm.reset()
+        times = []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) >= n:
+                break
+        return times
+
+    timed(opts.warmup_tokens)
+    times = timed(opts.new_tokens)
+    row = BenchRow("llama.cpp", width, _rate(times), gguf_bytes_per_token(path), len(times) - 1,
+                   detail=LLAMA_CPP_TYPES[width].upper())
+    llm.close()
+    return row
+
+
+def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
+    """Build (or reuse) the checkpoint, measure bandwidth, then time every runner at every width."""
+    from tqdm import tqdm
+
+    from fleetlm.model import read_config
+
+    for w in opts.widths:
+        if w not in WIDTHS:
+            raise BenchError(f"unknown width {w!r}: choose from {', '.join(WIDTHS)}")
+    if opts.new_tokens < 2 or opts.prompt_tokens < 1:
+        raise BenchError("need new_tokens >= 2 and prompt_tokens >= 1")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
+    steps: list[tuple[str, Callable[[], None]]] = []
+    result = BenchResult(0.0, threads, opts.prompt_tokens, opts.new_tokens, 0, [])
+    state: dict[str, object] = {"reference": None}
+
+    build_checkpoint(opts.model_dir, opts.shape)
+    cfg = read_config(opts.model_dir)
+    prompt = _prompt(opts.prompt_tokens, cfg.vocab_size)
+
+    def bandwidth() -> None:
+        result.bandwidth_gbs = read_bandwidth(opts.bandwidth_mb, threads=threads)
+
+    steps.append(("memory bandwidth", bandwidth))
+    if opts.engine:
+        # bf16 first: its greedy tokens are the reference for int8/int4 agreement
+        for w in sorted(opts.widths, key=WIDTHS.index):
+            def engine_step(w: str = w) -> None:
+                row, ref = run_engine(opts, w, prompt, result, state["reference"])  # type: ignore[arg-type]
+                state["reference"] = ref
+                result.rows.append(row)
+            steps.append((f"fleetlm {w}", engine_step))
+    if opts.transformers and "bf16" in opts.widths:
+        steps.append(("transformers bf16", lambda: result.rows.append(run_transformers(opts, prompt))))
+    if opts.llama_cpp:
+        def gguf_step() -> None:
+            state["gguf"] = llama_cpp_files(opts)
+        steps.append(("GGUF export", gguf_step))
+        for w in opts.widths:
+            def llama_step(w: str = w) -> None:
+                files: dict[str, Path] = state["gguf"]  # type: ignore[assignment]
+                result.rows.append(run_llama_cpp(opts, w, files[w], prompt))
+            steps.append((f"llama.cpp {w}", llama_step))
+
+    bar = tqdm(steps, desc="bench", disable=not progress, unit="step")
+    for name, step in bar:
+        bar.set_postfix_str(name)
+        step()
+    bar.close()
+
+    from fleetlm.model import Transformer
+
+    with torch.device("meta"):
+        result.params = sum(p.numel() for p in Transformer(cfg).parameters())
+    ref = {r.width: r.tokens_per_second for r in result.rows if r.runner == "llama.cpp"}
+    for r in result.rows:
+        if ref.get(r.width):
+            r.vs_llama_cpp = r.tokens_per_second / ref[r.width]
+        if result.bandwidth_gbs:
+            r.bandwidth_share = r.bytes_per_token * r.tokens_per_second / (result.bandwidth_gbs * 1e9)
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    """The human-readable report: one line per runner and width, then the profiles if any."""
+    lines = [f"decode benchmark: {result.params / 1e6:.0f}M params, prompt {result.prompt_tokens} tokens, "
+             f"{result.new_tokens} new tokens, single stream, {result.threads} threads",
+             f"memory read bandwidth: {result.bandwidth_gbs:.1f} GB/s",
+             f"{'runner':<14}{'width':<13}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}"
+             f"{'of bandwidth':>14}{'top-1 agree':>13}"]
+    for r in result.rows:
+        vs = f"{r.vs_llama_cpp:.2f}x" if r.vs_llama_cpp is not None else "-"
+        share = f"{100 * r.bandwidth_share:.0f}%" if r.bandwidth_share is not None else "-"
+        agree = f"{100 * r.top1_agreement:.1f}%" if r.top1_agreement is not None else "-"
+        width = f"{r.width}" + (f" ({r.detail})" if r.detail else "")
+        lines.append(f"{r.runner:<14}{width:<13}{r.tokens_per_second:>8.1f}{vs:>14}"
+                     f"{r.bytes_per_token / 1e6:>10.0f}{share:>14}{agree:>13}")
+    for name, ops in result.profiles.items():
+        lines.append(f"profile of one decode step, {name} (self CPU ms):")
+        lines.extend(f"  {ms:8.2f}  {op}" for op, ms in ops)
+    return "\n".join(lines)
