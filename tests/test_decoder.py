@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ TOL = 1e-4
 ARCHS = ["llama", "qwen2", "mistral"]
 
 
+@functools.cache
 def hf_model(path):
     from transformers import AutoModelForCausalLM
 
