@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from fake_openai import UpstreamServer, free_port
 from fleetlm.cli import app
+from fleetlm.serve.app import KEY_CACHE_S
 from fleetlm.serve.store import UsageStore
 
 FLEET = [sys.executable, "-c", "from fleetlm.cli import main; main()"]
@@ -197,6 +198,7 @@ def test_keys_usage_and_401_through_the_cli(served, monkeypatch):
     assert res.exit_code == 0
     secret = res.stdout.strip().splitlines()[-1]
     assert secret.startswith("fk-")
+    time.sleep(KEY_CACHE_S + 0.2)  # the gateway re-reads the key table after its short cache expires
     try:
         with pytest.raises(openai.AuthenticationError):
             client.chat.completions.create(model="small", messages=[{"role": "user", "content": "x"}])

@@ -56,6 +56,8 @@ from fleetlm.serve.protocol import (
 )
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 
+KEY_CACHE_S = 2.0
+
 
 class Router(Protocol):
     """A virtual model: picks a real model for a request (fleetlm.route provides the fitted ones)."""
@@ -112,6 +114,29 @@ class Gateway:
     ):
         self.config, self.store, self.backends, self.router = config, store, backends, router
         self._recent: dict[str, deque[float]] = defaultdict(deque)
+        # Key lookups are cached briefly so that a request costs no extra queries; a key made by
+        # `fleet keys create` is seen within KEY_CACHE_S. Spend is read once per key, then kept here
+        # (one gateway process per database is assumed).
+        self._keys: dict[str, tuple[float, ApiKey | None]] = {}
+        self._has_keys: tuple[float, bool] = (-1e9, False)
+        self._spent: dict[str, float] = {}
+
+    async def _find_key(self, secret: str) -> ApiKey | None:
+        now = time.monotonic()
+        hit = self._keys.get(secret)
+        if hit is None or now - hit[0] > KEY_CACHE_S:
+            if len(self._keys) > 10_000:  # random wrong keys must not grow memory without bound
+                self._keys.clear()
+            hit = self._keys[secret] = (now, await run_in_threadpool(self.store.find_key, secret))
+        return hit[1]
+
+    async def _keys_required(self) -> bool:
+        if self.config.require_api_key is not None:
+            return self.config.require_api_key
+        now = time.monotonic()
+        if now - self._has_keys[0] > KEY_CACHE_S:
+            self._has_keys = (now, await run_in_threadpool(self.store.has_keys))
+        return self._has_keys[1]
 
     # ------------------------------------------------------------ request plumbing
 
@@ -144,12 +169,9 @@ class Gateway:
     async def authorize(self, request: Request, call: _Call) -> None:
         header = request.headers.get("authorization", "")
         secret = header[7:].strip() if header.lower().startswith("bearer ") else None
-        key = await run_in_threadpool(self.store.find_key, secret) if secret else None
-        required = self.config.require_api_key
-        if required is None:
-            required = await run_in_threadpool(self.store.has_keys)
+        key = await self._find_key(secret) if secret else None
         if key is None or key.revoked:
-            if required:
+            if await self._keys_required():
                 raise Unauthorized("missing or invalid API key" if secret else "an API key is required")
             return
         call.key = key
@@ -161,8 +183,9 @@ class Gateway:
                 raise RateLimited(f"key {key.key_id}: more than {key.rpm} requests per minute")
             window.append(now)
         if key.budget_usd is not None:
-            spent = await run_in_threadpool(self.store.spend, key.key_id)
-            if spent >= key.budget_usd:
+            if key.key_id not in self._spent:
+                self._spent[key.key_id] = await run_in_threadpool(self.store.spend, key.key_id)
+            if self._spent[key.key_id] >= key.budget_usd:
                 raise BudgetExceeded(f"key {key.key_id}: budget of ${key.budget_usd:.2f} is spent")
 
     async def resolve(self, name: str, request: Any, call: _Call) -> list[str]:
@@ -252,6 +275,8 @@ class Gateway:
     ) -> float:
         record = self.record(call, status, prompt_tokens, completion_tokens, error)
         await run_in_threadpool(self.store.log, record)
+        if call.key is not None and call.key.key_id in self._spent:
+            self._spent[call.key.key_id] += record.cost_usd
         return record.cost_usd
 
     # ------------------------------------------------------------ endpoints
@@ -380,7 +405,10 @@ class Gateway:
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, None, exc.code))}\n\n"
             finally:
                 if status == 499:  # cancelled mid-stream: no await works here any more, so log in place
-                    self.store.log(self.record(call, 499, *usage, error=error))
+                    rec = self.record(call, 499, *usage, error=error)
+                    self.store.log(rec)
+                    if call.key is not None and call.key.key_id in self._spent:
+                        self._spent[call.key.key_id] += rec.cost_usd
 
         headers = call.headers()
         headers["cache-control"] = "no-cache"
