@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,3 +147,18 @@ def test_shipped_tiny_model_loads_and_matches_transformers():
     assert tok.vocab_size == model.config.vocab_size and tok.chat_template
     ids = torch.tensor([tok.encode("The fleet is ready.")])
     assert (logits(model, ids) - logits(hf_load(SHIPPED_TINY_MODEL), ids)).abs().max().item() <= 1e-4
+
+
+def test_loading_and_chat_do_not_import_transformers():
+    code = (
+        "import sys, torch\n"
+        "from fleetlm.model import SHIPPED_TINY_MODEL, Tokenizer, load_checkpoint\n"
+        "m = load_checkpoint(SHIPPED_TINY_MODEL)\n"
+        "t = Tokenizer.from_dir(SHIPPED_TINY_MODEL)\n"
+        "prompt = t.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"
+        "ids = t.encode(prompt, add_special_tokens=False)\n"
+        "m(torch.tensor([ids]))\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

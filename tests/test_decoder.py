@@ -181,3 +181,14 @@ def test_bf16_model_runs_close_to_float32(tiny_llama):
     assert b.dtype == torch.float32
     assert (a - b).abs().max().item() < 0.25 * a.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_training_forward_backpropagates(tiny_llama):
+    model = load_checkpoint(tiny_llama).train()
+    ids = random_ids(model.config.vocab_size, 2, 10, seed=7)
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
