@@ -177,17 +177,23 @@ def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchR
     engine = Engine.load(opts.model_dir, dtype=width)
     nbytes = weight_bytes_per_token(engine.model)
 
-    def timed(n: int) -> list[int]:
+    def timed(n: int) -> tuple[list[int], list[float]]:
         req = GenerationRequest(prompt_ids=prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
-        return [e.token_id for e in engine.generate(req)]
+        tokens, times = [], []
+        for event in engine.generate(req):
+            times.append(time.perf_counter())
+            tokens.append(event.token_id)
+        return tokens, times
 
     timed(opts.warmup_tokens)
-    tokens = timed(opts.new_tokens)
-    stats = engine.last_stats
-    row = BenchRow("fleetlm", width, stats.decode_tokens_per_second, nbytes, stats.decode_tokens)
+    # one bf16 run serves both: the first new_tokens are timed, all of them are the agreement reference
+    extra = opts.agreement_tokens if width == "bf16" else 0
+    tokens, times = timed(max(opts.new_tokens, extra))
+    times = times[:opts.new_tokens]
+    row = BenchRow("fleetlm", width, _rate(times), nbytes, len(times) - 1)
     if opts.agreement_tokens:
         if width == "bf16":
-            reference = tokens if len(tokens) >= opts.agreement_tokens else timed(opts.agreement_tokens)
+            reference = tokens[:opts.agreement_tokens]
         elif reference:
             row.top1_agreement = top1_agreement(engine.model, prompt, reference)
     if opts.profile:
