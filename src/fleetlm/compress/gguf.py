@@ -15,6 +15,7 @@ import ctypes
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def _token_content(tok: Any) -> str | None:
     return tok if isinstance(tok, str) else None
 
 
-def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
+def pre_tokenizer_name(tj: dict[str, Any]) -> str:
     """llama.cpp's pre-tokenizer name for this tokenizer.json, chosen by the split regex it uses."""
     pre = tj.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -157,6 +158,9 @@ def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
         if r"\p{N}|" in rx and r"[^\r\n\p{L}\p{N}]?\p{L}+" in rx:
             return "qwen2"  # Qwen2's regex: single digits
     if not regexes and byte_level_regex:
+        if any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts):
+            # llama.cpp's BPE never prepends a space, so the first word would tokenize differently
+            warnings.warn("tokenizer adds a prefix space, which llama.cpp does not do", stacklevel=2)
         return "gpt-2"
     raise GGUFExportError(
         "the tokenizer's pre-tokenizer is not one llama.cpp knows (GPT-2, Llama 3 or Qwen2 regex)")
@@ -236,7 +240,7 @@ def read_vocab(ckpt: Path, vocab_size: int, cfg: ModelConfig | None = None) -> G
     template = tc.get("chat_template")
     if template is None and (ckpt / "chat_template.jinja").is_file():
         template = (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
-    return GGUFVocab(tokens=tokens, token_types=types, merges=merges, pre=_pre_tokenizer_name(tj),
+    return GGUFVocab(tokens=tokens, token_types=types, merges=merges, pre=pre_tokenizer_name(tj),
                      bos_id=bos, eos_id=eos, pad_id=special("pad_token"), unk_id=special("unk_token"),
                      add_bos=add_bos, add_eos=add_eos, chat_template=template)
 
@@ -430,8 +434,11 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, out_type: str 
                 raise GGUFExportError(f"tensor {t.gguf_name} has {arr.nbytes} bytes, expected "
                                       f"{_nbytes(t.shape, t.qtype)}")
             w.write_tensor_data(arr)
-    finally:
+    except BaseException:
         w.close()
+        out.unlink(missing_ok=True)  # a half-written GGUF would only fail later, inside llama.cpp
+        raise
+    w.close()
     return out
 
 
