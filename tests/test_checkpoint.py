@@ -80,7 +80,9 @@ def test_rope_scaled_model_saved_by_us_loads_in_transformers(tiny_checkpoint_fac
 
 
 def test_save_bf16_keeps_dtype(tiny_llama, tmp_path):
-    out = save_checkpoint(load_checkpoint(tiny_llama, dtype="bf16"), tmp_path / "bf16")
+    tok = Tokenizer.from_dir(tiny_llama)
+    out = save_checkpoint(load_checkpoint(tiny_llama, dtype="bf16"), tmp_path / "bf16", tokenizer_dir=tok)
+    assert Tokenizer.from_dir(out).apply_chat_template([{"role": "user", "content": "x"}]).endswith("\n\n")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     from safetensors import safe_open
 

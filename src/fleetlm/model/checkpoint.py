@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from fleetlm.errors import CheckpointError
 from fleetlm.model.config import ModelConfig
 from fleetlm.model.decoder import Transformer
+from fleetlm.model.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -131,10 +132,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32) 
 def save_checkpoint(
     model: Transformer,
     out_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | Tokenizer | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write config.json + safetensors (sharded above max_shard_bytes), loadable by transformers."""
+    """Write config.json + safetensors (sharded above max_shard_bytes), loadable by transformers.
+
+    tokenizer_dir: a dir whose tokenizer files are copied along, or a Tokenizer to save there.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -168,7 +172,9 @@ def save_checkpoint(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    if tokenizer_dir is not None:
+    if isinstance(tokenizer_dir, Tokenizer):
+        tokenizer_dir.save(out)
+    elif tokenizer_dir is not None:
         src = Path(tokenizer_dir)
         if src.resolve() != out.resolve():
             for name in TOKENIZER_FILES:

@@ -113,7 +113,7 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self.clean_up_spaces:
             for old, new in _CLEANUPS:
                 text = text.replace(old, new)
