@@ -98,33 +98,41 @@ def main() -> None:
     ap.add_argument("--floor", type=float, default=0.95)
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--splits", type=int, default=20)
+    ap.add_argument("--benchmarks", default="mmlu,gsm8k")
+    ap.add_argument("--mmlu-subjects", type=int, default=0, help="use only the first N subjects (0: all)")
     args = ap.parse_args()
 
-    mmlu = import_routellm(args.src, "mmlu")
-    sig, y = report(
-        "MMLU (held-out subjects)",
-        mmlu,
-        [r.domain for r in mmlu],
-        args.routers.split(","),
-        args.folds,
-        args.seed,
-        {},
-    )
-    gsm = import_routellm(args.src, "gsm8k")
-    gsig, gy = report(
-        "GSM8K (held-out questions)",
-        gsm,
-        [r.id for r in gsm],
-        args.gsm_routers.split(","),
-        args.folds,
-        args.seed,
-        {},
-    )
+    benchmarks = args.benchmarks.split(",")
+    results = []
+    if "mmlu" in benchmarks:
+        mmlu = import_routellm(args.src, "mmlu")
+        if args.mmlu_subjects:
+            keep = sorted({r.domain for r in mmlu})[: args.mmlu_subjects]
+            mmlu = [r for r in mmlu if r.domain in keep]
+        name = "MMLU (held-out subjects)"
+        results.append(
+            (
+                "MMLU",
+                *report(
+                    name, mmlu, [r.domain for r in mmlu], args.routers.split(","), args.folds, args.seed, {}
+                ),
+            )
+        )
+    if "gsm8k" in benchmarks:
+        gsm = import_routellm(args.src, "gsm8k")
+        name = "GSM8K (held-out questions)"
+        results.append(
+            (
+                "GSM8K",
+                *report(
+                    name, gsm, [r.id for r in gsm], args.gsm_routers.split(","), args.folds, args.seed, {}
+                ),
+            )
+        )
     print()
-    for kind, s in sig.items():
-        floor_check(f"MMLU/{kind}", s, y, args.floor, args.confidence, args.splits, args.seed)
-    for kind, s in gsig.items():
-        floor_check(f"GSM8K/{kind}", s, gy, args.floor, args.confidence, args.splits, args.seed)
+    for bench, signals, y in results:
+        for kind, s in signals.items():
+            floor_check(f"{bench}/{kind}", s, y, args.floor, args.confidence, args.splits, args.seed)
 
 
 if __name__ == "__main__":
