@@ -144,7 +144,7 @@ class UsageStore:
         row["fallbacks"] = ",".join(record.fallbacks) or None
         row["stream"] = int(record.stream)
         with self.engine.begin() as conn:
-            conn.execute(requests_table.insert().values(**row))
+            conn.execute(requests_table.insert(), row)  # one cached compiled statement for every row
 
     def requests(self, since: float | None = None) -> list[dict]:
         q = select(requests_table).order_by(requests_table.c.id)
