@@ -156,8 +156,9 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Itera
     for parent, child_name, linear in targets:
         if scheme == "int8":
             new: nn.Module = Int8Linear.from_linear(linear, dtype)
-        elif linear.in_features % group_size:
-            # A layer whose width does not split into groups keeps int8 rather than failing the whole model.
+        elif linear.in_features % group_size or linear.out_features % 16:
+            # The int4 CPU packing needs groups along K and N divisible by 16: such a layer keeps int8
+            # rather than failing the whole model.
             new = Int8Linear.from_linear(linear, dtype)
         else:
             new = Int4Linear.from_linear(linear, group_size, dtype)
