@@ -1,4 +1,4 @@
-"""Typed errors: a FleetError is the user's mistake or a missing resource, shown as one line, never a traceback."""
+"""Typed errors: a FleetError is the user's mistake or a missing resource, shown as one line."""
 
 
 class FleetError(Exception):
