@@ -32,6 +32,19 @@ def _pair(router_models: list[str], strong: str | None, weak: str | None, rows) 
     return strong, weak
 
 
+def _strong_weak_signal(router: Path, data: Path, strong: str | None, weak: str | None):
+    """The router, the strong and weak models, signal = score[strong] - score[weak], and their true scores."""
+    from fleetlm.route.data import load_rows, score_matrix
+    from fleetlm.route.routers import load_router
+
+    r = load_router(router)
+    rows = load_rows(data)
+    strong, weak = _pair(r.models, strong, weak, rows)
+    pred = r.score(rows)
+    signal = pred[:, r.models.index(strong)] - pred[:, r.models.index(weak)]
+    return r, strong, weak, signal, score_matrix(rows, [strong, weak])
+
+
 @route_app.command("import-routellm")
 def import_routellm_cmd(
     src: Path = typer.Argument(..., help="folder laid out like RouteLLM's evals data"),
@@ -108,16 +121,9 @@ def eval_cmd(
     """PGR curve, APGR, CPT(50%), CPT(80%), cost saving at 95% quality, and a PNG with random/oracle lines."""
     import numpy as np
 
-    from fleetlm.route.data import load_rows, score_matrix
     from fleetlm.route.metrics import evaluate, pgr_curve, plot_curve
-    from fleetlm.route.routers import load_router
 
-    r = load_router(router)
-    rows = load_rows(data)
-    strong, weak = _pair(r.models, strong, weak, rows)
-    pred = r.score(rows)
-    signal = pred[:, r.models.index(strong)] - pred[:, r.models.index(weak)]
-    y = score_matrix(rows, [strong, weak])
+    r, strong, weak, signal, y = _strong_weak_signal(router, data, strong, weak)
     c, pgr = pgr_curve(signal, y[:, 0], y[:, 1])
     typer.echo(f"router {r.kind}: strong {strong}, weak {weak}")
     typer.echo("PGR curve (share of strong calls -> PGR):")
@@ -145,15 +151,8 @@ def calibrate_cmd(
     from dataclasses import asdict
 
     from fleetlm.route.calibrate import calibrate_floor
-    from fleetlm.route.data import load_rows, score_matrix
-    from fleetlm.route.routers import load_router
 
-    r = load_router(router)
-    rows = load_rows(data)
-    strong, weak = _pair(r.models, strong, weak, rows)
-    pred = r.score(rows)
-    signal = pred[:, r.models.index(strong)] - pred[:, r.models.index(weak)]
-    y = score_matrix(rows, [strong, weak])
+    _, strong, weak, signal, y = _strong_weak_signal(router, data, strong, weak)
     cal = calibrate_floor(signal, y[:, 0], y[:, 1], floor, confidence, price_strong, price_weak)
     (router / "calibration.json").write_text(
         json.dumps({**asdict(cal), "strong": strong, "weak": weak}) + "\n"
