@@ -2,7 +2,10 @@
 
 Works for our Transformer and any Hugging Face causal LM (and a peft LoRA wrapper of one). The loss is a hook
 `loss_fn(student_logits, batch) -> summed loss over the batch's loss tokens`, so distillation plugs in by
-passing a different function (the teacher's logits are computed inside it from batch.input_ids).
+passing a different function (the teacher's logits are computed inside it from batch.input_ids). A second,
+optional hook `batch_fn(step, model, micro_batches) -> micro_batches` may replace a step's batches before the
+forward pass (on-policy distillation swaps in the student's own samples); the loss is then normalized by the
+loss tokens of the replaced batches.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Batch:
     input_ids: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], IGNORE where no loss; the loss at t predicts labels[t + 1]
+    on_policy: bool = False  # the loss tokens are the model's own samples, not targets to imitate
 
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+BatchFn = Callable[[int, nn.Module, list[Batch]], list[Batch]]
 
 
 @dataclass
@@ -55,6 +60,13 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy summed over the loss tokens (the loop divides by the global token count)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
+
+
+def global_loss_tokens(micro: list[Batch], world: int) -> int:
+    n = torch.tensor(sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in micro))
+    if world > 1:
+        dist.all_reduce(n)
+    return max(int(n), 1)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -139,7 +151,7 @@ def read_resume_config(resume: str | Path) -> TrainConfig:
 
 
 def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, loss_fn: LossFn = lm_loss,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, batch_fn: BatchFn | None = None) -> TrainResult:
     """Train per cfg (or continue the run saved in `resume`); `stop_after` ends early like an interruption."""
     from fleetlm.train.setup import build
 
@@ -173,20 +185,24 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, loss
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, unit="step")
     t0, seen, loss_val, ev = time.perf_counter(), 0, float("nan"), (None, None)
     while step < end:
-        micro, n_loss = step_batches(train_ex, step, cfg.batch_size, cfg.grad_accum, cfg.seed, pad_id,
+        pairs, n_loss = step_batches(train_ex, step, cfg.batch_size, cfg.grad_accum, cfg.seed, pad_id,
                                      rank, world)
+        micro = [Batch(ids, labels) for ids, labels in pairs]
+        if batch_fn is not None:
+            micro = batch_fn(step, unwrap(model), micro)
+            n_loss = global_loss_tokens(micro, world)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         total = torch.zeros(())
-        for m, (ids, labels) in enumerate(micro):
+        for m, batch in enumerate(micro):
             last = m == len(micro) - 1
             # DDP all-reduces gradients only on the last micro-batch of a step
             sync = model.no_sync() if world > 1 and not last else nullcontext()
             with sync, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(logits_of(model, ids), Batch(ids, labels)) / n_loss * world
+                loss = loss_fn(logits_of(model, batch.input_ids), batch) / n_loss * world
                 loss.backward()
             total += loss.detach() / world
-            seen += int((ids != pad_id).sum()) * world
+            seen += int((batch.input_ids != pad_id).sum()) * world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
