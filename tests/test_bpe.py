@@ -58,3 +58,15 @@ def test_merges_compress_the_training_text(tok_dir):
 def test_too_small_vocab_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         train_bpe(TEXTS, 100, tmp_path)
+
+
+def test_individual_digits_split_every_number_into_digits(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+
+    texts = ["12345 + 678 = 13023", "99 * 99 = 9801"] * 50
+    out = train_bpe(texts, 300, tmp_path / "tok", individual_digits=True)
+    tok = RawTokenizer.from_file(str(out / "tokenizer.json"))
+    pieces = tok.encode("31415 + 9").tokens
+    digits = [p for p in pieces if p.strip("Ġ").isdigit()]
+    assert [p.strip("Ġ") for p in digits] == list("31415") + ["9"]
+    assert tok.decode(tok.encode("31415 + 9").ids) == "31415 + 9"

@@ -27,12 +27,18 @@ CHAT_TEMPLATE = (
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
-              model_max_length: int = 2048) -> Path:
-    """Fit a byte-level BPE of `vocab_size` ids (256 bytes, merges, 3 special tokens); save it to out_dir."""
+              model_max_length: int = 2048, individual_digits: bool = False) -> Path:
+    """Fit a byte-level BPE of `vocab_size` ids (256 bytes, merges, 3 special tokens); save it to out_dir.
+
+    With `individual_digits` every digit is its own token, as in Llama's tokenizer: a small model learns
+    arithmetic digit by digit far more easily than over merged multi-digit chunks.
+    """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
