@@ -1,11 +1,12 @@
 import asyncio
 import json
-import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from fleetlm.config import parse_config
+from fleetlm.engine import Engine, GenerationRequest
 from fleetlm.model import SHIPPED_TINY_MODEL
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
@@ -42,39 +43,72 @@ def test_whole_and_streamed_answers_agree(backend):
     assert deltas[-1].usage == (gen.prompt_tokens, gen.completion_tokens)
 
 
-def test_concurrent_requests_are_decoded_in_one_batch(backend):
-    sizes, gate = [], threading.Event()
-    original = backend.engine.generate
+def _record_batch_sizes(backend, monkeypatch, hold_after_first: bool = False) -> list[int]:
+    """Rows in each engine step; hold_after_first: after step 1, wait until another request is queued."""
+    sizes: list[int] = []
+    step = backend.batcher.step
 
-    def gated(reqs):
-        sizes.append(len(reqs))
-        gate.wait(10)
-        return original(reqs)
+    def recording():
+        events = step()
+        sizes.append(len(backend.batcher.active) + sum(1 for e in events if e.finish_reason))
+        deadline = time.monotonic() + 10
+        while hold_after_first and len(sizes) == 1 and backend._jobs.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return events
 
-    backend.engine.generate = gated
+    monkeypatch.setattr(backend.batcher, "step", recording)
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A second engine on the same checkpoint: the backend's own model belongs to its worker thread."""
+    return Engine.load(SHIPPED_TINY_MODEL, dtype="f32")
+
+
+def _alone(engine, prompt: str, max_tokens: int) -> str:
+    req = GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+    return "".join(e.text for e in engine.generate([req]))
+
+
+def test_64_concurrent_requests_are_decoded_together(backend, reference, monkeypatch):
+    sizes = _record_batch_sizes(backend, monkeypatch)
+    prompts = [f"Request {i}: the fleet" for i in range(64)]
 
     async def go():
-        first = asyncio.create_task(
-            backend.complete(CompletionRequest(model="tiny", prompt="a", max_tokens=3))
-        )
-        while not sizes:
-            await asyncio.sleep(0.01)
-        rest = [
-            asyncio.create_task(
-                backend.complete(CompletionRequest(model="tiny", prompt=f"p{i}", max_tokens=3))
-            )
-            for i in range(4)
+        calls = [
+            backend.complete(CompletionRequest(model="tiny", prompt=p, max_tokens=6, temperature=0))
+            for p in prompts
         ]
-        await asyncio.sleep(0.2)  # the four wait while the first batch is held
-        gate.set()
-        return await asyncio.gather(first, *rest)
+        return await asyncio.gather(*calls)
 
-    try:
-        results = asyncio.run(go())
-    finally:
-        backend.engine.generate = original
-    assert sizes == [1, 4]
-    assert all(r.completion_tokens >= 1 for r in results)
+    results = asyncio.run(go())
+    assert max(sizes) == backend.max_batch  # 64 requests, 32 slots: full batches, slots reused
+    assert len(sizes) < 64  # far fewer engine steps than one request after another would take
+    for p, r in zip(prompts, results, strict=True):
+        assert r.choices[0].text == _alone(reference, p, 6)
+
+
+def test_a_request_joins_the_running_batch(backend, reference, monkeypatch):
+    sizes = _record_batch_sizes(backend, monkeypatch, hold_after_first=True)
+
+    async def go():
+        def req(prompt: str, n: int) -> CompletionRequest:
+            return CompletionRequest(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+
+        first = asyncio.create_task(backend.complete(req("The fleet", 40)))
+        while not sizes:  # the first request is decoding
+            await asyncio.sleep(0.001)
+        second = await backend.complete(req("Hi", 3))
+        return await first, second
+
+    first, second = asyncio.run(go())
+    joined, left = sizes.index(2), len(sizes) - 1 - sizes[::-1].index(2)
+    assert sizes[0] == 1 and joined > 0  # the second request joined a batch already decoding ...
+    assert first.completion_tokens == 40
+    assert sizes[left + 1:] and set(sizes[left + 1:]) == {1}  # ... and left it while the first went on
+    assert first.choices[0].text == _alone(reference, "The fleet", 40)
+    assert second.choices[0].text == _alone(reference, "Hi", 3)
 
 
 def test_n_choices_and_seeded_sampling(backend):

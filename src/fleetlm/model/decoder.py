@@ -15,6 +15,9 @@ from torch import nn
 
 from fleetlm.model.config import ModelConfig
 
+# Which cache rows a batch's rows use: None = rows 0..B-1, a slice of rows, or an index tensor [B].
+CacheRows = slice | torch.Tensor | None
+
 
 class KVCache(nn.Module):
     """Static per-layer cache [B, n_kv_heads, S, head_dim]: fixed shapes, so decode steps never reallocate."""
@@ -34,15 +37,36 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_rows: CacheRows = None,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H_kv, T, D] at slots input_pos [B, T] (per row); return the B rows in use."""
+        """Write k, v [B, H_kv, T, D] at slots input_pos [B, T] (per row); return the B rows in use.
+
+        Call row b lives in cache row b, or in cache_rows[b] when given (a continuous batch keeps each
+        request in its own row). A slice gives views (no copy); an index tensor gathers. kv_len: return only
+        the first kv_len slots, so attention does not scan slots no row has reached yet.
+        """
         b = k.shape[0]
-        rows = torch.arange(b, device=k.device)[:, None]
-        # Advanced indices on dims 0 and 2 put [B, T] first: the target view is [B, T, H_kv, D].
-        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
-        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
-        return self.k_cache[:b], self.v_cache[:b]
+        if cache_rows is None:
+            cache_rows = slice(0, b)
+        if isinstance(cache_rows, slice):
+            k_rows, v_rows = self.k_cache[cache_rows], self.v_cache[cache_rows]
+            rows = torch.arange(b, device=k.device)[:, None]
+            # Advanced indices on dims 0 and 2 put [B, T] first: the target view is [B, T, H_kv, D].
+            k_rows[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+            v_rows[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        else:
+            rows = cache_rows.to(k.device)[:, None]
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+            k_rows, v_rows = self.k_cache[cache_rows], self.v_cache[cache_rows]
+        if kv_len is not None:
+            k_rows, v_rows = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        return k_rows, v_rows
 
 
 class RMSNorm(nn.Module):
@@ -125,6 +149,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         input_pos: torch.Tensor | None,
+        cache_rows: CacheRows = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -132,7 +158,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -165,8 +191,10 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         input_pos: torch.Tensor | None,
+        cache_rows: CacheRows = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache_rows, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -216,10 +244,10 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
         self.max_batch_size = self.max_seq_length = 0
 
-    def _mask(self, pos: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    def _mask(self, pos: torch.Tensor, use_cache: bool, kv_len: int | None = None) -> torch.Tensor:
         # Query at position p sees key slots s <= p (and s > p - window with a sliding window).
         key_pos = (
-            torch.arange(self.max_seq_length, device=pos.device)[None, None, :]
+            torch.arange(kv_len or self.max_seq_length, device=pos.device)[None, None, :]
             if use_cache
             else pos[:, None, :]
         )
@@ -229,22 +257,34 @@ class Transformer(nn.Module):
             mask = mask & (key_pos > query_pos - self.config.sliding_window)
         return mask[:, None]  # [B, 1, T, S]
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache_rows: CacheRows = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal.
+
+        cache_rows: the cache row of each batch row (default 0..B-1), for a batch whose requests keep their
+        own rows. kv_len: attend over cache slots [0, kv_len) only; every row's input_pos must be < kv_len.
+        """
         b, t = idx.shape
         use_cache = input_pos is not None and self.max_seq_length > 0
+        if not use_cache:
+            kv_len = None
         if input_pos is None:
             pos = torch.arange(t, device=idx.device)[None].expand(b, t)
             window = self.config.sliding_window
             mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
         else:
             pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
-            mask = self._mask(pos, use_cache)
+            mask = self._mask(pos, use_cache, kv_len)
         x = self.embed_tokens(idx)
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
             inv_freq = rope_inv_freq(self.config, int(pos.max()) + 1)
         cos, sin = rope_cos_sin(inv_freq, pos, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, pos if use_cache else None)
+            x = layer(x, cos, sin, mask, pos if use_cache else None, cache_rows, kv_len)
         return self.lm_head(self.norm(x)).float()

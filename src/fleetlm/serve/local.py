@@ -1,7 +1,8 @@
-"""Local models behind the gateway: our engine, fed by a worker thread that batches concurrent requests.
+"""Local models behind the gateway: our engine, driven by a worker thread that batches concurrent requests.
 
-Requests that arrive while a batch is decoding wait for the next one ("wave" batching); joining a running
-batch at any step (continuous batching) needs the engine's per-row cache reset and replaces `_run_wave`.
+Continuous batching: the worker runs one engine loop (fleetlm.engine.batcher.Batcher) in which a request
+joins the running batch at the next step and leaves it the step it finishes, instead of waiting for the
+batch in flight to end.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from fleetlm.config import ModelSpec
 from fleetlm.engine import Engine, GenerationError, GenerationRequest, TokenEvent
-from fleetlm.engine.generate import encode_request
+from fleetlm.engine.batcher import Batcher
 from fleetlm.serve.backends import Choice, Delta, Embeddings, Generation
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -29,16 +34,19 @@ class _Job:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
-    prompt_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
     cancelled: bool = False
-
-    def post(self, item: Any) -> None:
-        if not self.cancelled:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 def _unsupported(message: str) -> BackendError:
     return BackendError(message, retryable=False, upstream_status=400)
+
+
+def _deliver(items: list[tuple[_Job, Any]]) -> None:
+    # Runs on the event loop: one wake-up per engine step and loop, not one per token.
+    for job, item in items:
+        if not job.cancelled:
+            job.out.put_nowait(item)
 
 
 class LocalBackend:
@@ -47,81 +55,84 @@ class LocalBackend:
     def __init__(self, name: str, engine: Engine, max_batch: int = 32):
         self.name, self.engine, self.max_batch = name, engine, max_batch
         self.context = int(engine.model.config.max_position_embeddings)
+        self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_spec(cls, name: str, spec: ModelSpec) -> LocalBackend:
+        if spec.kind == "gguf":  # a GGUF file served by our own engine (engine: fleetlm)
+            assert spec.gguf is not None
+            return cls(name, load_gguf_engine(spec.gguf, dtype=spec.dtype, name=name))
         assert spec.path is not None
         return cls(name, Engine.load(spec.path, dtype=spec.dtype, name=name))
 
     # ------------------------------------------------------------ the worker thread
 
     def _worker(self) -> None:
+        jobs: dict[int, _Job] = {}  # batcher handle -> job
         while True:
-            first = self._jobs.get()
-            if first is None:
-                return
-            wave = [first]
-            while len(wave) < self.max_batch:  # everyone already waiting rides along
+            # Block only when there is nothing to decode; otherwise pick up newcomers between steps.
+            try:
+                incoming = [self._jobs.get(block=not self.batcher.busy)]
+            except queue.Empty:
+                incoming = []
+            while True:
                 try:
-                    job = self._jobs.get_nowait()
+                    incoming.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-                if job is None:
-                    self._jobs.put(None)
-                    break
-                wave.append(job)
-            self._run_wave(wave)
+            if None in incoming:
+                return
+            replies: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = defaultdict(list)
+            for job in incoming:
+                if job is not None and not job.cancelled:
+                    self._admit(job, jobs, replies)
+            for handle in [h for h, j in jobs.items() if j.cancelled]:
+                self.batcher.cancel(handle)  # a client that went away frees its slot at once
+                del jobs[handle]
+            if self.batcher.busy:
+                self._step(jobs, replies)
+            for loop, items in replies.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that caller's event loop is closed: nobody is listening any more
+                    pass
 
-    def _admit(self, job: _Job) -> bool:
-        """Tokenize and size-check one job, so that one bad prompt cannot fail the whole batch."""
+    def _admit(self, job: _Job, jobs: dict[int, _Job], replies: dict) -> None:
+        """Tokenize and size-check one job, so that one bad prompt cannot fail the others."""
         try:
-            job.prompt_ids = encode_request(self.engine.tokenizer, job.request)
+            handle = self.batcher.add(job.request)
         except GenerationError as exc:
-            job.post(_unsupported(f"{self.name}: {exc}"))
-            return False
-        need = len(job.prompt_ids) + job.request.max_tokens
-        if need > self.context:
-            job.post(
-                _unsupported(
-                    f"{self.name}: prompt ({len(job.prompt_ids)} tokens) + max_tokens "
-                    f"({job.request.max_tokens}) exceed the context of {self.context} tokens"
-                )
-            )
-            return False
-        return True
-
-    def _run_wave(self, wave: list[_Job]) -> None:
-        jobs = [j for j in wave if not j.cancelled and self._admit(j)]
-        if not jobs:
+            replies[job.loop].append((job, _unsupported(f"{self.name}: {exc}")))
             return
-        reqs = []
-        for j in jobs:
-            r = j.request
-            reqs.append(
-                GenerationRequest(
-                    prompt_ids=j.prompt_ids,
-                    max_tokens=r.max_tokens,
-                    temperature=r.temperature,
-                    top_p=r.top_p,
-                    seed=r.seed,
-                    stop=r.stop,
-                    logprobs=r.logprobs,
-                )
-            )
+        job.prompt_tokens = self.batcher.prompt_tokens(handle)
+        jobs[handle] = job
+
+    def _step(self, jobs: dict[int, _Job], replies: dict) -> None:
+        threads = self.engine.num_threads
+        previous = torch.get_num_threads()
+        if threads and threads != previous:
+            torch.set_num_threads(threads)
         try:
-            for event in self.engine.generate(reqs):
-                jobs[event.request_index].post(event)
-        except GenerationError as exc:
-            for j in jobs:
-                j.post(_unsupported(f"{self.name}: {exc}"))
+            events = self.batcher.step()
         except Exception as exc:  # noqa: BLE001 - the engine failed: tell every waiting request, keep serving
-            for j in jobs:
-                j.post(BackendError(f"{self.name}: engine failed: {type(exc).__name__}: {exc}"))
-        for j in jobs:
-            j.post(_DONE)
+            self.batcher.clear()
+            for job in jobs.values():
+                replies[job.loop].append((job, BackendError(f"{self.name}: engine failed: "
+                                                            f"{type(exc).__name__}: {exc}")))
+            jobs.clear()
+            return
+        finally:
+            if threads and threads != previous:
+                torch.set_num_threads(previous)
+        for event in events:
+            job = jobs[event.request_index]
+            replies[job.loop].append((job, event))
+            if event.finish_reason is not None:
+                replies[job.loop].append((job, _DONE))
+                del jobs[event.request_index]
 
     # ------------------------------------------------------------ the async side
 
@@ -136,9 +147,9 @@ class LocalBackend:
                     return
                 if isinstance(item, BackendError):
                     raise item
-                yield len(job.prompt_ids), item
+                yield job.prompt_tokens, item
         finally:
-            job.cancelled = True  # a client that went away stops receiving (its row still finishes)
+            job.cancelled = True  # a client that went away: the worker drops its row at the next step
 
     def _requests(self, req: ChatCompletionRequest | CompletionRequest) -> list[GenerationRequest]:
         limit = req.token_limit()
@@ -258,3 +269,17 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         self._jobs.put(None)
+
+
+def load_gguf_engine(path: str | Path, dtype: str = "f32", name: str | None = None) -> Engine:
+    """Our engine on a GGUF file's weights (dequantized), for `gguf:` models with `engine: fleetlm`."""
+    from fleetlm.compress.gguf import load_gguf
+    from fleetlm.engine.engine import ACTIVATION_DTYPE, DTYPES, UnsupportedDtypeError, _quantize
+
+    if dtype not in DTYPES:
+        raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
+    model, tokenizer = load_gguf(path, dtype=torch_dtype)
+    if dtype in ("int8", "int4"):
+        model = _quantize(model, dtype)
+    return Engine(model, tokenizer, name=name or Path(path).stem, dtype=dtype)

@@ -1,0 +1,257 @@
+"""Continuous batching: requests join and leave one running decode batch at any step (gpt-fast style).
+
+Each active request owns one row ("slot") of a static KV cache. A newcomer is prefilled into a free row
+(with the other newcomers of the same step, not with the running rows), which keep their positions; then
+every decode step runs all active rows together, each at its own position. A row that finishes frees its
+slot at once, so the next waiting request can take it on the next step.
+
+Rows are kept packed: the n active requests live in cache rows 0..n-1, so a decode step reads cache rows
+[0, n) as views instead of gathering them. When a request leaves, the request in the last row moves into its
+slot (one row copy when a request finishes, rather than a gather of every row at every step).
+
+    batcher = Batcher(model, tokenizer, max_batch=16)
+    handle = batcher.add(GenerationRequest(prompt="Hi", max_tokens=8))
+    while batcher.busy:
+        for event in batcher.step():   # event.request_index == handle
+            ...
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fleetlm.engine.generate import (
+    GenerationError,
+    GenerationRequest,
+    TokenEvent,
+    TokenizerLike,
+    _Row,
+    encode_request,
+)
+from fleetlm.engine.sampling import SamplingParams, make_generator, sample
+
+# The cache starts this long (or as long as the first request needs) and doubles when a request needs more.
+INITIAL_CACHE_LENGTH = 256
+
+
+@dataclass
+class _Seq:
+    """One request inside the batcher: its prompt, its stop book-keeping and where it is in its cache row."""
+
+    handle: int
+    prompt_ids: list[int]
+    row: _Row
+    params: SamplingParams
+    generator: torch.Generator | None
+    logprobs: bool
+    pos: int = 0  # cache slots 0..pos-1 hold this request's keys/values
+    pending: int = -1  # the last sampled token, fed to the next decode step
+
+
+def apply_constraints(logits: torch.Tensor, requests: list[GenerationRequest]) -> None:
+    """Constrained decoding (response_format, tools): mask each constrained row's logits in place.
+
+    The one call site of fleetlm.engine.constrain in the batching loop; a no-op until that module exists.
+    """
+    try:
+        from fleetlm.engine import constrain
+    except ImportError:
+        return
+    if any(getattr(r, "constraint", None) is not None for r in requests):
+        constrain.apply_constraints(logits, requests)
+
+
+def advance_constraints(tokens: list[int], requests: list[GenerationRequest]) -> None:
+    """Tell each row's constraint which token was emitted."""
+    for token, r in zip(tokens, requests, strict=True):
+        constraint = getattr(r, "constraint", None)
+        if constraint is not None:
+            constraint.advance(token)
+
+
+class Batcher:
+    """The continuous-batching scheduler over one model: add() requests, call step() until not busy."""
+
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike, max_batch: int = 32,
+                 context: int | None = None) -> None:
+        if max_batch < 1:
+            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.context = int(context or model.config.max_position_embeddings)
+        self.device = next(model.parameters()).device
+        self.capacity = 0  # cache length (slots per row); 0 until the first request arrives
+        self._cache: nn.Module | None = None  # the first layer's cache as we set it up (to spot a takeover)
+        self.waiting: deque[_Seq] = deque()
+        self.active: list[_Seq] = []  # active[i] owns cache row i
+        self._next_handle = 0
+        # Counters for tests and reports.
+        self.decode_steps = 0
+        self.peak_batch = 0
+        self.prefills = 0
+
+    # ------------------------------------------------------------ requests in and out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def add(self, request: GenerationRequest) -> int:
+        """Queue a request; returns its handle (the request_index of its events). Bad requests raise here."""
+        if request.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        ids = encode_request(self.tokenizer, request)
+        if len(ids) + request.max_tokens > self.context:
+            raise GenerationError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceed "
+                                  f"the context of {self.context} tokens")
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        row = _Row(handle, request, self.tokenizer.eos_token_ids, self.tokenizer.decode)
+        self.waiting.append(_Seq(handle, ids, row, request.sampling_params(), make_generator(request.seed),
+                                 request.logprobs))
+        return handle
+
+    def prompt_tokens(self, handle: int) -> int:
+        for seq in (*self.active, *self.waiting):
+            if seq.handle == handle:
+                return len(seq.prompt_ids)
+        raise KeyError(handle)
+
+    @torch.inference_mode()  # the cache rows it moves were made in inference mode
+    def cancel(self, handle: int) -> None:
+        """Drop a request (its client went away); an active one frees its slot at once."""
+        self.waiting = deque(s for s in self.waiting if s.handle != handle)
+        for i, seq in enumerate(self.active):
+            if seq.handle == handle:
+                self._free([i])
+                return
+
+    def clear(self) -> None:
+        """Forget every request (after the model failed mid-step)."""
+        self.waiting.clear()
+        self.active.clear()
+
+    # ------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One engine step: admit waiting requests into free slots (prefill), then decode every active row."""
+        events: list[TokenEvent] = []
+        if self.waiting and len(self.active) < self.max_batch:
+            events += self._admit()
+        if self.active:
+            events += self._decode()
+        return events
+
+    def _admit(self) -> list[TokenEvent]:
+        if self.capacity and not self._owns_cache():
+            # Someone else (Engine.generate on the same model) set up caches in between: start afresh.
+            if self.active:
+                raise GenerationError("the model's KV cache was replaced while requests were decoding")
+            self.capacity = 0
+        free = self.max_batch - len(self.active)
+        newcomers = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        need = max(len(s.prompt_ids) + s.row.request.max_tokens for s in newcomers)
+        if need > self.capacity:
+            self._grow(need)
+        first = len(self.active)
+        self.active += newcomers
+        lengths = [len(s.prompt_ids) for s in newcomers]
+        longest = max(lengths)
+        # Right-padded: padding writes slots past a row's prompt, which its own decode overwrites before use.
+        idx = torch.zeros(len(newcomers), longest, dtype=torch.long)
+        for b, s in enumerate(newcomers):
+            idx[b, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        pos = torch.arange(longest).expand(len(newcomers), longest)
+        rows = slice(first, first + len(newcomers))
+        logits = self.model(idx.to(self.device), pos.to(self.device), cache_rows=rows, kv_len=longest)
+        logits = logits[torch.arange(len(newcomers)), torch.tensor(lengths) - 1].float()
+        for s in newcomers:
+            s.pos = len(s.prompt_ids)
+        self.prefills += 1
+        return self._emit(logits, first)
+
+    def _decode(self) -> list[TokenEvent]:
+        if not self._owns_cache():
+            raise GenerationError("the model's KV cache was replaced while requests were decoding")
+        n = len(self.active)
+        tokens = torch.tensor([[s.pending] for s in self.active])
+        pos = torch.tensor([[s.pos] for s in self.active])
+        kv_len = max(s.pos for s in self.active) + 1
+        logits = self.model(tokens.to(self.device), pos.to(self.device), cache_rows=slice(0, n),
+                            kv_len=kv_len)[:, -1].float()
+        for s in self.active:
+            s.pos += 1
+        self.decode_steps += 1
+        self.peak_batch = max(self.peak_batch, n)
+        return self._emit(logits, 0)
+
+    def _emit(self, logits: torch.Tensor, first: int) -> list[TokenEvent]:
+        """Sample the next token of active rows first.., stream their events, free the rows that finished."""
+        seqs = self.active[first:first + logits.shape[0]]
+        requests = [s.row.request for s in seqs]
+        apply_constraints(logits, requests)
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        chosen = tokens.tolist()  # the one host sync per step: a streamed token must be seen to be sent
+        advance_constraints(chosen, requests)
+        logprobs: list[float | None] = [None] * len(seqs)
+        if any(s.logprobs for s in seqs):
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.view(-1, 1)).view(-1).tolist()
+        events, done = [], []
+        for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
+            events.append(s.row.step(token, logprobs[i] if s.logprobs else None))
+            s.pending = token
+            if s.row.done:
+                done.append(first + i)
+        self._free(done)
+        return events
+
+    # ------------------------------------------------------------ the cache
+
+    def _free(self, rows: list[int]) -> None:
+        """Release cache rows; the request in the last row moves into each freed slot (rows stay packed)."""
+        for i in sorted(rows, reverse=True):
+            last = len(self.active) - 1
+            if i != last:
+                moved = self.active[last]
+                self._copy_row(last, i, moved.pos)
+                self.active[i] = moved
+            self.active.pop()
+
+    def _copy_row(self, src: int, dst: int, length: int) -> None:
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k_cache[dst, :, :length].copy_(cache.k_cache[src, :, :length])
+            cache.v_cache[dst, :, :length].copy_(cache.v_cache[src, :, :length])
+
+    def _grow(self, need: int) -> None:
+        """(Re)allocate the cache to hold `need` slots per row, keeping what the active rows hold."""
+        length = min(self.context, max(need, INITIAL_CACHE_LENGTH, 2 * self.capacity))
+        old = [(layer.self_attn.kv_cache.k_cache, layer.self_attn.kv_cache.v_cache)
+               for layer in self.model.layers] if self.capacity and self.active else []
+        self.model.setup_caches(self.max_batch, length)
+        for layer, (k, v) in zip(self.model.layers, old, strict=False):
+            cache = layer.self_attn.kv_cache
+            cache.k_cache[:, :, :k.shape[2]].copy_(k)
+            cache.v_cache[:, :, :v.shape[2]].copy_(v)
+        self.capacity = length
+        self._cache = self.model.layers[0].self_attn.kv_cache
+
+    def _owns_cache(self) -> bool:
+        return self.model.layers[0].self_attn.kv_cache is self._cache
+
+
+def run_all(batcher: Batcher, requests: list[GenerationRequest],
+            on_step: Callable[[Batcher], None] | None = None) -> dict[int, list[TokenEvent]]:
+    """Add requests and step until all finish; events per handle (a helper for tests and benchmarks)."""
+    handles = [batcher.add(r) for r in requests]
+    out: dict[int, list[TokenEvent]] = {h: [] for h in handles}
+    while batcher.busy:
+        for ev in batcher.step():
+            out[ev.request_index].append(ev)
+        if on_step is not None:
+            on_step(batcher)
+    return out

@@ -1,0 +1,128 @@
+"""Continuous batching: every request gets the tokens it gets when run alone, whoever joins or leaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetlm.engine import Engine, GenerationError, GenerationRequest
+from fleetlm.engine import batcher as batcher_mod
+from fleetlm.engine.batcher import Batcher, run_all
+from fleetlm.model import SHIPPED_TINY_MODEL
+
+PROMPTS = ["The fleet", "A quick brown fox jumps over", "Numbers: 0 1 2", "Hi",
+           "The key and value cache keeps", "Bonjour, ça va?", "def add(a: int, b: int) -> int:",
+           "User: What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    return Engine.load(SHIPPED_TINY_MODEL, dtype="f32")
+
+
+def alone(engine, request):
+    return list(engine.generate([request]))
+
+
+def reqs(**kw):
+    # ignore_eos keeps the random model going, so that rows of different lengths overlap for long
+    return [GenerationRequest(prompt=p, max_tokens=4 + 3 * i, ignore_eos=True, **kw)
+            for i, p in enumerate(PROMPTS)]
+
+
+def test_greedy_tokens_equal_each_request_alone(engine):
+    requests = reqs()
+    b = Batcher(engine.model, engine.tokenizer, max_batch=8)
+    got = run_all(b, requests)
+    for h, r in enumerate(requests):
+        want = alone(engine, r)
+        assert [e.token_id for e in got[h]] == [e.token_id for e in want]
+        assert "".join(e.text for e in got[h]) == "".join(e.text for e in want)
+        assert got[h][-1].finish_reason == want[-1].finish_reason == "length"
+    assert b.peak_batch == len(requests) and not b.busy
+
+
+def test_requests_joining_mid_flight_and_slots_reused(engine, monkeypatch):
+    requests = reqs()
+    b = Batcher(engine.model, engine.tokenizer, max_batch=3)  # fewer slots than requests: rows are reused
+    monkeypatch.setattr(batcher_mod, "INITIAL_CACHE_LENGTH", 16)  # and the cache must grow mid-flight
+    sizes: list[int] = []
+    out: dict[int, list] = {}
+    handles = [b.add(requests[0])]
+    late = iter(requests[1:])
+    step = 0
+    while b.busy:
+        for ev in b.step():
+            out.setdefault(ev.request_index, []).append(ev)
+        sizes.append(len(b.active))
+        step += 1
+        if step % 2 == 0:  # a newcomer every other step, while earlier rows are mid-decode
+            nxt = next(late, None)
+            if nxt is not None:
+                handles.append(b.add(nxt))
+    assert len(handles) == len(requests)
+    assert max(sizes) == 3 and b.peak_batch == 3
+    assert b.capacity > 16
+    for h, r in zip(handles, requests, strict=True):
+        assert [e.token_id for e in out[h]] == [e.token_id for e in alone(engine, r)]
+
+
+def test_seeded_sampling_stop_strings_and_logprobs_match_alone(engine):
+    requests = [
+        GenerationRequest(prompt="The fleet", max_tokens=12, temperature=1.0, seed=3, logprobs=True),
+        GenerationRequest(prompt="Hi there", max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=5),
+        GenerationRequest(prompt="A quick", max_tokens=20, ignore_eos=True, stop=["e"]),
+        GenerationRequest(prompt="Numbers", max_tokens=9, logprobs=True),
+    ]
+    got = run_all(Batcher(engine.model, engine.tokenizer, max_batch=4), requests)
+    for h, r in enumerate(requests):
+        want = alone(engine, r)
+        assert [(e.token_id, e.text, e.finish_reason) for e in got[h]] == \
+            [(e.token_id, e.text, e.finish_reason) for e in want]
+        if r.logprobs:
+            assert [e.logprob for e in got[h]] == pytest.approx([e.logprob for e in want], abs=1e-4)
+            assert all(e.logprob <= 0 for e in got[h])
+        else:
+            assert all(e.logprob is None for e in got[h])
+    stopped = "".join(e.text for e in got[2])
+    assert "e" not in stopped and got[2][-1].finish_reason == "stop"
+
+
+def test_a_finished_row_frees_its_slot_at_once(engine):
+    b = Batcher(engine.model, engine.tokenizer, max_batch=2)
+    short = b.add(GenerationRequest(prompt="Hi", max_tokens=1))
+    long_ = b.add(GenerationRequest(prompt="The fleet", max_tokens=6, ignore_eos=True))
+    waiting = b.add(GenerationRequest(prompt="A quick", max_tokens=3, ignore_eos=True))
+    events = b.step()  # both admitted; the short one ends on its prefill token and leaves
+    assert [e.request_index for e in events if e.finish_reason] == [short]
+    assert [s.handle for s in b.active] == [long_] and [s.handle for s in b.waiting] == [waiting]
+    b.step()  # the waiting request takes the freed slot on the next step
+    assert sorted(s.handle for s in b.active) == [long_, waiting]
+
+
+def test_cancel_frees_the_row_and_the_rest_continue(engine):
+    requests = reqs()[:4]
+    b = Batcher(engine.model, engine.tokenizer, max_batch=4)
+    handles = [b.add(r) for r in requests]
+    out: dict[int, list] = {h: [] for h in handles}
+    for ev in b.step():
+        out[ev.request_index].append(ev)
+    b.cancel(handles[0])  # row 0 leaves; the last row moves into its slot
+    assert len(b.active) == 3
+    while b.busy:
+        for ev in b.step():
+            out[ev.request_index].append(ev)
+    for h, r in zip(handles[1:], requests[1:], strict=True):
+        assert [e.token_id for e in out[h]] == [e.token_id for e in alone(engine, r)]
+
+
+def test_bad_requests_are_refused_at_add(engine):
+    b = Batcher(engine.model, engine.tokenizer, max_batch=2, context=64)
+    with pytest.raises(GenerationError, match="context"):
+        b.add(GenerationRequest(prompt="x " * 40, max_tokens=40))
+    with pytest.raises(GenerationError, match="max_tokens"):
+        b.add(GenerationRequest(prompt="x", max_tokens=0))
+    with pytest.raises(GenerationError, match="empty"):
+        b.add(GenerationRequest(prompt_ids=[], max_tokens=3))
+    assert not b.busy
