@@ -111,7 +111,7 @@ def test_health_and_models(gw):
     client, _, _ = gw
     assert client.get("/health").json()["status"] == "ok"
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert ids == ["cheap", "big", "down", "dead", "strict", "midway", "auto"]
+    assert ids == ["cheap", "big", "down", "dead", "strict", "midway", "all-MiniLM-L6-v2", "auto"]
     assert client.get("/v1/models/c").json()["id"] == "cheap"
     assert client.get("/v1/models/nope").status_code == 404
 

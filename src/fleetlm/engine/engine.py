@@ -86,6 +86,59 @@ class Engine:
         """Answer each conversation (a list of {"role", "content"} messages) through the chat template."""
         return self._collect([GenerationRequest(messages=list(c), **sampling) for c in conversations])
 
+    @torch.inference_mode()
+    def embed(
+        self, inputs: Sequence[str | Sequence[int]], batch_size: int = 16
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Mean-pooled, L2-normalized last hidden states [N, hidden] (float32), and each input's token count.
+
+        A string is tokenized as a prompt is (BOS included); a token id list is taken as given. Runs the plain
+        causal forward without the KV cache, so it is safe beside a generate() running in another thread.
+        """
+        from fleetlm.model.decoder import rope_cos_sin, rope_inv_freq
+
+        model, cfg = self.model, self.model.config
+        ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise GenerationError(f"input {i} has no tokens")
+            if len(seq) > cfg.max_position_embeddings:
+                raise GenerationError(
+                    f"input {i} has {len(seq)} tokens; the context is {cfg.max_position_embeddings}"
+                )
+            bad = next((t for t in seq if not 0 <= t < cfg.vocab_size), None)
+            if bad is not None:
+                raise GenerationError(
+                    f"input {i}: token id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1})"
+                )
+        out = torch.empty(len(ids), cfg.hidden_size, dtype=torch.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths batch together
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            t = max(len(ids[i]) for i in rows)
+            # Right padding under causal attention: a real token never attends to the padding after it.
+            idx = torch.zeros(len(rows), t, dtype=torch.long)
+            valid = torch.zeros(len(rows), t, 1)
+            for r, i in enumerate(rows):
+                idx[r, : len(ids[i])] = torch.tensor(ids[i])
+                valid[r, : len(ids[i])] = 1
+            # The decoder's plain (uncached) forward, stopped before lm_head: the vocabulary projection is
+            # the most expensive matmul and embeddings do not need it.
+            pos = torch.arange(t)[None].expand(len(rows), t)
+            x = model.embed_tokens(idx)
+            inv_freq = rope_inv_freq(cfg, t) if cfg.rope_type == "dynamic" else model.inv_freq
+            cos, sin = rope_cos_sin(inv_freq, pos, x.dtype)
+            mask = None
+            if cfg.sliding_window is not None and t > cfg.sliding_window:
+                q, k = pos[:, :, None], pos[:, None, :]
+                mask = ((k <= q) & (k > q - cfg.sliding_window))[:, None]
+            for layer in model.layers:
+                x = layer(x, cos, sin, mask, None)
+            h = model.norm(x).float()
+            pooled = (h * valid).sum(1) / valid.sum(1)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+        return out, [len(s) for s in ids]
+
     def _collect(self, requests: list[GenerationRequest]) -> list[str]:
         texts = [""] * len(requests)
         for event in self.generate(requests):

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
+from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
 from fleetlm.serve.errors import (
     APIError,
     BackendError,
@@ -79,6 +80,8 @@ class _Call:
     route: str = "direct"
     predicted_quality: float | None = None
     fallbacks: list[str] = field(default_factory=list)
+    cascade: bool = False  # the routed model answers first and the router reviews its answer
+    extra_cost: float = 0.0  # what a cascade's reviewed-and-rejected answer cost
     key: ApiKey | None = None
     user: str | None = None
     stream: bool = False
@@ -201,13 +204,21 @@ class Gateway:
                     f"router {name!r} chose {decision.model!r}, which is not in the fleet"
                 )
             call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
+            call.cascade = bool(decision.extra.get("cascade"))
         else:
             model = self.config.resolve(name)
+            if model is None and name in self.backends:  # a model the gateway brings itself (MiniLM)
+                model = name
             if model is None:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="model")
             call.route = "direct" if model == name else f"alias:{name}"
+        return self.chain(model)
+
+    def chain(self, model: str) -> list[str]:
+        """A model and its fallbacks, in order."""
         chain = [model]
-        for fb in self.config.models[model].fallbacks:
+        spec = self.config.models.get(model)
+        for fb in spec.fallbacks if spec else []:
             canonical = self.config.resolve(fb)
             if canonical and canonical not in chain:
                 chain.append(canonical)
@@ -231,9 +242,8 @@ class Gateway:
         raise ServiceUnavailable("no model could serve the request: " + " | ".join(errors))
 
     def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
-        if model is None:
-            return 0.0
-        return self.config.models[model].price.cost(prompt_tokens, completion_tokens)
+        spec = self.config.models.get(model) if model is not None else None
+        return spec.price.cost(prompt_tokens, completion_tokens) if spec is not None else 0.0
 
     def record(
         self,
@@ -245,6 +255,7 @@ class Gateway:
     ) -> RequestRecord:
         # A failed request costs nothing; a stream the client cut short pays for what was generated.
         cost = self.cost(call.model_used, prompt_tokens, completion_tokens) if status < 500 else 0.0
+        cost += call.extra_cost
         return RequestRecord(
             request_id=call.request_id,
             endpoint=call.endpoint,
@@ -301,10 +312,29 @@ class Gateway:
                 await self.log(call, exc.status, error=exc.message)
             return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
 
+    async def _review(self, req: Any, gen: Generation, call: _Call) -> list[str] | None:
+        """Cascade: the router reads the cheap answer; the chain to escalate to, or None to keep it."""
+        assert self.router is not None
+        call.cascade = False
+        answers = [c.text or "" for c in gen.choices]
+        decision = await run_in_threadpool(self.router.review, req, answers)  # type: ignore[attr-defined]
+        call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
+        model = self.config.resolve(decision.model)
+        if model is None or model == call.model_used:
+            return None
+        # The rejected answer was paid for: its cost is logged with the request.
+        call.extra_cost += self.cost(call.model_used, gen.prompt_tokens, gen.completion_tokens)
+        return self.chain(model)
+
     async def _whole(self, req: Any, chain: list[str], call: _Call, *, chat: bool) -> Response:
-        gen: Generation = await self.first_success(
-            chain, call, (lambda b: b.chat(req)) if chat else (lambda b: b.complete(req))
-        )
+        def attempt(b: Backend) -> Awaitable[Generation]:
+            return b.chat(req) if chat else b.complete(req)
+
+        gen: Generation = await self.first_success(chain, call, attempt)
+        if call.cascade:
+            escalate = await self._review(req, gen, call)
+            if escalate is not None:
+                gen = await self.first_success(escalate, call, attempt)
         call.ttft_ms = (time.perf_counter() - call.start) * 1000
         usage = Usage.of(gen.prompt_tokens, gen.completion_tokens)
         model = req.model
@@ -344,7 +374,20 @@ class Gateway:
             except StopAsyncIteration:
                 return it, None
 
-        deltas, first = await self.first_success(chain, call, open_stream)
+        if call.cascade:
+            # A cascade must see the cheap answer whole before anything is sent: it is generated in full,
+            # reviewed, then replayed as one piece per choice or replaced by the stronger model's stream.
+            cheap: Generation = await self.first_success(
+                chain, call, (lambda b: b.chat(req)) if chat else (lambda b: b.complete(req))
+            )
+            escalate = await self._review(req, cheap, call)
+            if escalate is None:
+                deltas = _replay(cheap)
+                first = await anext(deltas, None)
+            else:
+                deltas, first = await self.first_success(escalate, call, open_stream)
+        else:
+            deltas, first = await self.first_success(chain, call, open_stream)
         call.ttft_ms = (time.perf_counter() - call.start) * 1000
         stream_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
 
@@ -417,15 +460,21 @@ class Gateway:
     async def _embeddings(self, req: EmbeddingRequest, chain: list[str], call: _Call) -> Response:
         emb = await self.first_success(chain, call, lambda b: b.embed(req))
         cost = await self.log(call, 200, emb.prompt_tokens, 0)
+        if req.encoding_format == "base64":
+            vectors: list = [encode_base64(v) for v in emb.vectors]
+        else:  # a backend may hand over a numpy array; JSON wants plain floats
+            vectors = [v.tolist() if hasattr(v, "tolist") else v for v in emb.vectors]
         body = EmbeddingResponse(
             model=req.model,
             usage=Usage.of(emb.prompt_tokens, 0),
-            data=[Embedding(index=i, embedding=v) for i, v in enumerate(emb.vectors)],
+            data=[Embedding(index=i, embedding=v) for i, v in enumerate(vectors)],
         )
         return JSONResponse(body.model_dump(), headers=call.headers(cost))
 
     def models(self) -> ModelList:
         cards = [ModelCard(id=name) for name in self.config.models]
+        builtin = [n for n in self.backends if n not in self.config.models]
+        cards += [ModelCard(id=n, owned_by="fleetlm-builtin") for n in builtin]
         if self.config.router is not None:
             cards.append(ModelCard(id=self.config.router.name, owned_by="fleetlm-router"))
         return ModelList(data=cards)
@@ -440,9 +489,28 @@ def _client_error(exc: BackendError) -> APIError:
     return err
 
 
+def _replay(gen: Generation) -> AsyncIterator[Delta]:
+    """A whole answer as a stream: one piece per choice, then the usage."""
+
+    async def pieces() -> AsyncIterator[Delta]:
+        for c in gen.choices:
+            yield Delta(c.index, c.text, c.finish_reason, c.tool_calls, c.logprobs)
+        yield Delta(usage=(gen.prompt_tokens, gen.completion_tokens))
+
+    return pieces()
+
+
 def create_app(
     config: FleetConfig, store: UsageStore, backends: dict[str, Backend], router: Router | None = None
 ) -> FastAPI:
+    """The gateway app. Without a `router`, the one fleet.yaml describes is built (routing.build_router); the
+    built-in embedding model (all-MiniLM-L6-v2) is added unless the fleet names a model so."""
+    if router is None and config.router is not None:
+        from fleetlm.serve.routing import build_router
+
+        router = build_router(config, missing_ok=True)
+    if config.resolve(BUILTIN_EMBEDDING_MODEL) is None and BUILTIN_EMBEDDING_MODEL not in backends:
+        backends = {**backends, BUILTIN_EMBEDDING_MODEL: MiniLMBackend()}
     gw = Gateway(config, store, backends, router)
 
     async def close_backends() -> None:

@@ -265,7 +265,17 @@ class LocalBackend:
         return self._stream(request)
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
-        raise _unsupported(f"{self.name}: embeddings from local models are not served yet")
+        """Mean-pooled last hidden states of our decoder (off the event loop, beside the decode thread)."""
+        hidden = int(self.engine.model.config.hidden_size)
+        if request.dimensions is not None and request.dimensions != hidden:
+            raise _unsupported(
+                f"{self.name}: dimensions={request.dimensions} is not supported (it gives {hidden})"
+            )
+        try:
+            vectors, counts = await asyncio.to_thread(self.engine.embed, request.items())
+        except GenerationError as exc:
+            raise _unsupported(f"{self.name}: {exc}") from None
+        return Embeddings(vectors.numpy(), sum(counts))  # type: ignore[arg-type]  # the app serializes it
 
     async def aclose(self) -> None:
         self._jobs.put(None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -147,15 +147,68 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
+    # A string, strings, token ids, or lists of token ids (OpenAI's four shapes); the order matters: a list
+    # of ints must not be read as strings.
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+        ]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
+        ]
+    )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=65536)
     user: str | None = None
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_shape(cls, v: Any) -> Any:
+        # Checked here so that a bad input gets one plain message, not one error per union member.
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(type(t) is int and 0 <= t < 2**31 for t in x)
+
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("must not be empty")
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError("must be a non-empty string or list")
+        if len(v) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(v)}")
+        if all(isinstance(x, str) for x in v):
+            if not all(v):
+                raise ValueError("an input must not be empty")
+            return v
+        if ids(v) or all(ids(x) for x in v):
+            return v
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids (ints >= 0) or a list of such lists"
+        )
+
+    def items(self) -> list[str] | list[list[int]]:
+        """The inputs, one per embedding: strings, or token id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
+
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        """The inputs as strings; token ids are a 400 for a model that takes text only."""
+        items = self.items()
+        if not isinstance(items[0], str):
+            raise BadRequest("this model takes text input, not token ids", param="input")
+        return items  # type: ignore[return-value]
 
 
 def parse_request(model_cls: type[BaseModel], body: bytes) -> Any:
