@@ -53,25 +53,10 @@ class _Seq:
     pending: int = -1  # the last sampled token, fed to the next decode step
 
 
-def apply_constraints(logits: torch.Tensor, requests: list[GenerationRequest]) -> None:
-    """Constrained decoding (response_format, tools): mask each constrained row's logits in place.
-
-    The one call site of fleetlm.engine.constrain in the batching loop; a no-op until that module exists.
-    """
-    try:
-        from fleetlm.engine import constrain
-    except ImportError:
-        return
-    if any(getattr(r, "constraint", None) is not None for r in requests):
-        constrain.apply_constraints(logits, requests)
-
-
-def advance_constraints(tokens: list[int], requests: list[GenerationRequest]) -> None:
-    """Tell each row's constraint which token was emitted."""
-    for token, r in zip(tokens, requests, strict=True):
-        constraint = getattr(r, "constraint", None)
-        if constraint is not None:
-            constraint.advance(token)
+def _constraints(requests: list[GenerationRequest]) -> list | None:
+    """Each row's constraint (response_format, tools), or None when no row is constrained."""
+    found = [getattr(r, "constraint", None) for r in requests]
+    return found if any(c is not None for c in found) else None
 
 
 class Batcher:
@@ -192,11 +177,15 @@ class Batcher:
     def _emit(self, logits: torch.Tensor, first: int) -> list[TokenEvent]:
         """Sample the next token of active rows first.., stream their events, free the rows that finished."""
         seqs = self.active[first:first + logits.shape[0]]
-        requests = [s.row.request for s in seqs]
-        apply_constraints(logits, requests)
+        constraints = _constraints([s.row.request for s in seqs])
+        if constraints is not None:  # constrained decoding: mask what the grammar forbids, before sampling
+            from fleetlm.engine.constrain import advance_constraints, apply_constraints
+
+            apply_constraints(logits, constraints, self.tokenizer.eos_token_ids)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         chosen = tokens.tolist()  # the one host sync per step: a streamed token must be seen to be sent
-        advance_constraints(chosen, requests)
+        if constraints is not None:
+            advance_constraints(chosen, constraints)
         logprobs: list[float | None] = [None] * len(seqs)
         if any(s.logprobs for s in seqs):
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.view(-1, 1)).view(-1).tolist()

@@ -49,107 +49,16 @@ def _deliver(items: list[tuple[_Job, Any]]) -> None:
             job.out.put_nowait(item)
 
 
-class LocalBackend:
-    """One loaded Engine and the thread that runs it; every public method is safe to call from the app."""
+class TokenStreamBackend:
+    """The OpenAI side of a backend that streams our TokenEvents: requests in, Generations and Deltas out.
 
-    def __init__(self, name: str, engine: Engine, max_batch: int = 32):
-        self.name, self.engine, self.max_batch = name, engine, max_batch
-        self.context = int(engine.model.config.max_position_embeddings)
-        self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._worker, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+    Subclasses run the requests (`_events`): LocalBackend on our engine, LlamaCppBackend on llama.cpp.
+    """
 
-    @classmethod
-    def from_spec(cls, name: str, spec: ModelSpec) -> LocalBackend:
-        if spec.kind == "gguf":  # a GGUF file served by our own engine (engine: fleetlm)
-            assert spec.gguf is not None
-            return cls(name, load_gguf_engine(spec.gguf, dtype=spec.dtype, name=name))
-        assert spec.path is not None
-        return cls(name, Engine.load(spec.path, dtype=spec.dtype, name=name))
+    name: str
 
-    # ------------------------------------------------------------ the worker thread
-
-    def _worker(self) -> None:
-        jobs: dict[int, _Job] = {}  # batcher handle -> job
-        while True:
-            # Block only when there is nothing to decode; otherwise pick up newcomers between steps.
-            try:
-                incoming = [self._jobs.get(block=not self.batcher.busy)]
-            except queue.Empty:
-                incoming = []
-            while True:
-                try:
-                    incoming.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            if None in incoming:
-                return
-            replies: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = defaultdict(list)
-            for job in incoming:
-                if job is not None and not job.cancelled:
-                    self._admit(job, jobs, replies)
-            for handle in [h for h, j in jobs.items() if j.cancelled]:
-                self.batcher.cancel(handle)  # a client that went away frees its slot at once
-                del jobs[handle]
-            if self.batcher.busy:
-                self._step(jobs, replies)
-            for loop, items in replies.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:  # that caller's event loop is closed: nobody is listening any more
-                    pass
-
-    def _admit(self, job: _Job, jobs: dict[int, _Job], replies: dict) -> None:
-        """Tokenize and size-check one job, so that one bad prompt cannot fail the others."""
-        try:
-            handle = self.batcher.add(job.request)
-        except GenerationError as exc:
-            replies[job.loop].append((job, _unsupported(f"{self.name}: {exc}")))
-            return
-        job.prompt_tokens = self.batcher.prompt_tokens(handle)
-        jobs[handle] = job
-
-    def _step(self, jobs: dict[int, _Job], replies: dict) -> None:
-        threads = self.engine.num_threads
-        previous = torch.get_num_threads()
-        if threads and threads != previous:
-            torch.set_num_threads(threads)
-        try:
-            events = self.batcher.step()
-        except Exception as exc:  # noqa: BLE001 - the engine failed: tell every waiting request, keep serving
-            self.batcher.clear()
-            for job in jobs.values():
-                replies[job.loop].append((job, BackendError(f"{self.name}: engine failed: "
-                                                            f"{type(exc).__name__}: {exc}")))
-            jobs.clear()
-            return
-        finally:
-            if threads and threads != previous:
-                torch.set_num_threads(previous)
-        for event in events:
-            job = jobs[event.request_index]
-            replies[job.loop].append((job, event))
-            if event.finish_reason is not None:
-                replies[job.loop].append((job, _DONE))
-                del jobs[event.request_index]
-
-    # ------------------------------------------------------------ the async side
-
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(prompt token count, event) pairs for one request, as the worker produces them."""
-        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
-        self._jobs.put(job)
-        try:
-            while True:
-                item = await job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BackendError):
-                    raise item
-                yield job.prompt_tokens, item
-        finally:
-            job.cancelled = True  # a client that went away: the worker drops its row at the next step
+    def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
+        raise NotImplementedError
 
     def _requests(self, req: ChatCompletionRequest | CompletionRequest) -> list[GenerationRequest]:
         limit = req.token_limit()
@@ -263,6 +172,109 @@ class LocalBackend:
 
     def stream_complete(self, request: CompletionRequest) -> AsyncIterator[Delta]:
         return self._stream(request)
+
+
+class LocalBackend(TokenStreamBackend):
+    """One loaded Engine and the thread that runs it; every public method is safe to call from the app."""
+
+    def __init__(self, name: str, engine: Engine, max_batch: int = 32):
+        self.name, self.engine, self.max_batch = name, engine, max_batch
+        self.context = int(engine.model.config.max_position_embeddings)
+        self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._worker, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_spec(cls, name: str, spec: ModelSpec) -> LocalBackend:
+        if spec.kind == "gguf":  # a GGUF file served by our own engine (engine: fleetlm)
+            assert spec.gguf is not None
+            return cls(name, load_gguf_engine(spec.gguf, dtype=spec.dtype, name=name))
+        assert spec.path is not None
+        return cls(name, Engine.load(spec.path, dtype=spec.dtype, name=name))
+
+    # ------------------------------------------------------------ the worker thread
+
+    def _worker(self) -> None:
+        jobs: dict[int, _Job] = {}  # batcher handle -> job
+        while True:
+            # Block only when there is nothing to decode; otherwise pick up newcomers between steps.
+            try:
+                incoming = [self._jobs.get(block=not self.batcher.busy)]
+            except queue.Empty:
+                incoming = []
+            while True:
+                try:
+                    incoming.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            if None in incoming:
+                return
+            replies: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = defaultdict(list)
+            for job in incoming:
+                if job is not None and not job.cancelled:
+                    self._admit(job, jobs, replies)
+            for handle in [h for h, j in jobs.items() if j.cancelled]:
+                self.batcher.cancel(handle)  # a client that went away frees its slot at once
+                del jobs[handle]
+            if self.batcher.busy:
+                self._step(jobs, replies)
+            for loop, items in replies.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that caller's event loop is closed: nobody is listening any more
+                    pass
+
+    def _admit(self, job: _Job, jobs: dict[int, _Job], replies: dict) -> None:
+        """Tokenize and size-check one job, so that one bad prompt cannot fail the others."""
+        try:
+            handle = self.batcher.add(job.request)
+        except GenerationError as exc:
+            replies[job.loop].append((job, _unsupported(f"{self.name}: {exc}")))
+            return
+        job.prompt_tokens = self.batcher.prompt_tokens(handle)
+        jobs[handle] = job
+
+    def _step(self, jobs: dict[int, _Job], replies: dict) -> None:
+        threads = self.engine.num_threads
+        previous = torch.get_num_threads()
+        if threads and threads != previous:
+            torch.set_num_threads(threads)
+        try:
+            events = self.batcher.step()
+        except Exception as exc:  # noqa: BLE001 - the engine failed: tell every waiting request, keep serving
+            self.batcher.clear()
+            for job in jobs.values():
+                replies[job.loop].append((job, BackendError(f"{self.name}: engine failed: "
+                                                            f"{type(exc).__name__}: {exc}")))
+            jobs.clear()
+            return
+        finally:
+            if threads and threads != previous:
+                torch.set_num_threads(previous)
+        for event in events:
+            job = jobs[event.request_index]
+            replies[job.loop].append((job, event))
+            if event.finish_reason is not None:
+                replies[job.loop].append((job, _DONE))
+                del jobs[event.request_index]
+
+    # ------------------------------------------------------------ the async side
+
+    async def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(prompt token count, event) pairs for one request, as the worker produces them."""
+        job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._jobs.put(job)
+        try:
+            while True:
+                item = await job.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BackendError):
+                    raise item
+                yield job.prompt_tokens, item
+        finally:
+            job.cancelled = True  # a client that went away: the worker drops its row at the next step
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
         """Mean-pooled last hidden states of our decoder (off the event loop, beside the decode thread)."""
