@@ -1,4 +1,4 @@
-"""`fleet train --config train.yaml`, `fleet train --resume DIR` and `fleet lora merge`."""
+"""`fleet train --config train.yaml`, `fleet train --resume DIR`, `fleet distill` and `fleet lora merge`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,62 @@ def register(app: typer.Typer) -> None:
         if result.eval_loss is not None:
             ev = f"  eval loss {result.eval_loss:.4f}  ppl {result.perplexity:.2f}"
         typer.echo(f"step {result.step}  loss {result.train_loss:.4f}{ev}  "
+                   f"tokens/s {result.tokens_per_s:,.0f}  -> {result.out_dir}")
+
+    @app.command("distill")
+    def distill_cmd(
+        teacher: str = typer.Option(None, "--teacher", help="a checkpoint dir, or an OpenAI-compatible base "
+                                    "URL (http://host/v1; sequence-level only)"),
+        student: Path = typer.Option(None, "--student", help="the student checkpoint dir (else model.init or "
+                                     "model.shape of --config)"),
+        data: Path = typer.Option(None, "--data", help="prompts: chat JSONL as `fleet tasks generate` writes "
+                                  "(messages, answer?) or {\"prompt\": ...} lines"),
+        method: str = typer.Option("kl", "--method", help="seq | kl | rkl | gkd | onpolicy"),
+        config: Path = typer.Option(None, "--config", "-c", help="train.yaml for the student's training "
+                                    "(data.train may be left out)"),
+        steps: int = typer.Option(None, "--steps"),
+        batch_size: int = typer.Option(None, "--batch-size"),
+        lr: float = typer.Option(None, "--lr"),
+        seq_len: int = typer.Option(None, "--seq-len"),
+        out: Path = typer.Option(None, "--out", help="the run dir (default runs/distill)"),
+        alpha: float = typer.Option(0.5, "--alpha", help="token-level: weight of the divergence, 1 - alpha "
+                                    "of the LM loss"),
+        beta: float = typer.Option(0.5, "--beta", help="gkd: the JSD's beta, in (0, 1)"),
+        temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature in the divergence"),
+        on_policy_fraction: float = typer.Option(None, "--on-policy-fraction", help="share of steps trained "
+                                                 "on the student's own samples (onpolicy: 0.5)"),
+        responses: str = typer.Option("auto", "--responses", help="token-level data: auto (gold answers, the "
+                                      "teacher's where none) | gold | teacher"),
+        teacher_model: str = typer.Option(None, "--teacher-model", help="remote teacher: the model name"),
+        api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="remote teacher: env var of "
+                                        "the API key"),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="teacher answers, on-policy samples"),
+        teacher_temperature: float = typer.Option(0.0, "--teacher-temperature", help="0: greedy answers"),
+        samples_per_prompt: int = typer.Option(1, "--samples-per-prompt"),
+        sample_temperature: float = typer.Option(1.0, "--sample-temperature", help="of on-policy samples"),
+        teacher_dtype: str = typer.Option("f32", "--teacher-dtype", help="f32 | bf16"),
+    ) -> None:
+        """Distill a teacher into a small student: sequence-level (seq), token-level KD (kl, rkl, gkd),
+        on-policy GKD (onpolicy, or --on-policy-fraction)."""
+        from fleetlm.train.distill import distill, parse_distill_config, train_config
+
+        if not teacher:
+            raise ConfigError("give the teacher: --teacher DIR (a checkpoint) or --teacher http://HOST/v1")
+        if data is None:
+            raise ConfigError("give the prompts: --data prompts.jsonl")
+        dcfg = parse_distill_config(dict(
+            teacher=teacher, prompts=data, method=method, alpha=alpha, beta=beta, temperature=temperature,
+            on_policy_fraction=on_policy_fraction, responses=responses, teacher_model=teacher_model,
+            api_key_env=api_key_env, max_new_tokens=max_new_tokens, teacher_temperature=teacher_temperature,
+            samples_per_prompt=samples_per_prompt, sample_temperature=sample_temperature,
+            teacher_dtype=teacher_dtype))
+        cfg = train_config(config, student, data, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
+                           out_dir=out)
+        result = distill(cfg, dcfg)
+        ev = ""
+        if result.eval_loss is not None:
+            ev = f"  eval loss {result.eval_loss:.4f}"
+        typer.echo(f"{dcfg.method}: step {result.step}  loss {result.train_loss:.4f}{ev}  "
                    f"tokens/s {result.tokens_per_s:,.0f}  -> {result.out_dir}")
 
     lora = typer.Typer(help="LoRA adapters (fleet train with a lora: section trains them).",
