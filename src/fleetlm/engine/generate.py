@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from fleetlm.engine.constrain import Constraint, advance_constraints, apply_constraints
 from fleetlm.engine.sampling import Detokenizer, SamplingParams, StopStrings, make_generator, sample
 from fleetlm.errors import FleetError
 
@@ -42,6 +43,7 @@ class GenerationRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence tokens
     logprobs: bool = False  # fill TokenEvent.logprob (log-probability under the model, temperature 1)
+    constraint: Constraint | None = None  # masks each step's tokens (JSON Schema...): engine/constrain.py
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -186,9 +188,15 @@ def generate(model: nn.Module, tokenizer: TokenizerLike, requests: Sequence[Gene
     t0 = time.perf_counter()
     logits = prefill(model, idx.to(device), input_pos.to(device), lengths.to(device))
     pos = lengths.to(device).view(batch, 1)  # the next free slot of each row
+    constrained = any(r.constraint is not None for r in requests)
     for step in range(steps):
+        if constrained:
+            live = [None if row.done else row.request.constraint for row in rows]
+            apply_constraints(logits, live, tokenizer.eos_token_ids)
         tokens = sample(logits, params, generators)
         chosen = tokens.tolist()  # the one host sync per step: a streamed token must be seen to be sent
+        if constrained:
+            advance_constraints(chosen, live)
         if step == 0:
             stats.prefill_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
