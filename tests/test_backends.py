@@ -4,6 +4,7 @@ import pytest
 
 from fake_openai import UpstreamServer, free_port
 from fleetlm.config import parse_config
+from fleetlm.errors import ConfigError
 from fleetlm.serve.backends import Backend, RemoteBackend, UnavailableBackend, build_backends
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -130,10 +131,14 @@ def test_mid_stream_failure_is_not_retried(upstream):
     assert not exc.value.retryable and upstream.calls["midfail"] == 1
 
 
-def test_build_backends_marks_gguf_models_unavailable_until_a_runtime_registers():
+def test_build_backends_refuses_a_missing_gguf_file():
+    # GGUF models now run (fleetlm.serve.gguf_backend); a file that is not there is a config error at start
     cfg = parse_config({"models": {"r": {"remote": "http://127.0.0.1:9/v1"}, "l": {"gguf": "/x.gguf"}}})
-    backends = build_backends(cfg)
-    assert isinstance(backends["r"], RemoteBackend) and isinstance(backends["l"], UnavailableBackend)
+    with pytest.raises(ConfigError, match="/x.gguf"):
+        build_backends(cfg)
+    cfg = parse_config({"models": {"r": {"remote": "http://127.0.0.1:9/v1"}}})
+    backends = {**build_backends(cfg), "l": UnavailableBackend("l", "its runtime is not installed")}
+    assert isinstance(backends["r"], RemoteBackend)
     assert all(isinstance(b, Backend) for b in backends.values())
     with pytest.raises(BackendError, match="unavailable"):
         run(backends["l"].chat(chat_req("l")))

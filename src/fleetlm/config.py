@@ -35,6 +35,9 @@ class ModelSpec(_Strict):
     path: str | None = None
     dtype: Literal["bf16", "f16", "f32", "int8", "int4"] = "bf16"
     gguf: str | None = None
+    engine: Literal["llama_cpp", "fleetlm"] = Field(
+        "llama_cpp", description="what runs a gguf model: llama.cpp, or our engine (continuous batching)"
+    )
     remote: str | None = Field(
         None, description="base URL of an OpenAI-compatible API, e.g. http://h:8000/v1"
     )

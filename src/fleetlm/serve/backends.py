@@ -354,8 +354,8 @@ def register_kind(kind: str, factory: BackendFactory) -> None:
 
 
 def build_backends(config: FleetConfig) -> dict[str, Backend]:
-    """One backend per configured model (local ones load now); a GGUF model is unavailable until its runtime
-    (llama-cpp-python) is wired in, so its fallbacks answer."""
+    """One backend per configured model (local and GGUF ones load now; a GGUF model without llama-cpp-python
+    is unavailable, so its fallbacks answer)."""
     backends: dict[str, Backend] = {}
     for name, spec in config.models.items():
         factory = _FACTORIES.get(spec.kind)
@@ -363,6 +363,10 @@ def build_backends(config: FleetConfig) -> dict[str, Backend]:
             from fleetlm.serve.local import LocalBackend  # imports torch: only when a local model is served
 
             factory = _FACTORIES["local"] = LocalBackend.from_spec
+        if factory is None and spec.kind == "gguf":
+            from fleetlm.serve.gguf_backend import gguf_backend  # registers itself; llama.cpp or our engine
+
+            factory = gguf_backend
         if factory is None:
             backends[name] = UnavailableBackend(name, f"no runtime for {spec.kind} models is installed yet")
         else:
