@@ -130,9 +130,11 @@ def test_a_prompt_too_long_fails_alone(backend):
 
 
 def test_unsupported_features_are_client_errors(backend):
+    # Tools are served (tests/test_tools.py); a tool_choice naming no given tool is the client's error.
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    choice = {"type": "function", "function": {"name": "g"}}
     with pytest.raises(BackendError, match="tools") as exc:
-        asyncio.run(backend.chat(chat(tools=tools)))
+        asyncio.run(backend.chat(chat(tools=tools, tool_choice=choice)))
     assert exc.value.upstream_status == 400
 
 

@@ -45,10 +45,12 @@ RETRY_CLOSING_EVERY = 8  # after a failed walk, steps before the next try (a wal
 _MATCHER_CACHE = 64  # compiled grammars kept per tokenizer (a client repeats its schema)
 
 # Closing preference: outside a string, end structures first, then the shortest values; inside, end it.
-_OUTSIDE = b'}],0"ntf[{-123456789.eE+' + bytes(range(ord("a"), ord("z") + 1))
+_OUTSIDE = b'}],:0"ntf[{-123456789.eE+' + bytes(range(ord("a"), ord("z") + 1))
 _INSIDE = b'"a0' + bytes(range(ord("b"), ord("z") + 1)) + b"123456789 _-.,:;!?()[]{}" + b"\\"
-# Then every other byte: UTF-8 continuation bytes finish a character that a token left half-written.
-_OUTSIDE += bytes(b for b in range(256) if b not in _OUTSIDE)
+# Then every other byte (UTF-8 continuation bytes finish a character a token left half-written), whitespace
+# last: a grammar that allows free whitespace would otherwise be "closed" with blanks for ever.
+_WHITESPACE = b" \t\n\r"
+_OUTSIDE += bytes(b for b in range(256) if b not in _OUTSIDE and b not in _WHITESPACE) + _WHITESPACE
 _INSIDE += bytes(b for b in range(256) if b not in _INSIDE)
 
 
@@ -130,6 +132,15 @@ def json_schema_grammar(schema: Any, *, close: bool = True) -> Grammar:
 def json_object_grammar() -> Grammar:
     """Any JSON object (OpenAI's response_format {"type": "json_object"})."""
     return json_schema_grammar({"type": "object"}, close=False)
+
+
+def lark_json(schema: dict[str, Any]) -> str:
+    """A JSON Schema as a Lark `%json` item, formatted as `json_schema_grammar` formats its output."""
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"invalid JSON Schema: expected an object, got {type(schema).__name__}")
+    closed = close_objects(copy.deepcopy(schema))
+    closed["x-guidance"] = {**closed.get("x-guidance", {}), **JSON_OPTIONS}
+    return "%json " + json.dumps(closed, ensure_ascii=True)
 
 
 def lark_grammar(source: str) -> Grammar:
@@ -275,7 +286,7 @@ class GrammarConstraint:
             self._next_walk = self.produced + RETRY_CLOSING_EVERY
             return
         if self._slack is None:  # the first plan is the smallest whole instance: how much one token can open
-            self._slack = CLOSING_SLACK + min(len(plan), 32)
+            self._slack = CLOSING_SLACK + min(len(plan) // 2, 16)
         margin = left - len(plan) - self._slack
         if margin <= 0:
             self.plan = plan

@@ -21,9 +21,12 @@ import torch
 from fleetlm.config import ModelSpec
 from fleetlm.engine import Engine, GenerationError, GenerationRequest, TokenEvent
 from fleetlm.engine.batcher import Batcher
+from fleetlm.engine.constrain import ConstraintError, GrammarConstraint
+from fleetlm.model.tokenizer import ChatTemplateError
 from fleetlm.serve.backends import Choice, Delta, Embeddings, Generation
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from fleetlm.serve.tools import ChatPlan, ToolCallStream, ToolError, plan_chat
 
 DEFAULT_MAX_TOKENS = 256
 _DONE = object()
@@ -56,11 +59,31 @@ class TokenStreamBackend:
     """
 
     name: str
+    tokenizer: Any  # renders chat templates and builds constraints (response_format, tools)
 
     def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
         raise NotImplementedError
 
-    def _requests(self, req: ChatCompletionRequest | CompletionRequest) -> list[GenerationRequest]:
+    def _plan(self, req: ChatCompletionRequest | CompletionRequest) -> ChatPlan | None:
+        """Prompt and grammar of a chat (tools, response_format: serve/tools.py); None for completions."""
+        if not isinstance(req, ChatCompletionRequest):
+            return None
+        try:
+            return plan_chat(req, self.tokenizer)
+        except (ToolError, ConstraintError, ChatTemplateError) as exc:
+            raise _unsupported(f"{self.name}: {exc}") from None
+
+    def _constraint(self, plan: ChatPlan | None, max_tokens: int) -> GrammarConstraint | None:
+        if plan is None or plan.grammar is None:
+            return None
+        try:  # one per request: a constraint follows its own row's tokens
+            return GrammarConstraint(plan.grammar, self.tokenizer, max_tokens=max_tokens)
+        except ConstraintError as exc:
+            raise _unsupported(f"{self.name}: {exc}") from None
+
+    def _requests(
+        self, req: ChatCompletionRequest | CompletionRequest, plan: ChatPlan | None = None
+    ) -> list[GenerationRequest]:
         limit = req.token_limit()
         common = dict(
             max_tokens=DEFAULT_MAX_TOKENS if limit is None else limit,
@@ -69,15 +92,12 @@ class TokenStreamBackend:
             stop=req.stop_list(),
         )
         if isinstance(req, ChatCompletionRequest):
-            if req.tools and req.tool_choice != "none":
-                raise _unsupported(f"{self.name}: tools are not supported on local models yet")
-            if req.response_format is not None and req.response_format.type != "text":
-                raise _unsupported(
-                    f"{self.name}: response_format {req.response_format.type} is not "
-                    "supported on local models yet"
-                )
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            prompts: list[dict] = [{"messages": messages}]
+            plan = plan or self._plan(req)
+            assert plan is not None
+            prompt: dict = (
+                {"messages": plan.messages} if plan.prompt_ids is None else {"prompt_ids": plan.prompt_ids}
+            )
+            prompts: list[dict] = [prompt]
             logprobs = req.logprobs
         else:
             if req.echo or req.suffix:
@@ -90,7 +110,10 @@ class TokenStreamBackend:
         for p in prompts:
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j  # n samples of one prompt must differ
-                out.append(GenerationRequest(**p, **common, seed=seed, logprobs=logprobs))
+                constraint = self._constraint(plan, common["max_tokens"])
+                out.append(
+                    GenerationRequest(**p, **common, seed=seed, logprobs=logprobs, constraint=constraint)
+                )
         return out
 
     async def _merged(self, reqs: list[GenerationRequest]) -> AsyncIterator[tuple[int, int, TokenEvent]]:
@@ -126,7 +149,8 @@ class TokenStreamBackend:
                 t.cancel()
 
     async def _whole(self, req: ChatCompletionRequest | CompletionRequest) -> Generation:
-        reqs = self._requests(req)
+        plan = self._plan(req)
+        reqs = self._requests(req, plan)
         texts, reasons = [""] * len(reqs), [None] * len(reqs)
         lps: list[list[dict]] = [[] for _ in reqs]
         prompt_tokens, completion_tokens = [0] * len(reqs), 0
@@ -145,10 +169,15 @@ class TokenStreamBackend:
             Choice(i, texts[i], reasons[i] or "length", None, {"content": lps[i]} if lps[i] else None)
             for i in range(len(reqs))
         ]
+        if plan is not None and plan.mode != "none":  # tool calls read back out of the text
+            for c in choices:
+                c.text, c.tool_calls, c.finish_reason = plan.shape(c.text or "", c.finish_reason or "length")
         return Generation(choices, pt_total, completion_tokens)
 
     async def _stream(self, req: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[Delta]:
-        reqs = self._requests(req)
+        plan = self._plan(req)
+        reqs = self._requests(req, plan)
+        calls = [ToolCallStream(plan) for _ in reqs] if plan is not None and plan.mode != "none" else None
         prompt_tokens, completion_tokens = [0] * len(reqs), 0
         async for i, pt, ev in self._merged(reqs):
             prompt_tokens[i] = pt
@@ -158,7 +187,11 @@ class TokenStreamBackend:
                 if ev.logprob is not None
                 else None
             )
-            yield Delta(i, ev.text, ev.finish_reason, None, lp)
+            if calls is None:
+                yield Delta(i, ev.text, ev.finish_reason, None, lp)
+                continue
+            for piece in calls[i].push(ev.text, ev.finish_reason):  # text, or tool_calls fragments
+                yield Delta(i, piece.text, piece.finish_reason, piece.tool_calls)
         yield Delta(usage=(sum(prompt_tokens[i] for i in range(0, len(reqs), req.n)), completion_tokens))
 
     async def chat(self, request: ChatCompletionRequest) -> Generation:
@@ -179,6 +212,7 @@ class LocalBackend(TokenStreamBackend):
 
     def __init__(self, name: str, engine: Engine, max_batch: int = 32):
         self.name, self.engine, self.max_batch = name, engine, max_batch
+        self.tokenizer = engine.tokenizer
         self.context = int(engine.model.config.max_position_embeddings)
         self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
