@@ -1,0 +1,292 @@
+"""Tools and response_format: unit tests of serve/tools.py, then the gateway driven by the official client."""
+
+import json
+import threading
+import time
+
+import jsonschema
+import openai
+import pytest
+import uvicorn
+
+from fake_openai import UpstreamServer, free_port
+from fleetlm.config import parse_config
+from fleetlm.engine.constrain import ConstraintError
+from fleetlm.model import SHIPPED_TINY_MODEL
+from fleetlm.model.tokenizer import Tokenizer
+from fleetlm.serve.app import create_app
+from fleetlm.serve.backends import build_backends
+from fleetlm.serve.protocol import ChatCompletionRequest
+from fleetlm.serve.store import UsageStore
+from fleetlm.serve.tools import ChatPlan, ToolCallStream, ToolError, parse_tool_calls, plan_chat
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, ADD]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+NAMES = list(PARAMS)
+HISTORY = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"},
+    {"role": "user", "content": "And in Rome?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_dir(SHIPPED_TINY_MODEL)
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    kw.setdefault("messages", [{"role": "user", "content": "What is the weather in Paris?"}])
+    return ChatCompletionRequest(model="tiny", **kw)
+
+
+# ---------------------------------------------------------------- reading calls back
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('{"name": "add", "arguments": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
+        ('  {"name": "add", "parameters": {"a": 1, "b": 2}}\n', [("add", {"a": 1, "b": 2})]),
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>', [("add", {"a": 1})]),
+        ('```json\n{"name": "add", "arguments": "{\\"a\\": 3}"}\n```', [("add", {"a": 3})]),
+        ('[{"name": "add", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]',
+         [("add", {}), ("get_weather", {"city": "X"})]),
+        ('{"name": "mul", "arguments": {}}', None),  # not one of the tools
+        ('{"name": "add", "arguments": [1, 2]}', None),  # arguments must be an object
+        ('The answer is {"name": "add"}', None),  # a call is the whole answer, not a part of it
+        ('{"name": "add", "arguments": {', None),
+    ],
+)
+def test_parse_tool_calls_rule(text, calls):
+    got = parse_tool_calls(text, NAMES)
+    assert (None if got is None else [(n, json.loads(a)) for n, a in got]) == calls
+
+
+# ---------------------------------------------------------------- the prompt and the grammar
+
+
+def test_tools_go_through_the_templates_tools_variable(tokenizer):
+    plan = plan_chat(chat(tools=TOOLS, messages=HISTORY), tokenizer)
+    assert plan.mode == "auto" and plan.grammar is None and plan.prompt_ids is not None
+    prompt = tokenizer.decode(plan.prompt_ids, skip_special_tokens=False)
+    assert "You may call a function" in prompt and '"name": "get_weather"' in prompt  # the template's words
+    # The earlier call is rendered by the template with its arguments as an object, and the tool's answer too.
+    assert '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}' in prompt
+    assert "ipython<|end_header_id|>\n\n18 degrees, sunny" in prompt
+
+
+def test_a_template_without_tools_gets_a_system_message(tokenizer):
+    plain = Tokenizer(tokenizer.backend, tokenizer.config,
+                      "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>",
+                      tokenizer.eos_token_ids)
+    plan = plan_chat(chat(tools=TOOLS, messages=HISTORY, tool_choice="required"), plain)
+    assert plan.prompt_ids is None and plan.mode == "forced" and plan.grammar is not None
+    system, *rest = plan.messages
+    assert system["role"] == "system" and '"name": "add"' in system["content"]
+    assert [m["role"] for m in rest] == ["user", "assistant", "user", "user"]
+    assert json.loads(rest[1]["content"]) == {"name": "get_weather",
+                                              "arguments": {"city": "Paris", "unit": "celsius"}}
+    assert rest[2]["content"] == "Result of the tool call get_weather: 18 degrees, sunny"
+
+
+@pytest.mark.parametrize(
+    "kw, error, words",
+    [
+        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "mul"}}), ToolError, "mul"),
+        (dict(tool_choice="required"), ToolError, "needs tools"),
+        (dict(tools=TOOLS, tool_choice={"type": "function"}), ToolError, "tool_choice must be"),
+        (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), ToolError, "invalid function"),
+        (dict(tools=[ADD, ADD]), ToolError, "unique"),
+        (dict(response_format={"type": "json_schema"}), ToolError, "json_schema"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+         ConstraintError, "Invalid type"),
+    ],
+)
+def test_bad_combinations_are_typed_errors(tokenizer, kw, error, words):
+    with pytest.raises(error, match=words):
+        plan_chat(chat(**kw), tokenizer)
+
+
+def test_tool_choice_none_shows_tools_but_answers_text(tokenizer):
+    plan = plan_chat(chat(tools=TOOLS, tool_choice="none"), tokenizer)
+    assert plan.mode == "none" and plan.grammar is None
+    call = '{"name": "add", "arguments": {}}'
+    assert plan.shape(call, "stop") == (call, None, "stop")
+
+
+# ---------------------------------------------------------------- streaming deltas
+
+
+def _replay(plan: ChatPlan, pieces: list[str]) -> tuple[str, dict, str | None]:
+    """Feed text deltas; return the content, the tool calls assembled as a client would, the finish."""
+    stream, content, calls, finish = ToolCallStream(plan), "", {}, None
+    for i, text in enumerate(pieces):
+        for p in stream.push(text, "stop" if i == len(pieces) - 1 else None):
+            content += p.text or ""
+            finish = p.finish_reason or finish
+            for c in p.tool_calls or []:
+                slot = calls.setdefault(c["index"], {"id": c.get("id"), "name": "", "arguments": ""})
+                slot["name"] += c["function"].get("name") or ""
+                slot["arguments"] += c["function"].get("arguments") or ""
+    return content, calls, finish
+
+
+def test_stream_of_a_forced_call_sends_arguments_as_they_come():
+    plan = ChatPlan([], mode="forced", tool_names=NAMES)
+    text = '{"name": "add", "arguments": {"a": 12, "b": 3}}'
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+    content, calls, finish = _replay(plan, pieces)
+    assert content == "" and finish == "tool_calls"
+    assert calls[0]["name"] == "add" and json.loads(calls[0]["arguments"]) == {"a": 12, "b": 3}
+    assert calls[0]["id"].startswith("call_")
+
+
+def test_stream_under_auto_passes_text_at_once_and_holds_json():
+    plan = ChatPlan([], mode="auto", tool_names=NAMES)
+    stream = ToolCallStream(plan)
+    assert [p.text for p in stream.push("Hello", None)] == ["Hello"]  # not held back
+    content, calls, finish = _replay(plan, ['{"name": "get_weather", ', '"arguments": {"city": "Rome"}}'])
+    assert content == "" and finish == "tool_calls" and json.loads(calls[0]["arguments"]) == {"city": "Rome"}
+    content, calls, finish = _replay(plan, ["{not a call", "}"])
+    assert content == "{not a call}" and calls == {} and finish == "stop"
+
+
+# ---------------------------------------------------------------- the gateway, with the official client
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tools")
+    with UpstreamServer() as upstream:
+        cfg = parse_config({"models": {
+            "tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"},
+            "remote": {"remote": upstream.base_url, "remote_model": "m"},
+        }})
+        app = create_app(cfg, UsageStore(f"sqlite:///{tmp / 'u.db'}"), build_backends(cfg))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "gateway did not start"
+            time.sleep(0.02)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        yield client, upstream
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_calls_with_the_openai_client(gateway, choice):
+    client, _ = gateway
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=HISTORY, tools=TOOLS, tool_choice=choice,
+                                           temperature=1.0, seed=seed, max_tokens=120)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        (call,) = c.message.tool_calls
+        assert call.id.startswith("call_") and call.type == "function"
+        assert call.function.name in (NAMES if choice == "required" else ["add"])
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+def test_streamed_tool_call_with_the_openai_client(gateway):
+    client, _ = gateway
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=HISTORY, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5,
+        max_tokens=120, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert deltas and all(d.index == 0 for d in deltas)
+    assert deltas[0].id.startswith("call_") and deltas[0].type == "function" and deltas[0].function.name
+    assert all(d.id is None for d in deltas[1:])  # later fragments carry arguments only, as OpenAI sends them
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), PARAMS[deltas[0].function.name])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_auto_answers_text_from_a_model_that_does_not_call(gateway):
+    client, _ = gateway
+    r = client.chat.completions.create(model="tiny", messages=HISTORY, tools=TOOLS, temperature=0,
+                                       max_tokens=8)
+    c = r.choices[0]  # the random tiny model writes no JSON: its text comes back as the content
+    assert c.message.tool_calls is None and c.message.content and c.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_json_schema_response_format_with_the_openai_client(gateway, seed):
+    client, _ = gateway
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "year": {"type": "integer"},
+                       "genres": {"type": "array", "items": {"enum": ["drama", "comedy"]}},
+                       "rating": {"type": ["number", "null"]}},
+        "required": ["title", "year", "genres", "rating"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "movie", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A movie"}],
+                                       response_format=fmt, temperature=1.0, seed=seed, max_tokens=100, n=2)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "A movie"}], response_format=fmt,
+        temperature=1.0, seed=seed, max_tokens=100, stream=True))
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)),
+                        schema)
+
+
+def test_json_object_response_format(gateway):
+    client, _ = gateway
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON please"}],
+                                       response_format={"type": "json_object"}, temperature=1.0, seed=1,
+                                       max_tokens=60)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_invalid_schema_is_a_400(gateway):
+    client, _ = gateway
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/Missing"}}}}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       response_format=fmt)
+    assert exc.value.status_code == 400 and "Missing" in exc.value.body["message"]
+    assert exc.value.body["type"] == "invalid_request_error"
+
+
+def test_remote_models_get_tools_and_response_format_unchanged(gateway):
+    client, upstream = gateway
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}
+    client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+                                   tool_choice="auto", response_format=fmt)
+    sent = upstream.payloads[-1]
+    assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto" and sent["response_format"] == fmt
