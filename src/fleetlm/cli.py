@@ -13,7 +13,7 @@ import typer
 
 from fleetlm.errors import FleetError
 
-CAPABILITIES = ("model", "engine", "compress", "bench", "tasks", "train", "route", "serve", "demo")
+CAPABILITIES = ("model", "engine", "compress", "bench", "tasks", "train", "route", "serve", "fleet", "demo")
 
 app = typer.Typer(
     name="fleet",
