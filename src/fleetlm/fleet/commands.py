@@ -10,7 +10,8 @@ import typer
 
 from fleetlm.errors import ConfigError
 
-fleet_app = typer.Typer(help="The embedded fleet: build it from a seed, show what ships.", no_args_is_help=True)
+fleet_app = typer.Typer(help="The embedded fleet: build it from a seed, show what ships.",
+                        no_args_is_help=True)
 
 
 @fleet_app.command("build")
@@ -51,7 +52,8 @@ def info_cmd(
         typer.echo(f"{name:<14}{params_of(Path(spec.path)):>10,}{spec.price.input:>10.4f}"
                    f"{spec.price.output:>10.4f}{'' if acc is None else f'{acc:.3f}':>10}")
     if config.router:
-        typer.echo(f"router: {config.router.name} ({config.router.kind}, floor {config.router.quality_floor})")
+        r = config.router
+        typer.echo(f"router: {r.name} ({r.kind}, floor {r.quality_floor})")
 
 
 def register(app: typer.Typer) -> None:

@@ -86,7 +86,8 @@ RECIPES: dict[str, Recipe] = {
             # ~0.13M, ~0.85M and ~3M parameters; the same steps and data, so only capacity differs.
             Size("fleet-nano", hidden=64, layers=2, heads=4, intermediate=192, steps=1500, lr=4e-3),
             Size("fleet-small", hidden=128, layers=4, heads=4, intermediate=384, steps=1500, lr=3e-3),
-            Size("fleet-base", hidden=256, layers=4, heads=8, intermediate=704, steps=1500, lr=2e-3, kv_heads=4),
+            Size("fleet-base", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, steps=1500,
+                 lr=2e-3),
         ),
         experts=(Expert("fleet-arith", "arithmetic",
                         Size("fleet-arith", hidden=128, layers=4, heads=4, intermediate=384, steps=800)),),
@@ -163,7 +164,8 @@ def train_config(size: Size, recipe: Recipe, train_path: Path, tok_dir: Path, ou
 
     model: dict[str, Any] = {"init": str(init)} if init else {"shape": {
         "hidden_size": size.hidden, "intermediate_size": size.intermediate, "num_layers": size.layers,
-        "num_heads": size.heads, "num_kv_heads": size.kv_heads, "max_position_embeddings": recipe.seq_len * 2}}
+        "num_heads": size.heads, "num_kv_heads": size.kv_heads,
+        "max_position_embeddings": recipe.seq_len * 2}}
     return parse_config({
         "model": model,
         "tokenizer": {"path": str(tok_dir)},
