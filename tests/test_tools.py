@@ -103,6 +103,19 @@ def test_tools_go_through_the_templates_tools_variable(tokenizer):
     assert "ipython<|end_header_id|>\n\n18 degrees, sunny" in prompt
 
 
+def test_chatml_template_renders_tools_calls_and_results(tiny_tokenizer_dir):
+    chatml = Tokenizer.from_dir(tiny_tokenizer_dir("chatml")[0])
+    plan = plan_chat(chat(tools=TOOLS, messages=HISTORY, tool_choice="auto"), chatml)
+    prompt = chatml.decode(plan.prompt_ids, skip_special_tokens=False)
+    assert "<tools>" in prompt and '"name": "add"' in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in prompt
+    assert "<tool_response>\n18 degrees, sunny\n</tool_response>" in prompt
+    # This template asks for calls inside <tool_call> tags: the auto rule reads them back.
+    content, calls, finish = plan.shape('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+                                        "</tool_call>", "stop")
+    assert content is None and finish == "tool_calls" and calls[0]["function"]["name"] == "add"
+
+
 def test_a_template_without_tools_gets_a_system_message(tokenizer):
     plain = Tokenizer(tokenizer.backend, tokenizer.config,
                       "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>",
