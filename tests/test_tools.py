@@ -18,7 +18,14 @@ from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
 from fleetlm.serve.protocol import ChatCompletionRequest
 from fleetlm.serve.store import UsageStore
-from fleetlm.serve.tools import ChatPlan, ToolCallStream, ToolError, parse_tool_calls, plan_chat
+from fleetlm.serve.tools import (
+    TOOLS_SYSTEM_PROMPT,
+    ChatPlan,
+    ToolCallStream,
+    ToolError,
+    parse_tool_calls,
+    plan_chat,
+)
 
 WEATHER = {
     "type": "function",
@@ -121,7 +128,8 @@ def test_a_template_without_tools_gets_a_system_message(tokenizer):
                       "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>",
                       tokenizer.eos_token_ids)
     plan = plan_chat(chat(tools=TOOLS, messages=HISTORY, tool_choice="required"), plain)
-    assert plan.prompt_ids is None and plan.mode == "forced" and plan.grammar is not None
+    assert plan.mode == "forced" and plan.grammar is not None
+    assert plain.decode(plan.prompt_ids).startswith(f"<system>{TOOLS_SYSTEM_PROMPT}")
     system, *rest = plan.messages
     assert system["role"] == "system" and '"name": "add"' in system["content"]
     assert [m["role"] for m in rest] == ["user", "assistant", "user", "user"]
@@ -303,3 +311,14 @@ def test_remote_models_get_tools_and_response_format_unchanged(gateway):
                                    tool_choice="auto", response_format=fmt)
     sent = upstream.payloads[-1]
     assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto" and sent["response_format"] == fmt
+
+
+def test_a_conversation_the_template_rejects_is_a_400_and_the_model_keeps_serving(gateway):
+    client, _ = gateway
+    with pytest.raises(openai.BadRequestError, match="unknown role"):  # the Llama 3 template's own check
+        client.chat.completions.create(model="tiny", max_tokens=2,
+                                       messages=[{"role": "developer", "content": "be brief"},
+                                                 {"role": "user", "content": "hi"}])
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")

@@ -55,7 +55,7 @@ class ChatPlan:
     """What a chat request becomes on a local model."""
 
     messages: list[dict[str, Any]]  # for the chat template
-    prompt_ids: list[int] | None = None  # set when the tools were rendered by the template here
+    prompt_ids: list[int] | None = None  # the rendered prompt (plan_chat always renders it)
     grammar: Grammar | None = None  # the output must follow it (response_format, forced tool call)
     mode: ToolMode = "none"
     tool_names: list[str] = field(default_factory=list)
@@ -87,15 +87,14 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
     native = bool(re.search(r"\btools\b", source))
     messages = template_messages(req.messages, native_calls="tool_calls" in source)
     plan = ChatPlan(messages, grammar=grammar, mode=mode if tools else "none", tool_names=names)
-    if not tools:
-        return plan
-    tool_dicts = [t.model_dump(exclude_none=True) for t in tools]
-    if native:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tool_dicts)
-        # The template writes the BOS token itself, as encode_request assumes for chats.
-        plan.prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] or None
+    if tool_dicts and not native:
         plan.messages = _with_tools_system_message(messages, tool_dicts)
+    # Rendered here, not in the engine's thread, so that a template error is the client's 400 at once.
+    text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True,
+                                         tools=tool_dicts if native else None)
+    # The template writes the BOS token itself, as encode_request assumes for chats.
+    plan.prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     return plan
 
 
