@@ -125,4 +125,37 @@ def test_bad_requests_are_refused_at_add(engine):
         b.add(GenerationRequest(prompt="x", max_tokens=0))
     with pytest.raises(GenerationError, match="empty"):
         b.add(GenerationRequest(prompt_ids=[], max_tokens=3))
+    with pytest.raises(GenerationError, match="token ids"):
+        b.add(GenerationRequest(prompt_ids=[1, 10**6], max_tokens=3))
     assert not b.busy
+
+
+class OnlyTokens:
+    """A toy constraint (engine.constrain's protocol): the first tokens must come from `ids`, then EOS."""
+
+    def __init__(self, ids: list[int], length: int, vocab: int) -> None:
+        self.mask = torch.zeros(vocab, dtype=torch.bool)
+        self.mask[ids] = True
+        self.length, self.seen = length, []
+
+    def allowed(self):
+        return self.mask
+
+    def advance(self, token_id: int) -> None:
+        self.seen.append(token_id)
+
+    def is_done(self) -> bool:
+        return len(self.seen) >= self.length
+
+
+def test_constrained_rows_follow_their_constraint_beside_free_rows(engine):
+    vocab = engine.model.config.vocab_size
+    allowed = [10, 11, 12]
+    c = OnlyTokens(allowed, length=5, vocab=vocab)
+    free = GenerationRequest(prompt="A quick", max_tokens=8, ignore_eos=True)
+    requests = [GenerationRequest(prompt="The fleet", max_tokens=20, constraint=c), free]
+    got = run_all(Batcher(engine.model, engine.tokenizer, max_batch=2), requests)
+    tokens = [e.token_id for e in got[0]]
+    assert tokens[:5] == c.seen[:5] and set(tokens[:5]) <= set(allowed)
+    assert tokens[5] == engine.tokenizer.eos_token_ids[0] and got[0][-1].finish_reason == "stop"
+    assert [e.token_id for e in got[1]] == [e.token_id for e in alone(engine, free)]

@@ -176,3 +176,7 @@ def test_llama_cpp_backend_through_the_app(llama_backend, tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
         r = _post(client, "/v1/completions", {"model": "g", "prompt": "x " * 3000, "max_tokens": 5})
         assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+        r = _post(client, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
+        assert r.status_code == 400 and "engine: fleetlm" in r.json()["error"]["message"]
+        again = _post(client, "/v1/completions", {"model": "g", "prompt": "A", "max_tokens": 2})
+        assert again.status_code == 200  # refused requests leave the worker serving

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fleetlm.engine.constrain import advance_constraints, apply_constraints
 from fleetlm.engine.generate import (
     GenerationError,
     GenerationRequest,
@@ -90,6 +91,9 @@ class Batcher:
         if request.max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {request.max_tokens}")
         ids = encode_request(self.tokenizer, request)
+        vocab = int(self.model.config.vocab_size)
+        if min(ids) < 0 or max(ids) >= vocab:  # checked here: inside a step it would fail every row
+            raise GenerationError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) + request.max_tokens > self.context:
             raise GenerationError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceed "
                                   f"the context of {self.context} tokens")
@@ -179,8 +183,6 @@ class Batcher:
         seqs = self.active[first:first + logits.shape[0]]
         constraints = _constraints([s.row.request for s in seqs])
         if constraints is not None:  # constrained decoding: mask what the grammar forbids, before sampling
-            from fleetlm.engine.constrain import advance_constraints, apply_constraints
-
             apply_constraints(logits, constraints, self.tokenizer.eos_token_ids)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         chosen = tokens.tolist()  # the one host sync per step: a streamed token must be seen to be sent

@@ -21,7 +21,7 @@ import numpy as np
 
 from fleetlm.config import ModelSpec
 from fleetlm.engine.generate import GenerationError, GenerationRequest, TokenEvent, _Row, encode_request
-from fleetlm.errors import ConfigError
+from fleetlm.errors import ConfigError, FleetError
 from fleetlm.model.tokenizer import SPECIAL_KEYS, Tokenizer
 from fleetlm.serve.backends import Backend, Embeddings, UnavailableBackend, register_kind
 from fleetlm.serve.errors import BackendError
@@ -116,13 +116,19 @@ class LlamaCppBackend(TokenStreamBackend):
         assert spec.gguf is not None
         return cls(name, spec.gguf, n_ctx=spec.max_context)
 
+    def _constraint(self, plan: Any, max_tokens: int) -> None:
+        if plan is not None and plan.grammar is not None:
+            raise _unsupported(f"{self.name}: response_format and forced tool calls need constrained "
+                               "decoding, which the llama.cpp engine does not run here (use engine: fleetlm)")
+        return None
+
     # ------------------------------------------------------------ the worker thread
 
     def _run(self, job: _Job) -> None:
         with self._lock:
             try:
                 self._generate(job)
-            except GenerationError as exc:
+            except FleetError as exc:  # too long, empty, a chat template that rejects the conversation
                 job.post(_unsupported(f"{self.name}: {exc}"))
             except Exception as exc:  # noqa: BLE001 - llama.cpp failed: tell the caller, keep serving
                 job.post(BackendError(f"{self.name}: llama.cpp failed: {type(exc).__name__}: {exc}"))
@@ -132,9 +138,6 @@ class LlamaCppBackend(TokenStreamBackend):
         import llama_cpp
 
         r = job.request
-        if r.constraint is not None:
-            raise GenerationError("response_format and tools need constrained decoding, which the "
-                                  "llama.cpp engine does not run here (use engine: fleetlm)")
         if r.max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {r.max_tokens}")
         ids = encode_request(self.tokenizer, r)

@@ -22,6 +22,7 @@ from fleetlm.config import ModelSpec
 from fleetlm.engine import Engine, GenerationError, GenerationRequest, TokenEvent
 from fleetlm.engine.batcher import Batcher
 from fleetlm.engine.constrain import ConstraintError, GrammarConstraint
+from fleetlm.errors import FleetError
 from fleetlm.model.tokenizer import ChatTemplateError
 from fleetlm.serve.backends import Choice, Delta, Embeddings, Generation
 from fleetlm.serve.errors import BackendError
@@ -216,6 +217,7 @@ class LocalBackend(TokenStreamBackend):
         self.context = int(engine.model.config.max_position_embeddings)
         self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._threads_before: int | None = None  # torch's thread count while the engine is busy
         self._thread = threading.Thread(target=self._worker, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -263,16 +265,20 @@ class LocalBackend(TokenStreamBackend):
         """Tokenize and size-check one job, so that one bad prompt cannot fail the others."""
         try:
             handle = self.batcher.add(job.request)
-        except GenerationError as exc:
+        except FleetError as exc:  # too long, empty, a chat template that rejects the conversation, ...
             replies[job.loop].append((job, _unsupported(f"{self.name}: {exc}")))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must fail this request, not the engine thread
+            replies[job.loop].append((job, BackendError(f"{self.name}: {type(exc).__name__}: {exc}")))
             return
         job.prompt_tokens = self.batcher.prompt_tokens(handle)
         jobs[handle] = job
 
     def _step(self, jobs: dict[int, _Job], replies: dict) -> None:
+        # Thread count is process-wide and costly to switch (~1 ms): set it for a busy period, not per step.
         threads = self.engine.num_threads
-        previous = torch.get_num_threads()
-        if threads and threads != previous:
+        if threads and self._threads_before is None:
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         try:
             events = self.batcher.step()
@@ -282,10 +288,10 @@ class LocalBackend(TokenStreamBackend):
                 replies[job.loop].append((job, BackendError(f"{self.name}: engine failed: "
                                                             f"{type(exc).__name__}: {exc}")))
             jobs.clear()
-            return
-        finally:
-            if threads and threads != previous:
-                torch.set_num_threads(previous)
+            events = []
+        if not self.batcher.busy and self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         for event in events:
             job = jobs[event.request_index]
             replies[job.loop].append((job, event))
