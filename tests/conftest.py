@@ -106,3 +106,12 @@ def tiny_checkpoint_factory(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_checkpoint_factory) -> Path:
     return tiny_checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def ci_fleet(tmp_path_factory):
+    """The reduced fleet recipe, built once per session: (fleet dir, build summary)."""
+    from fleetlm.fleet.recipe import RECIPES, build_fleet
+
+    out = tmp_path_factory.mktemp("ci-fleet")
+    return out, build_fleet(out, RECIPES["ci"], log=lambda _: None)

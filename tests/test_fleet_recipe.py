@@ -11,13 +11,6 @@ from fleetlm.fleet import default_config
 from fleetlm.fleet.recipe import RECIPES, build_fleet, params_of, price_of
 
 
-@pytest.fixture(scope="module")
-def ci_fleet(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fleet")
-    summary = build_fleet(out, RECIPES["ci"], log=lambda _: None)
-    return out, summary
-
-
 def test_ci_recipe_builds_every_model_and_the_router(ci_fleet):
     out, summary = ci_fleet
     recipe = RECIPES["ci"]

@@ -156,6 +156,8 @@ def parse_config(data: object, source: str = "fleet config") -> FleetConfig:
                 spec.path = str((base / spec.path).resolve())
             if spec.gguf and not Path(spec.gguf).is_absolute():
                 spec.gguf = str((base / spec.gguf).resolve())
+        if config.router and config.router.path and not Path(config.router.path).is_absolute():
+            config.router.path = str((base / config.router.path).resolve())
     return config
 
 

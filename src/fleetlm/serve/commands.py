@@ -89,10 +89,9 @@ def register(app: typer.Typer) -> None:
 
         cfg = _config(config)
         if cfg is None:
-            raise ConfigError(
-                "no fleet config: pass --config or create ./fleet.yaml "
-                "(serving the embedded fleet without one is not built yet)"
-            )
+            from fleetlm.fleet import default_config
+
+            cfg = default_config()  # no config anywhere: the embedded fleet with its fitted router
         store = UsageStore(cfg.storage_url())
         app_ = create_app(cfg, store, build_backends(cfg))
         typer.echo(
