@@ -63,3 +63,43 @@ def test_embedder_caches_on_disk(tmp_path, monkeypatch):
     # similar texts are closer than unrelated ones
     sims = emb(["capital city of France", "integral of x squared"]) @ first[0]
     assert sims[0] > sims[1]
+
+
+def test_fast_encoder_matches_sentence_transformers(monkeypatch):
+    """The direct tokenizer + forward path (bf16 where the CPU has it) gives the vectors that
+    SentenceTransformer.encode gives: same token ids, cosine >= 0.999, so cached embeddings stay valid."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from fleetlm.route.features import MiniLMEncoder, minilm_model_path
+
+    texts = [
+        "What is the capital of France?",
+        "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon\nAnswer:",
+        "Tom has 3 boxes of 12 eggs and breaks 5. How many eggs are left? " * 3,
+        "a " * 600,  # longer than 256 tokens: truncated like sentence-transformers does
+        "",
+    ]
+    st = SentenceTransformer(str(minilm_model_path()), device="cpu")
+    ref = st.encode(texts, normalize_embeddings=True)
+    ref_ids = st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]
+    for precision in ("auto", "fp32"):
+        enc = MiniLMEncoder(precision=precision)
+        assert enc.precision in ("bf16", "fp32")
+        assert enc.token_ids(texts) == ref_ids
+        batched = enc.encode(texts, batch_size=2)  # padded batches, sorted by length
+        single = np.concatenate([enc.encode([t]) for t in texts])
+        assert batched.shape == (len(texts), 384)
+        assert (batched * ref).sum(1).min() >= 0.999
+        assert (single * ref).sum(1).min() >= 0.999
+        if enc.precision == "fp32":
+            assert (batched * ref).sum(1).min() >= 0.99999
+
+
+def test_encoder_rejects_bad_settings(tmp_path):
+    from fleetlm.route.features import EmbeddingError, MiniLMEncoder
+
+    with pytest.raises(EmbeddingError, match="precision"):
+        MiniLMEncoder(precision="int3")
+    with pytest.raises(EmbeddingError, match="not found"):
+        MiniLMEncoder(model_path=tmp_path)

