@@ -171,6 +171,15 @@ def summary_lines(results: list[ModelResult], strongest: str, router: str | None
     return lines
 
 
+def fleet_scope(fleet_dir: Path) -> tuple[list[str] | None, list[int] | None]:
+    """(domains, levels) a built fleet was trained for, from its build.json; (None, None): all."""
+    build = fleet_dir / "build.json"
+    if not build.is_file():
+        return None, None
+    recipe = json.loads(build.read_text()).get("recipe", {})
+    return list(recipe.get("domains") or []) or None, list(recipe.get("levels") or []) or None
+
+
 def demo(out_dir: str | Path = "fleet-demo", config_path: str | Path | None = None, n_per_domain: int = 40,
          concurrency: int = 16, seed: int = 12345, max_tokens: int = 40) -> dict[str, Any]:
     """Run the demo; writes results.json, cost_accuracy.png and report.html into out_dir."""
@@ -184,8 +193,10 @@ def demo(out_dir: str | Path = "fleet-demo", config_path: str | Path | None = No
     config: FleetConfig = load_config(config_path)
     router = config.router.name if config.router else None
     models = sorted(config.models, key=lambda m: config.models[m].price.output) + ([router] if router else [])
-    # The test split, drawn with a seed of its own: questions no model trained on (splits are by hash).
-    records = generate(n=n_per_domain, seed=seed, split="test")
+    # The test split, drawn with a seed of its own: questions no model trained on (splits are by hash),
+    # from the domains and levels the fleet was built for (its build.json), else from the whole suite.
+    domains, levels = fleet_scope(config_path.parent)
+    records = generate(domains, n=n_per_domain, seed=seed, levels=levels, split="test")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         gateway = GatewayProcess(config_path, f"sqlite:///{Path(tmp) / 'demo.db'}", out / "gateway.log")
