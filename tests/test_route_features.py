@@ -45,6 +45,24 @@ def test_response_features_shape_and_signal():
     assert p[4] == 2  # two options found
 
 
+def test_response_checks_find_chained_slips_cut_offs_and_invented_numbers():
+    # 425 / 5 = 85, not 91: a wrong middle step of a chain is caught
+    chained = "Tuesday: 425 / 5 + 17 = <<425/5+17=91+17=108>>108 letters.\n#### 108"
+    assert arithmetic_checks(chained) == (1, 1)
+    assert arithmetic_checks("So 425 / 5 + 17 = 85 + 17 = 102.") == (1, 0)
+    names = RESPONSE_FEATURES.index
+    question = "Wendi feeds 20 chickens 3 cups each. She gave 15 cups and 25 cups. How many cups are left?"
+    cut = response_features(question, "She gave 15 + 25 = <<15+2")
+    assert cut[names("truncated")] == 1 and cut[names("has_final")] == 0
+    done = response_features(question, "20 x 3 = 60. 15 + 25 = 40. 60 - 40 = 20.\n#### 20")
+    assert done[names("truncated")] == 0 and done[names("unused_prompt_numbers")] == 0
+    assert done[names("any_wrong")] == 0 and done[names("last_calc_matches_final")] == 1
+    # 17 appears nowhere in the question and is no common constant; the 20 chickens are never used
+    invented = response_features(question, "15 + 25 + 17 = 57.\n#### 57")
+    assert invented[names("unsupported_operands")] > 0 and invented[names("any_unused")] == 1
+    assert response_features(question, "#### 12.5")[names("final_fraction")] == 1
+
+
 def test_embedder_caches_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     emb = Embedder(cache_dir=tmp_path)

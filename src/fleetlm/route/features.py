@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -265,41 +266,80 @@ def safe_eval(expr: str) -> float:
 
 
 _NUM = r"\$?-?\d[\d,]*(?:\.\d+)?"
-_ANNOT = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
-_INLINE = re.compile(rf"((?:\(?{_NUM}\)?\s*[-+*/x×÷]\s*)+\(?{_NUM}\)?)\s*=\s*({_NUM})")
+_OP = r"[-+*/x×÷]"
+_TERM = rf"[\(]*{_NUM}[\)]*"
+_ANNOT = re.compile(r"<<([^<>]*)>>")  # GSM8K's calculator annotations: <<3*60=180>>
+# inline arithmetic with one or more '=': "425 / 5 + 17 = 85 + 17 = 102"
+_INLINE = re.compile(rf"((?:{_TERM}\s*{_OP}\s*)+{_TERM}(?:\s*=\s*(?:{_TERM}\s*{_OP}\s*)*{_TERM})+)")
 _FINAL = re.compile(rf"(?:####|answer is|answer:|\\boxed\{{)\s*\**\s*({_NUM})", re.IGNORECASE)
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _HEDGE = re.compile(
     r"\b(assum\w*|approximately|cannot|can't|not possible|unclear|however|but wait|re-?evaluate)\b",
     re.IGNORECASE,
 )
+# Quantities a solution may bring in without the question stating them (units, halves, percent, calendar).
+_COMMON_CONSTANTS = frozenset({*range(13), 24, 30, 31, 52, 60, 100, 365, 1000, 0.5, 0.25, 0.1, 0.01})
+_MAX_RESPONSE_CHARS = 20_000  # bounds the regex work on a runaway response
 
 
 def _num(text: str) -> float:
     return float(text.replace(",", "").replace("$", ""))
 
 
+def _numbers(text: str) -> list[float]:
+    out = []
+    for x in _NUMBER.findall(text):
+        try:
+            out.append(_num(x))
+        except ValueError:
+            pass
+    return out
+
+
+@dataclass
+class Calculation:
+    """One 'a op b = c (= d ...)' claim in a response, re-checked with the calculator."""
+
+    operands: list[float]  # the numbers on the left-most side
+    value: float  # the value the response carries forward (its right-most side)
+    ok: bool  # every side evaluates to the same number
+
+
+def calculations(text: str) -> list[Calculation]:
+    """Every calculator annotation and inline equation chain in a response, each side re-evaluated."""
+    text = text[:_MAX_RESPONSE_CHARS]
+    chains = [m.group(1) for m in _ANNOT.finditer(text)]
+    # "3 x 60 = <<3*60=180>>180": without the annotation, the visible "3 x 60 = 180" is checked too
+    chains += [m.group(1) for m in _INLINE.finditer(_ANNOT.sub("", text))]
+    out, seen = [], set()
+    for chain in chains:
+        parts = [p.strip().rstrip(".") for p in chain.split("=")]
+        values = []
+        for part in parts:
+            try:
+                values.append(safe_eval(part))
+            except CalcError:
+                values.append(None)
+        known = [v for v in values if v is not None]
+        if len(known) < 2:
+            continue
+        key = (round(known[0], 6), round(known[-1], 6))
+        if key in seen:  # the same step, annotated and written out
+            continue
+        seen.add(key)
+        ok = all(math.isclose(v, known[-1], rel_tol=1e-2, abs_tol=1e-2) for v in known)
+        out.append(Calculation(operands=_numbers(parts[0]), value=known[-1], ok=ok))
+    return out
+
+
 def arithmetic_checks(text: str) -> tuple[int, int]:
     """(equations checked, equations found wrong) for 'a op b = c' claims in a response."""
-    checked = wrong = 0
-    seen = set()
-    for pattern in (_ANNOT, _INLINE):
-        for m in pattern.finditer(text):
-            lhs, rhs = m.group(1), m.group(2)
-            if (lhs, rhs) in seen:
-                continue
-            seen.add((lhs, rhs))
-            try:
-                value, claimed = safe_eval(lhs), _num(rhs.strip().rstrip("."))
-            except (CalcError, ValueError):
-                continue
-            checked += 1
-            if not math.isclose(value, claimed, rel_tol=1e-2, abs_tol=1e-2):
-                wrong += 1
-    return checked, wrong
+    calcs = calculations(text)
+    return len(calcs), sum(not c.ok for c in calcs)
 
 
 def final_answer(text: str) -> float | None:
-    found = _FINAL.findall(text)
+    found = _FINAL.findall(text[:_MAX_RESPONSE_CHARS])
     if not found:
         return None
     try:
@@ -322,44 +362,72 @@ RESPONSE_FEATURES = (
     "prompt_nums_used",
     "last_calc_matches_final",
     "empty",
+    "unsupported_operands",
+    "unused_prompt_numbers",
+    "any_unused",
+    "truncated",
+    "final_fraction",
+    "log_abs_final",
+    "final_huge",
+    "log_prompt_numbers",
+    "steps_per_prompt_number",
+    "has_marker",
 )
 
 
 def response_features(prompt: str, response: str) -> np.ndarray:
-    """Cheap checks on a model's response: length, final answer present, arithmetic re-checked, format."""
-    checked, wrong = arithmetic_checks(response)
+    """Cheap checks on a model's response (FrugalGPT-style): length, a final answer present and its form,
+    every calculation re-done with the calculator, operands that come from nowhere, question numbers left
+    unused, a cut-off answer, hedging. Each is a sign that the cheap model's answer is wrong."""
+    response = response[:_MAX_RESPONSE_CHARS]
+    calcs = calculations(response)
+    wrong = sum(not c.ok for c in calcs)
     final = final_answer(response)
-    nums_prompt = {_num(x) for x in re.findall(r"\d[\d,]*(?:\.\d+)?", prompt) if x.replace(",", "")}
-    nums_resp = [x for x in re.findall(r"\d[\d,]*(?:\.\d+)?", response)]
-    resp_vals = set()
-    for x in nums_resp:
-        try:
-            resp_vals.add(_num(x))
-        except ValueError:
-            pass
-    calc_results = [m.group(2) for m in _ANNOT.finditer(response)] + [
-        m.group(2) for m in _INLINE.finditer(response)
-    ]
-    last_calc = None
-    if calc_results:
-        try:
-            last_calc = _num(calc_results[-1].strip().rstrip("."))
-        except ValueError:
-            last_calc = None
+    prompt_nums = set(_numbers(prompt))
+    resp_nums = _numbers(response)
+    resp_set = set(resp_nums)
+    results = [c.value for c in calcs]
+    # an operand that is neither in the question, nor a common constant, nor an earlier result
+    unsupported = 0
+    for c in calcs:
+        for v in c.operands:
+            if (
+                v in prompt_nums
+                or v in _COMMON_CONSTANTS
+                or any(math.isclose(v, r, rel_tol=1e-3) for r in results)
+            ):
+                continue
+            unsupported += 1
+    unused = sum(v not in resp_set for v in prompt_nums)
+    stripped = response.rstrip()
+    # no final answer and the text stops mid-sentence or mid-annotation: the generation was cut off
+    unclosed = stripped.count("<<") > stripped.count(">>")
+    truncated = final is None and bool(stripped) and (unclosed or not re.search(r"[.!?)\]]$|\d$", stripped))
+    last_calc = results[-1] if results else None
     feats = [
         math.log1p(len(response)),
         float(final is not None),
         float(final is not None and float(final).is_integer()),
         float(final is not None and final < 0),
-        math.log1p(checked),
+        math.log1p(len(calcs)),
         math.log1p(wrong),
         float(wrong > 0),
-        float(final is not None and final in nums_prompt),
+        float(final is not None and final in prompt_nums),
         math.log1p(len(_HEDGE.findall(response))),
-        math.log1p(len(nums_resp)),
-        (len(nums_prompt & resp_vals) / len(nums_prompt)) if nums_prompt else 1.0,
+        math.log1p(len(resp_nums)),
+        (len(prompt_nums & resp_set) / len(prompt_nums)) if prompt_nums else 1.0,
         float(final is not None and last_calc is not None and math.isclose(final, last_calc, abs_tol=1e-6)),
-        float(not response.strip()),
+        float(not stripped),
+        math.log1p(unsupported),
+        math.log1p(unused),
+        float(unused > 0),
+        float(truncated),
+        float(final is not None and not float(final).is_integer()),
+        math.log1p(abs(final)) if final is not None else 0.0,
+        float(final is not None and bool(prompt_nums) and abs(final) > 10 * max(prompt_nums)),
+        math.log1p(len(prompt_nums)),
+        len(calcs) / (len(prompt_nums) + 1),
+        float("####" in response),
     ]
     return np.asarray(feats, dtype=np.float32)
 

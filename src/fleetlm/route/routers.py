@@ -277,7 +277,9 @@ class CascadeRouter(Router):
 
     cheap: str = ""
     c: float = 0.3
-    use_embedding: bool = True
+    # Off by default: on GSM8K (525 training rows) 384 embedding dimensions overfit and cost about 0.03-0.08
+    # APGR against the response checks alone (bench/route_eval.py; docs/ROUTING.md).
+    use_embedding: bool = False
     kind = "cascade"
     needs_responses = True
 
@@ -312,7 +314,13 @@ class CascadeRouter(Router):
     def _score(self, rows):
         a = self.arrays
         out = np.tile(a["mean"], (len(rows), 1))
-        x = (self._x(rows) - a["mu"]) / a["sd"]
+        x = self._x(rows)
+        if x.shape[1] != a["mu"].shape[0]:
+            raise RouterError(
+                f"this cascade was fitted on {a['mu'].shape[0]} features; this version computes "
+                f"{x.shape[1]}: refit it"
+            )
+        x = (x - a["mu"]) / a["sd"]
         out[:, self.models.index(self.cheap)] = _sigmoid(x @ a["w"] + a["b"])
         return out
 
