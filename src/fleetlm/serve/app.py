@@ -520,18 +520,23 @@ def create_app(
     app = FastAPI(title="fleetlm gateway", version="0.1.0", on_shutdown=[close_backends])
     app.state.gateway = gw
 
+    # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
+    defs: dict[str, Any] = {}
+
     def _body_schema(model_cls: type) -> dict:
         # The body is parsed by hand (size limit, exact 400s), so its schema is declared for the docs.
-        return {
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
-                    }
-                },
-            }
-        }
+        schema = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(schema.pop("$defs", {}))
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            base_openapi().setdefault("components", {}).setdefault("schemas", {}).update(defs)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
