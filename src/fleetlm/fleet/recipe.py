@@ -90,9 +90,12 @@ RECIPES: dict[str, Recipe] = {
             Size("fleet-base", hidden=192, layers=4, heads=6, kv_heads=3, intermediate=576, steps=4000,
                  lr=3e-3),
         ),
-        experts=(Expert("fleet-arith", "arithmetic",
-                        Size("fleet-arith", hidden=128, layers=3, heads=4, intermediate=384, steps=1500,
-                             lr=4e-3)),),
+        experts=(
+            Expert("fleet-arith", "arithmetic", Size("fleet-arith", hidden=128, layers=3, heads=4,
+                                                     intermediate=384, steps=1500, lr=4e-3)),
+            Expert("fleet-strings", "strings", Size("fleet-strings", hidden=128, layers=3, heads=4,
+                                                    intermediate=384, steps=1500, lr=4e-3)),
+        ),
         batch_size=24,
         # Levels 4-6 (e.g. 5-digit products, 12-letter reversals) stayed at 0% for every size within a
         # 2-core budget, and their long answers drowned the learnable levels' gradient: the fleet is
@@ -199,16 +202,20 @@ def _train_one(args: tuple) -> dict[str, Any]:
             "tokens_per_s": result.tokens_per_s, "seconds": time.perf_counter() - t0}
 
 
+def run_jobs(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    """fn over jobs, `workers` processes at once (one thread each); in this process when workers is 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def train_generalists(out: Path, recipe: Recipe, train_path: Path, tok_dir: Path,
                       log: Callable[[str], None]) -> list[dict[str, Any]]:
     jobs = [(s, recipe, train_path, tok_dir, out / s.name) for s in recipe.generalists]
     # Biggest first: it takes longest, so the small ones fill the other worker meanwhile.
     jobs.sort(key=lambda j: -j[0].hidden * j[0].layers)
-    if recipe.jobs <= 1:
-        results = [_train_one(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(recipe.jobs) as pool:
-            results = list(pool.map(_train_one, jobs))
+    results = run_jobs(_train_one, jobs, recipe.jobs)
     for r in results:
         log(f"trained {r['model']}: loss {r['train_loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s, "
             f"{r['seconds']:.0f} s")
@@ -224,21 +231,33 @@ def domain_data(train_path: Path, domain: str, out_path: Path) -> Path:
     return write_jsonl(rows, out_path)
 
 
-def train_expert(out: Path, recipe: Recipe, expert: Expert, teacher: Path, train_path: Path, tok_dir: Path,
-                 log: Callable[[str], None]) -> dict[str, Any]:
-    """Distill the expert from the teacher (token-level KD on the domain's training records)."""
+def _distill_one(args: tuple) -> dict[str, Any]:
+    """Distill one expert from the teacher (token-level KD on its domain's training records)."""
+    import torch
+
     from fleetlm.train.distill import distill, parse_distill_config
 
-    data = domain_data(train_path, expert.domain, out / "data" / f"{expert.domain}.jsonl")
-    cfg = train_config(expert.size, recipe, data, tok_dir, out / expert.name)
+    expert, recipe, data, tok_dir, teacher, out_dir = args
+    torch.set_num_threads(1)
+    cfg = train_config(expert.size, recipe, data, tok_dir, out_dir)
     dcfg = parse_distill_config({"teacher": str(teacher), "prompts": str(data), "method": expert.method,
                                  "alpha": expert.alpha})
     t0 = time.perf_counter()
     result = distill(cfg, dcfg)
-    log(f"distilled {expert.name} from {teacher.name} on {expert.domain}: loss {result.train_loss:.3f}, "
-        f"{result.tokens_per_s:,.0f} tok/s, {time.perf_counter() - t0:.0f} s")
-    return {"model": expert.name, "steps": result.step, "train_loss": result.train_loss,
-            "tokens_per_s": result.tokens_per_s, "seconds": time.perf_counter() - t0}
+    return {"model": expert.name, "teacher": teacher.name, "domain": expert.domain, "steps": result.step,
+            "train_loss": result.train_loss, "tokens_per_s": result.tokens_per_s,
+            "seconds": time.perf_counter() - t0}
+
+
+def train_experts(out: Path, recipe: Recipe, teacher: Path, train_path: Path, tok_dir: Path,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    jobs = [(e, recipe, domain_data(train_path, e.domain, out / "data" / f"{e.domain}.jsonl"), tok_dir,
+             teacher, out / e.name) for e in recipe.experts]
+    results = run_jobs(_distill_one, jobs, recipe.jobs)
+    for r in results:
+        log(f"distilled {r['model']} from {r['teacher']} on {r['domain']}: loss {r['train_loss']:.3f}, "
+            f"{r['tokens_per_s']:,.0f} tok/s, {r['seconds']:.0f} s")
+    return results
 
 
 def evaluate_all(out: Path, models: list[str], records: list[dict], recipe: Recipe) -> tuple[dict, dict]:
@@ -299,9 +318,9 @@ def build_fleet(out: str | Path, recipe: Recipe, log: Callable[[str], None] = pr
                                              if not (reuse and _done(out / s.name))))
     training = train_generalists(out, todo, paths["train"], tok_dir, log) if todo.generalists else []
     teacher = out / max(recipe.generalists, key=lambda s: s.hidden * s.layers).name
-    for expert in recipe.experts:
-        if not (reuse and _done(out / expert.name)):
-            training.append(train_expert(out, recipe, expert, teacher, paths["train"], tok_dir, log))
+    experts = replace(recipe, experts=tuple(e for e in recipe.experts if not (reuse and _done(out / e.name))))
+    if experts.experts:
+        training += train_experts(out, experts, teacher, paths["train"], tok_dir, log)
     models = [s.name for s in recipe.generalists] + [e.name for e in recipe.experts]
     route_records = read_jsonl(paths["route"])
     _, route_preds = evaluate_all(out, models, route_records, recipe)
