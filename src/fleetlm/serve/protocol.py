@@ -211,6 +211,14 @@ class EmbeddingRequest(_Request):
         return items  # type: ignore[return-value]
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _union_member(part: Any) -> bool:
+    """pydantic puts the union member that failed in an error's location ("prompt.list[str]"): no field."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or "-" in part)
+
+
 def parse_request(model_cls: type[BaseModel], body: bytes) -> Any:
     """Validate raw body bytes; malformed JSON, invalid UTF-8 and wrong types all become a 400 BadRequest."""
     try:
@@ -225,7 +233,7 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> Any:
             raise BadRequest(f"request body is not valid JSON: {err['msg']}") from None
         if err["type"] == "model_type" and not err["loc"]:
             raise BadRequest("request body must be a JSON object") from None
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = ".".join(str(p) for p in err["loc"] if not _union_member(p)) or None
         msg = err["msg"].removeprefix("Value error, ")
         raise BadRequest(f"{param}: {msg}" if param else msg, param=param) from None
 
