@@ -225,6 +225,25 @@ def test_cascade_keeps_a_checked_answer_and_escalates_a_wrong_one(tmp_path, casc
     assert rows[-1]["predicted_quality"] is not None and "escalated" in rows[-1]["route_reason"]
 
 
+def test_cascade_does_not_review_a_fallbacks_answer(tmp_path, cascade_dir):
+    from fleetlm.serve.errors import BackendError
+
+    def down(prompt):
+        raise BackendError("weak is down")
+
+    models = {**MODELS, "weak": {**MODELS["weak"], "fallbacks": ["strong"]}}
+    cfg = parse_config(
+        {"models": models, "router": {"kind": "cascade", "path": str(cascade_dir), "quality_floor": 0.8}}
+    )
+    backends = {"weak": Model("weak", down), "strong": Model("strong", lambda p: "#### 7")}
+    client = TestClient(create_app(cfg, UsageStore(f"sqlite:///{tmp_path / 'u.db'}"), backends))
+    with client:
+        r = ask(client, APPLES.format(a=3, b=4))
+    assert r.status_code == 200 and r.headers["x-fleet-model"] == "strong"
+    assert r.headers["x-fleet-route"] == "router:cascade: weak answers first; fallback from weak"
+    assert backends["strong"].calls == 1  # answered once, not reviewed and escalated to itself
+
+
 def test_cascade_streams_the_kept_or_the_escalated_answer(tmp_path, cascade_dir):
     client, _, _ = gateway(
         tmp_path,

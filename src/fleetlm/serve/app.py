@@ -316,6 +316,8 @@ class Gateway:
         """Cascade: the router reads the cheap answer; the chain to escalate to, or None to keep it."""
         assert self.router is not None
         call.cascade = False
+        if call.fallbacks:  # the cheap model failed and a fallback answered: its checks do not apply
+            return None
         answers = [c.text or "" for c in gen.choices]
         decision = await run_in_threadpool(self.router.review, req, answers)  # type: ignore[attr-defined]
         call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
