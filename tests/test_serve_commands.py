@@ -87,7 +87,7 @@ def served(upstream, tmp_path_factory):
 
 def test_chat_completions_models_and_streaming_with_the_openai_client(served):
     server, client, db, _ = served
-    assert {m.id for m in client.models.list()} == {"small", "large", "flaky"}
+    assert {m.id for m in client.models.list()} == {"small", "large", "flaky", "all-MiniLM-L6-v2"}
     raw = client.chat.completions.with_raw_response.create(
         model="s", messages=[{"role": "user", "content": "two words"}], max_tokens=8
     )
