@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fleet generate --prompt "The fleet" --max-tokens 48 --seed 0
+	$(BIN)/fleet demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

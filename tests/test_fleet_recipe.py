@@ -62,3 +62,19 @@ def test_reuse_keeps_the_trained_models(ci_fleet):
 def test_default_config_without_a_fleet_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="fleet fleet build"):
         default_config(tmp_path)
+
+
+def test_the_shipped_fleet_is_complete_and_small():
+    from fleetlm.fleet import FLEET_DIR
+
+    config = default_config()
+    assert config.router is not None and config.router.name == "auto"
+    for name, spec in config.models.items():
+        assert (FLEET_DIR / name / "model.safetensors").is_file(), name
+        assert spec.price.output > 0
+    # prices follow parameters, and the budget for shipped weights holds
+    params = {n: params_of(FLEET_DIR / n) for n in config.models}
+    assert config.strongest_model() == max(params, key=params.get)
+    weights = sum(f.stat().st_size for f in FLEET_DIR.rglob("*.safetensors"))
+    assert weights <= 40 * 2**20
+    assert set(json.loads((FLEET_DIR / "eval.json").read_text())) == set(config.models)
