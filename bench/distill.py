@@ -205,6 +205,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                label=f"teacher {Path(t['path']).name}, all levels")
     ax.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(").replace(", ", ",\n", 1) for r in rows],
                   fontsize=7)
+    top = max([100 * t["accuracy"]] + [100 * r["accuracy"] for r in rows]
+              + [100 * v for r in rows for v in r["per_level"].values()])
+    ax.set_ylim(0, max(5.0, min(100.0, top * 1.15 + 2)))  # a row of zeros still gets a sane axis
     ax.set_ylabel("test accuracy (%)")
     s = result["settings"]
     ax.set_title(f"{s['domain']} L{levels[0]}-{levels[-1]}: student {s['student']} from scratch, "
@@ -240,6 +243,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not (teacher / "config.json").is_file() or not (teacher / "tokenizer.json").is_file():
             raise FleetError(f"teacher {teacher} is not a checkpoint with its tokenizer (config.json, "
                              f"tokenizer.json); build the fleet first or use --quick")
+    args.batch_size = args.batch_size or recipe.batch_size
     recipe = replace(recipe, batch_size=args.batch_size)
     tok_dir = teacher  # checkpoints carry the tokenizer they were trained with: the fleet's
     train_rows = generate([args.domain], args.n_train, args.seed, levels=levels, split="train", answers=True)
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,2,3", help='e.g. "1,2,3" or "1-3"')
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, help="global batch (default: the recipe's)")
     ap.add_argument("--n-train", type=int, default=3000, help="training prompts (spread over the levels)")
     ap.add_argument("--n-test", type=int, default=300, help="test questions (spread over the levels)")
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the divergence against the LM loss")
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.student not in {s.name for s in RECIPES["full"].generalists}:
         ap.error(f"unknown student {args.student!r}; the full recipe has "
                  f"{[s.name for s in RECIPES['full'].generalists]}")
-    if min(args.steps, args.batch_size, args.n_train, args.n_test, args.threads) < 1:
+    if min(args.steps, args.batch_size or 1, args.n_train, args.n_test, args.threads) < 1:
         ap.error("--steps, --batch-size, --n-train, --n-test and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     try:
