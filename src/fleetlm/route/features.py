@@ -441,21 +441,65 @@ PROMPT_FEATURES = (
     "negation",
     "log_option_chars",
     "scenario",
+    "log_stem_chars",
+    "option_chars_mean",
+    "option_chars_std",
+    "option_length_ratio",
+    "numeric_options",
+    "all_none_of_above",
+    "statement_pairs",
+    "truth_value_options",
+    "reading_passage",
+    "which_of_the_following",
+    "stem_is_question",
+    "fill_in_blank",
+    "code",
+    "latex",
+    "log_stem_sentences",
+    "log_stem_numbers",
+    "first_second_person",
 )
+
+_OPTION = re.compile(r"^[A-D]\.\s*(.*)$", re.MULTILINE)
+_DIGIT = re.compile(r"\d")
+_NUMERIC_OPTION = re.compile(r"[\s$\-\d.,/%^*()x+=a-z]*\d[\s$\-\d.,/%^*()x+=a-z]*")
 
 
 def prompt_features(prompt: str) -> np.ndarray:
-    """Cheap surface features of a prompt that carry across domains (length, digits, math, format)."""
+    """Cheap surface features of a prompt that carry across domains: length, digits, math, and the shape
+    of a multiple-choice question (its stem, its options' lengths and kind, a passage to read, negation).
+    They describe what kind of task the prompt is, not its topic, so they transfer to unseen subjects."""
     n = max(len(prompt), 1)
-    options = re.findall(r"^[A-D]\.\s*(.*)$", prompt, re.MULTILINE)
+    options = _OPTION.findall(prompt)
+    first = re.search(r"^[A-D]\.", prompt, re.MULTILINE)
+    stem = prompt[: first.start()] if first else prompt
+    lengths = [len(o) for o in options] or [0]
+    low = prompt.lower()
     feats = [
         math.log1p(len(prompt)),
         math.log1p(len(prompt.split())),
-        sum(c.isdigit() for c in prompt) / n,
+        len(_DIGIT.findall(prompt)) / n,
         math.log1p(len(re.findall(r"[=+\-*/^<>√π∫∑]", prompt))),
         float(len(options)),
         float(bool(re.search(r"\b(NOT|EXCEPT|LEAST|FALSE)\b", prompt))),
         math.log1p(sum(len(o) for o in options)),
         float("Scenario 1" in prompt),
+        math.log1p(len(stem)),
+        float(np.mean(lengths)) / 100,
+        float(np.std(lengths)) / 100,
+        max(lengths) / (min(lengths) + 1),
+        sum(bool(_NUMERIC_OPTION.fullmatch(o)) for o in options) / max(len(options), 1),
+        float(bool(re.search(r"all of the above|none of the above|both [a-d] and [a-d]", low))),
+        float("statement 1" in low),
+        float(bool(re.search(r"true, true|false, false|true, false|wrong, wrong|not wrong", low))),
+        float(bool(re.search(r"refers to the following|following (passage|information|excerpt)", low))),
+        float("which of the following" in low),
+        float(stem.rstrip().endswith("?")),
+        float("_" in stem),
+        float(bool(re.search(r"[{};]|def |return |\bint\b|print\(", prompt))),
+        float(bool(re.search(r"\$[^$]+\$|\\frac|\^", prompt))),
+        math.log1p(len(re.findall(r"[.!?](?:\s|$)", stem))),
+        math.log1p(len(re.findall(r"\d+(?:\.\d+)?", stem))),
+        float(bool(re.search(r"\b(I|you|we|my)\b", stem))),
     ]
     return np.asarray(feats, dtype=np.float32)

@@ -68,6 +68,9 @@ class Router:
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "models"}
 
+    def _restore(self) -> None:
+        """Called by load_router once models and arrays are set (for routers that hold more than arrays)."""
+
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -125,9 +128,12 @@ class LogisticRouter(Router):
     """One L2-regularised logistic regression per model on [embedding, prompt surface features]."""
 
     c: float = 0.5
+    surface_features: bool = True  # append prompt_features() to the embedding
     kind = "logistic"
 
     def _x(self, rows):
+        if not self.surface_features:
+            return self.embed(rows)
         return np.hstack([self.embed(rows), np.stack([prompt_features(r.prompt) for r in rows])])
 
     def _fit(self, rows, y):
@@ -325,8 +331,155 @@ class CascadeRouter(Router):
         return out
 
 
+def _export_trees(clf, prefix: str) -> dict[str, np.ndarray]:
+    """A fitted HistGradientBoostingClassifier (binary) as flat node arrays: saved without pickle, and
+    predicted by `_trees_logit` in a few vectorised steps. Nodes of all trees are concatenated."""
+    names = ("feature", "threshold", "left", "right", "leaf", "value", "missing_left")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    roots, offset = [], 0
+    for iteration in clf._predictors:  # binary classification: one tree per boosting iteration
+        nodes = iteration[0].nodes
+        if nodes["is_categorical"].any():
+            raise RouterError("categorical splits are not supported in saved trees")
+        roots.append(offset)
+        parts["feature"].append(nodes["feature_idx"].astype(np.int32))
+        parts["threshold"].append(nodes["num_threshold"].astype(np.float64))
+        parts["left"].append(nodes["left"].astype(np.int32) + offset)
+        parts["right"].append(nodes["right"].astype(np.int32) + offset)
+        parts["leaf"].append(nodes["is_leaf"].astype(bool))
+        parts["value"].append(nodes["value"].astype(np.float64))
+        parts["missing_left"].append(nodes["missing_go_to_left"].astype(bool))
+        offset += len(nodes)
+    out = {f"{prefix}{k}": np.concatenate(v) for k, v in parts.items()}
+    out[f"{prefix}roots"] = np.asarray(roots, dtype=np.int32)
+    out[f"{prefix}baseline"] = np.asarray(clf._baseline_prediction, dtype=np.float64).reshape(-1)[:1]
+    return out
+
+
+def _trees_logit(x: np.ndarray, a: dict[str, np.ndarray], prefix: str) -> np.ndarray:
+    """Sum of the trees' leaf values for each row of x (all rows and trees walked together)."""
+    roots = a[f"{prefix}roots"]
+    baseline = float(a[f"{prefix}baseline"][0])
+    if len(roots) == 0:
+        return np.full(len(x), baseline)
+    feature, threshold = a[f"{prefix}feature"], a[f"{prefix}threshold"]
+    left, right, leaf = a[f"{prefix}left"], a[f"{prefix}right"], a[f"{prefix}leaf"]
+    missing_left = a[f"{prefix}missing_left"]
+    idx = np.tile(roots, (len(x), 1))
+    rows = np.arange(len(x))[:, None]
+    while not leaf[idx].all():  # at most the trees' depth steps
+        v = x[rows, feature[idx]]
+        go_left = np.where(np.isnan(v), missing_left[idx], v <= threshold[idx])
+        idx = np.where(leaf[idx], idx, np.where(go_left, left[idx], right[idx]))
+    return baseline + a[f"{prefix}value"][idx].sum(1)
+
+
+@dataclass
+class GBMRouter(Router):
+    """Gradient-boosted trees on the prompt's surface features (length, the shape of its options, math,
+    negation, a passage to read): what kind of task a prompt is transfers to unseen subjects better than
+    what it is about. Needs no embedding, so it scores a prompt in well under a millisecond."""
+
+    trees: int = 150
+    depth: int = 3
+    learning_rate: float = 0.05
+    min_leaf: int = 50  # at most: small data gets leaves of max(5, 5% of the rows)
+    l2: float = 1.0
+    kind = "gbm"
+    use_embedding = False  # read by the gateway: no MiniLM to load for this router
+
+    def _x(self, rows):
+        return np.stack([prompt_features(r.prompt) for r in rows]).astype(np.float64)
+
+    def _fit(self, rows, y):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        x = self._x(rows)
+        for j in range(y.shape[1]):
+            labels = (y[:, j] >= 0.5).astype(int)
+            if labels.min() == labels.max():  # one class only: no trees, the constant
+                p = np.clip(labels.mean(), 1e-3, 1 - 1e-3)
+                self.arrays[f"t{j}.roots"] = np.zeros(0, np.int32)
+                self.arrays[f"t{j}.baseline"] = np.array([np.log(p / (1 - p))])
+                continue
+            clf = HistGradientBoostingClassifier(
+                max_iter=self.trees,
+                learning_rate=self.learning_rate,
+                max_depth=self.depth,
+                min_samples_leaf=min(self.min_leaf, max(5, len(x) // 20)),
+                l2_regularization=self.l2,
+                early_stopping=False,
+                random_state=self.seed,
+            ).fit(x, labels)
+            self.arrays.update(_export_trees(clf, f"t{j}."))
+
+    def _score(self, rows):
+        x = self._x(rows)
+        return np.stack(
+            [_sigmoid(_trees_logit(x, self.arrays, f"t{j}.")) for j in range(len(self.models))], 1
+        )
+
+
+@dataclass
+class EnsembleRouter(Router):
+    """The mean predicted quality of several routers. The default pairs trees on surface features (the
+    kind of task) with a logistic head on the embedding (the topic): their errors differ, so the mean
+    ranks held-out prompts better than either alone."""
+
+    members: list[str] = field(default_factory=lambda: ["gbm", "logistic"])
+    member_settings: dict[str, dict] = field(
+        default_factory=lambda: {"logistic": {"c": 0.01, "surface_features": False}}
+    )
+    kind = "ensemble"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.members or "ensemble" in self.members:
+            raise RouterError("an ensemble needs member routers (and none of them an ensemble)")
+        self._members = [make_router(k, **self.member_settings.get(k, {})) for k in self.members]
+
+    @property
+    def use_embedding(self) -> bool:  # read by the gateway
+        return any(m.kind != "random" and getattr(m, "use_embedding", True) for m in self._members)
+
+    def _share_embedder(self) -> None:
+        if self.embedder is None and self.use_embedding:
+            self.embedder = Embedder()
+        for m in self._members:
+            m.embedder = self.embedder  # one model in memory, one cache
+
+    def _fit(self, rows, y):
+        self._share_embedder()
+        for i, m in enumerate(self._members):
+            m.fit(rows)
+            self.arrays.update({f"m{i}.{k}": v for k, v in m.arrays.items()})
+            self.member_settings[m.kind] = m.settings()  # e.g. a cascade's cheap model, chosen in fit
+
+    def _restore(self) -> None:
+        self._members = [make_router(k, **self.member_settings.get(k, {})) for k in self.members]
+        for i, m in enumerate(self._members):
+            m.models = list(self.models)
+            p = f"m{i}."
+            m.arrays = {k[len(p) :]: v for k, v in self.arrays.items() if k.startswith(p)}
+            m._restore()
+
+    def _score(self, rows):
+        self._share_embedder()
+        return np.mean([m.score(rows) for m in self._members], axis=0)
+
+
 ROUTERS: dict[str, type[Router]] = {
-    cls.kind: cls for cls in (RandomRouter, KNNRouter, LogisticRouter, MLPRouter, MFRouter, CascadeRouter)
+    cls.kind: cls
+    for cls in (
+        RandomRouter,
+        KNNRouter,
+        LogisticRouter,
+        MLPRouter,
+        MFRouter,
+        CascadeRouter,
+        GBMRouter,
+        EnsembleRouter,
+    )
 }
 
 
@@ -350,6 +503,7 @@ def load_router(path: str | Path) -> Router:
         router.models = list(meta["models"])
         with np.load(path / "arrays.npz") as z:
             router.arrays = {k: z[k] for k in z.files}
+        router._restore()
     except (json.JSONDecodeError, KeyError, OSError, ValueError) as exc:
         raise RouterError(f"cannot read router at {path}: {exc}") from None
     return router
