@@ -25,10 +25,8 @@ from fleetlm.errors import ConfigError, FleetError
 from fleetlm.model.tokenizer import SPECIAL_KEYS, Tokenizer
 from fleetlm.serve.backends import Backend, Embeddings, UnavailableBackend, register_kind
 from fleetlm.serve.errors import BackendError
-from fleetlm.serve.local import LocalBackend, TokenStreamBackend, _unsupported
+from fleetlm.serve.local import _DONE, LocalBackend, TokenStreamBackend, _unsupported, drain
 from fleetlm.serve.protocol import EmbeddingRequest
-
-_DONE = object()
 
 
 class LlamaCppTokenizer(Tokenizer):
@@ -171,19 +169,10 @@ class LlamaCppBackend(TokenStreamBackend):
 
     # ------------------------------------------------------------ the async side
 
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
+    def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
         job = _Job(request, asyncio.get_running_loop())
         self._pool.submit(self._run, job)
-        try:
-            while True:
-                item = await job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BackendError):
-                    raise item
-                yield job.prompt_tokens, item
-        finally:
-            job.cancelled = True  # the worker stops this request at its next token
+        return drain(job)  # leaving early cancels the job: the worker stops it at its next token
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
         raise _unsupported(f"{self.name}: embeddings are not served from llama.cpp models")

@@ -53,6 +53,21 @@ def _deliver(items: list[tuple[_Job, Any]]) -> None:
             job.out.put_nowait(item)
 
 
+async def drain(job: Any) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(prompt token count, event) pairs a worker posts to `job.out`, until _DONE; a BackendError it posts is
+    raised here. Leaving early (a client that went away) marks the job cancelled, so the worker drops it."""
+    try:
+        while True:
+            item = await job.out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BackendError):
+                raise item
+            yield job.prompt_tokens, item
+    finally:
+        job.cancelled = True
+
+
 class TokenStreamBackend:
     """The OpenAI side of a backend that streams our TokenEvents: requests in, Generations and Deltas out.
 
@@ -301,20 +316,11 @@ class LocalBackend(TokenStreamBackend):
 
     # ------------------------------------------------------------ the async side
 
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
+    def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(prompt token count, event) pairs for one request, as the worker produces them."""
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self._jobs.put(job)
-        try:
-            while True:
-                item = await job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BackendError):
-                    raise item
-                yield job.prompt_tokens, item
-        finally:
-            job.cancelled = True  # a client that went away: the worker drops its row at the next step
+        return drain(job)
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
         """Mean-pooled last hidden states of our decoder (off the event loop, beside the decode thread)."""
