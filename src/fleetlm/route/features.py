@@ -118,6 +118,8 @@ class MiniLMEncoder:
         self._lock = threading.Lock()
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
+        if len(texts) <= SMALL_BATCH:  # encode_batch wakes a thread pool: a loss for a few texts
+            return [self.tokenizer.encode(t).ids for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
