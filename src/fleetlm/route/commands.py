@@ -62,7 +62,9 @@ def import_routellm_cmd(
 @route_app.command("fit")
 def fit_cmd(
     data: Path = typer.Option(..., "--data", help="training routing data (JSONL)"),
-    router: str = typer.Option("mlp", "--router", help="random | knn | logistic | mlp | mf | cascade"),
+    router: str = typer.Option(
+        "mlp", "--router", help="random | knn | logistic | mlp | mf | gbm | ensemble | cascade"
+    ),
     out: Path = typer.Option(..., "--out", help="directory to save the router in"),
     set_: list[str] = typer.Option([], "--set", help="router setting KEY=VALUE (JSON value), repeatable"),
 ) -> None:
