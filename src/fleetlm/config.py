@@ -75,7 +75,8 @@ class ModelSpec(_Strict):
 
 class RouterSpec(_Strict):
     name: str = "auto"
-    kind: Literal["random", "knn", "mlp", "mf", "cascade", "cheapest", "strongest"] = "mlp"
+    kind: Literal["random", "knn", "logistic", "mlp", "mf", "gbm", "ensemble", "cascade", "cheapest",
+                  "strongest"] = "mlp"
     quality_floor: float = Field(0.95, ge=0, le=1)
     budget_usd_per_1k: float | None = Field(None, ge=0)
     path: str | None = Field(None, description="a fitted router saved by `fleet route fit`")
