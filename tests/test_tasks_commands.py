@@ -39,7 +39,7 @@ def test_bad_input_is_a_typed_error(app, tmp_path):
     assert isinstance(result.exception, TaskError) and "unknown domain" in str(result.exception)
     missing = ["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]
     result = CliRunner().invoke(app, missing)
-    assert isinstance(result.exception, TaskError) and "no such data file" in str(result.exception)
+    assert isinstance(result.exception, TaskError) and "data file not found" in str(result.exception)
 
 
 def test_docs_command(app, tmp_path):

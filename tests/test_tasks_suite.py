@@ -78,13 +78,13 @@ def test_jsonl_round_trip_and_bad_files(tmp_path):
     recs = suite.generate(n=5, seed=0)
     path = suite.write_jsonl(recs, tmp_path / "sub" / "t.jsonl")
     assert suite.read_jsonl(path) == recs
-    with pytest.raises(TaskError, match="no such data file"):
+    with pytest.raises(TaskError, match="data file not found"):
         suite.read_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
     with pytest.raises(TaskError, match="lacks answer, domain"):
         suite.read_jsonl(tmp_path / "bad.jsonl")
     (tmp_path / "bad2.jsonl").write_text("{nope\n")
-    with pytest.raises(TaskError, match=":1: not JSON"):
+    with pytest.raises(TaskError, match=":1: not valid JSON"):
         suite.read_jsonl(tmp_path / "bad2.jsonl")
 
 

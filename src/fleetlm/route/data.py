@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetlm.errors import FleetError
+from fleetlm.jsonl import iter_jsonl
 
 
 class RouteDataError(FleetError):
@@ -69,19 +70,7 @@ def prompt_id(prompt: str, prefix: str = "p") -> str:
 
 
 def load_rows(path: str | Path) -> list[RouteRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise RouteDataError(f"routing data not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RouteDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            rows.append(_row_from_dict(obj, f"{path}:{n}"))
+    rows = [_row_from_dict(obj, where) for where, obj in iter_jsonl(path, RouteDataError, "routing data")]
     if not rows:
         raise RouteDataError(f"{path}: no rows")
     return rows

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from fleetlm.jsonl import iter_jsonl
 from fleetlm.tasks import arithmetic, classification, conversion, facts, strings
 from fleetlm.tasks.base import Task, TaskError
 
@@ -146,20 +147,11 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Task records from a JSONL file, with a one-line TaskError for a missing file or a bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"no such data file: {path}")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskError(f"{path}:{lineno}: not JSON ({exc.msg})") from exc
-        missing = [k for k in ("messages", "answer", "domain") if k not in rec]
+    for where, rec in iter_jsonl(path, TaskError):
+        missing = [k for k in ("messages", "answer", "domain") if not isinstance(rec, dict) or k not in rec]
         if missing:
-            raise TaskError(f"{path}:{lineno}: record lacks {', '.join(missing)}")
+            raise TaskError(f"{where}: record lacks {', '.join(missing)}")
         records.append(rec)
     return records
 
