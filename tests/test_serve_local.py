@@ -165,3 +165,22 @@ def test_gateway_serves_the_local_model(backend, tmp_path):
             ),
         )
         assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_after_shutdown_requests_fail_at_once_instead_of_hanging():
+    cfg = parse_config({"models": {"tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"}}})
+    b = build_backends(cfg)["tiny"]
+
+    async def go():
+        running = asyncio.create_task(b.chat(chat(max_tokens=200, temperature=0)))
+        await asyncio.sleep(0.05)
+        await b.aclose()
+        with pytest.raises(BackendError, match="shut down"):
+            await asyncio.wait_for(b.chat(chat(max_tokens=2)), timeout=10)
+        # a request already in the engine ends (answered or failed), it does not wait forever
+        try:
+            await asyncio.wait_for(running, timeout=10)
+        except BackendError as exc:
+            assert "shut down" in str(exc)
+
+    asyncio.run(go())

@@ -232,6 +232,7 @@ class LocalBackend(TokenStreamBackend):
         self.context = int(engine.model.config.max_position_embeddings)
         self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._closed = False
         self._threads_before: int | None = None  # torch's thread count while the engine is busy
         self._thread = threading.Thread(target=self._worker, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -259,7 +260,13 @@ class LocalBackend(TokenStreamBackend):
                     incoming.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            if None in incoming:
+            if None in incoming:  # shut down: nobody waits forever on a request the engine will not run
+                closing = [j for j in incoming if j is not None] + list(jobs.values())
+                for job in closing:
+                    try:
+                        job.loop.call_soon_threadsafe(_deliver, [(job, self._shut_down())])
+                    except RuntimeError:
+                        pass
                 return
             replies: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = defaultdict(list)
             for job in incoming:
@@ -318,6 +325,8 @@ class LocalBackend(TokenStreamBackend):
 
     def _events(self, request: GenerationRequest) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(prompt token count, event) pairs for one request, as the worker produces them."""
+        if self._closed:
+            raise self._shut_down()
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self._jobs.put(job)
         return drain(job)
@@ -336,7 +345,11 @@ class LocalBackend(TokenStreamBackend):
         return Embeddings(vectors.numpy(), sum(counts))  # type: ignore[arg-type]  # the app serializes it
 
     async def aclose(self) -> None:
+        self._closed = True
         self._jobs.put(None)
+
+    def _shut_down(self) -> BackendError:
+        return BackendError(f"{self.name}: the model has been shut down", retryable=False)
 
 
 def load_gguf_engine(path: str | Path, dtype: str = "f32", name: str | None = None) -> Engine:
