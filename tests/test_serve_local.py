@@ -184,3 +184,20 @@ def test_after_shutdown_requests_fail_at_once_instead_of_hanging():
             assert "shut down" in str(exc)
 
     asyncio.run(go())
+
+
+def test_completions_take_token_id_prompts():
+    cfg = parse_config({"models": {"tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"}}})
+    b = build_backends(cfg)["tiny"]
+    ids = b.tokenizer.encode("The fleet")  # with the special tokens the text path adds itself
+
+    def complete(prompt):
+        req = CompletionRequest(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+        return asyncio.run(b.complete(req))
+
+    text, one, two = complete("The fleet"), complete(ids), complete([ids, ids])
+    asyncio.run(b.aclose())
+    assert one.choices[0].text == text.choices[0].text
+    assert [c.text for c in two.choices] == [text.choices[0].text] * 2
+    with pytest.raises(ValueError):
+        CompletionRequest(model="tiny", prompt=[[]])

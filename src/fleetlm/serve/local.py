@@ -118,7 +118,8 @@ class TokenStreamBackend:
         else:
             if req.echo or req.suffix:
                 raise _unsupported(f"{self.name}: echo and suffix are not supported on local models")
-            prompts = [{"prompt": p} for p in req.prompts()]
+            prompts = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": list(p)}
+                       for p in req.prompts()]
             logprobs = req.logprobs is not None
         if common["max_tokens"] == 0:
             raise _unsupported(f"{self.name}: max_tokens must be at least 1")

@@ -52,7 +52,11 @@ def prompt_text(request: Any) -> str:
         users = [m for m in request.messages if m.role == "user"]
         return (users[-1] if users else request.messages[-1]).text()
     if isinstance(request, CompletionRequest):
-        return request.prompts()[0]
+        first = request.prompts()[0]
+        if not isinstance(first, str):  # ids of which model's vocabulary? the router reads text
+            raise BadRequest("the router reads text: send the prompt as a string, or name a model",
+                             param="prompt")
+        return first
     raise BadRequest("the router serves chat and completions only; name an embedding model", param="model")
 
 
