@@ -109,3 +109,11 @@ def test_completion_and_embedding_requests():
 def test_usage_totals():
     u = Usage.of(3, 4)
     assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (3, 4, 7)
+
+
+def test_completions_bound_the_rows_one_request_can_ask_for():
+    from fleetlm.serve.protocol import MAX_COMPLETION_CHOICES, CompletionRequest
+
+    CompletionRequest(model="m", prompt=["a"] * MAX_COMPLETION_CHOICES)
+    with pytest.raises(ValueError, match="prompts x n"):
+        CompletionRequest(model="m", prompt=["a"] * 5, n=16)

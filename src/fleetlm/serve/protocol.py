@@ -10,12 +10,13 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleetlm.serve.errors import BadRequest
 
 MAX_TOKENS_LIMIT = 1_000_000  # anything larger is a client bug, not a wish
 MAX_N = 16
+MAX_COMPLETION_CHOICES = 64  # prompts x n in one completions request: each is a row of a batch
 MAX_STOP = 4
 
 
@@ -140,6 +141,12 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> CompletionRequest:
+        if len(self.prompts()) * self.n > MAX_COMPLETION_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_COMPLETION_CHOICES}")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a text, or a list of token ids."""
