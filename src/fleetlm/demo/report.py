@@ -18,7 +18,9 @@ def write_plot(results: list[Any], strongest: str, router: str | None, path: Pat
         is_router = r.model == router
         ax.scatter(r.cost_usd * 1e3, r.accuracy, s=90 if is_router else 50, marker="*" if is_router else "o",
                    color="tab:red" if is_router else "tab:blue", zorder=3)
-        ax.annotate(r.model, (r.cost_usd * 1e3, r.accuracy), textcoords="offset points", xytext=(6, 4))
+        # the router usually sits on a model it routes to: its label goes below, the models' above
+        ax.annotate(r.model, (r.cost_usd * 1e3, r.accuracy), textcoords="offset points",
+                    xytext=(6, -12) if is_router else (6, 4), color="tab:red" if is_router else "black")
     ax.set_xlabel("cost of the test split (milli-$)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"The fleet: cost against accuracy (router vs {strongest})")
