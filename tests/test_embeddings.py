@@ -177,3 +177,28 @@ def test_local_backend_embed_runs_beside_generation(served):
 
     gen, emb = asyncio.run(both())
     assert gen.completion_tokens >= 1 and len(emb.vectors) == 3
+
+
+def test_concurrent_callers_share_forwards_and_get_their_own_vectors(minilm):
+    import threading
+
+    texts = [f"question number {i} about the fleet" for i in range(12)]
+    alone = {t: minilm._encode_texts([t], True)[0][0] for t in texts}  # reference, no cache involved
+    before = minilm.forwards
+    got: dict[str, np.ndarray] = {}
+    start = threading.Barrier(len(texts))
+
+    def ask(t: str) -> None:
+        start.wait()
+        got[t] = minilm([t])[0]
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads)
+    assert set(got) == set(texts)
+    for t in texts:
+        assert float(got[t] @ alone[t]) > 0.9999
+    assert minilm.forwards - before < len(texts)  # some callers were batched together
