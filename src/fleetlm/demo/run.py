@@ -113,26 +113,24 @@ async def run_model(client: Any, model: str, records: list[dict], concurrency: i
     async def one(rec: dict) -> None:
         async with gate:
             t0 = time.perf_counter()
+            result.n += 1  # a failed request counts against accuracy, and the demo goes on
             try:
                 raw = await client.chat.completions.with_raw_response.create(
                     model=model, messages=prompt_messages(rec), max_tokens=max_tokens, temperature=0)
-            except Exception:  # noqa: BLE001 - a failed request is counted, the demo goes on
+            except Exception:  # noqa: BLE001
                 result.errors += 1
-                result.n += 1
-                bar.update(1)
                 return
-            elapsed = time.perf_counter() - t0
+            finally:
+                bar.update(1)
+            result.latency_s.append(time.perf_counter() - t0)
             reply = raw.parse().choices[0].message.content or ""
             ok = score(reply, str(rec["answer"]), rec.get("check", "text"))
-            result.n += 1
             result.correct += ok
             cell = result.by_domain.setdefault(rec["domain"], [0, 0])
             cell[0] += ok
             cell[1] += 1
             result.cost_usd += float(raw.headers.get("x-fleet-cost-usd") or 0.0)
-            result.latency_s.append(elapsed)
             result.routed_to[raw.headers.get("x-fleet-model", model)] += 1
-            bar.update(1)
 
     await asyncio.gather(*(one(r) for r in records))
     return result

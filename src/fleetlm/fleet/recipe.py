@@ -17,10 +17,11 @@ Layout of the output directory:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,6 @@ class Recipe:
     domains: tuple[str, ...] = ()  # empty: every domain of the suite
     levels: tuple[int, ...] = ()  # empty: every level; else the levels the fleet is trained and tested on
     eval_max_tokens: int = 40
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -122,15 +122,8 @@ def params_of(model_dir: Path) -> int:
     total = 0
     for f in model_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            total += sum(_numel(st.get_slice(key).get_shape()) for key in st.keys())
+            total += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def price_of(n_params: int) -> dict[str, float]:
@@ -153,12 +146,11 @@ def make_data(out: Path, recipe: Recipe) -> dict[str, Path]:
     def draw(n: int, seed: int, split: str, answers: bool = False) -> list[dict]:
         return generate(domains, n, seed, levels=levels, split=split, answers=answers)
 
-    paths = {
+    return {
         "train": write_jsonl(draw(recipe.n_train, recipe.seed, "train", answers=True), data / "train.jsonl"),
         "route": write_jsonl(draw(recipe.n_route, recipe.seed + 1, "dev"), data / "route.jsonl"),
         "test": write_jsonl(draw(recipe.n_test, recipe.seed + 2, "test"), data / "test.jsonl"),
     }
-    return paths
 
 
 def make_tokenizer(out: Path, train_path: Path, recipe: Recipe) -> Path:
@@ -171,10 +163,10 @@ def make_tokenizer(out: Path, train_path: Path, recipe: Recipe) -> Path:
 
 
 def train_config(size: Size, recipe: Recipe, train_path: Path, tok_dir: Path, out_dir: Path,
-                 init: Path | None = None, progress: bool = True):
+                 progress: bool = True):
     from fleetlm.train.config import parse_config
 
-    model: dict[str, Any] = {"init": str(init)} if init else {"shape": {
+    model = {"shape": {
         "hidden_size": size.hidden, "intermediate_size": size.intermediate, "num_layers": size.layers,
         "num_heads": size.heads, "num_kv_heads": size.kv_heads,
         "max_position_embeddings": recipe.seq_len * 2}}
@@ -310,7 +302,7 @@ def build_fleet(out: str | Path, recipe: Recipe, log: Callable[[str], None] = pr
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     paths = make_data(out, recipe)
-    log(f"data: {', '.join(f'{k} {sum(1 for _ in open(p))}' for k, p in paths.items())} records")
+    log(f"data: {', '.join(f'{k} {len(p.read_text().splitlines())}' for k, p in paths.items())} records")
     tok_dir = out / "tokenizer"
     if not (reuse and (tok_dir / "tokenizer.json").is_file()):
         make_tokenizer(out, paths["train"], recipe)
@@ -332,7 +324,7 @@ def build_fleet(out: str | Path, recipe: Recipe, log: Callable[[str], None] = pr
     eval_json = {name: report.to_dict() for name, report in test_reports.items()}
     (out / "eval.json").write_text(json.dumps(eval_json, indent=2) + "\n")
     write_fleet_yaml(out, models, recipe)
-    summary = {"recipe": asdict(replace(recipe, extra={})), "training": training,
+    summary = {"recipe": asdict(recipe), "training": training,
                "params": {m: params_of(out / m) for m in models}, "seconds": time.perf_counter() - t0}
     (out / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
