@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,16 @@ def _worker(rank: int, world: int, port: int, cfg_json: dict, resume: str | None
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)  # share the cores instead of every process claiming all of them
     try:
-        train(parse_config(cfg_json), resume=resume)
-    finally:
+        train(parse_config(cfg_json), resume=resume)  # ends on a barrier: every rank's work is done here
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise  # mp.spawn reports it to the parent
+    # gloo's worker threads can abort the process at interpreter teardown ("terminate called without an
+    # active exception", seen in CI); the checkpoint is written, so leave without running C++ destructors
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(cfg: TrainConfig, nprocs: int = 2, resume: str | None = None) -> None:
