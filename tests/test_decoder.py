@@ -55,6 +55,33 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tiny_checkpoint_factory,
     assert (got - full).abs().max().item() <= TOL
 
 
+def test_decode_over_exactly_the_filled_slots_needs_no_mask_and_matches_the_masked_step(tiny_llama):
+    model = load_checkpoint(tiny_llama)
+    ids = random_ids(model.config.vocab_size, 1, 9, seed=3)
+    model.setup_caches(max_batch_size=1, max_seq_length=32)
+    pos = torch.tensor([[8]])
+    assert model._sees_all(pos, kv_len=9) and not model._sees_all(pos, kv_len=32)
+    with torch.no_grad():
+        model(ids[:, :8], torch.arange(8)[None])
+        masked = model(ids[:, 8:], pos)  # all 32 slots, the unfilled ones masked
+        unmasked = model(ids[:, 8:], pos, kv_len=9)  # the 9 filled slots, no mask
+    assert (masked - unmasked).abs().max().item() <= TOL
+
+
+def test_a_bf16_model_keeps_an_f32_cache_on_cpu_and_decodes_close_to_f32(tiny_llama):
+    f32, bf16 = load_checkpoint(tiny_llama), load_checkpoint(tiny_llama, dtype=torch.bfloat16)
+    bf16.setup_caches(max_batch_size=1, max_seq_length=16)
+    f32.setup_caches(max_batch_size=1, max_seq_length=16)
+    assert bf16.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float32
+    ids = random_ids(f32.config.vocab_size, 1, 10, seed=4)
+    with torch.no_grad():
+        outs = [(m(ids[:, :9], torch.arange(9)[None]), m(ids[:, 9:], torch.tensor([[9]]), kv_len=10))
+                for m in (f32, bf16)]
+    (a_pre, a_step), (b_pre, b_step) = outs
+    assert b_step.dtype == torch.float32
+    assert (a_step - b_step).abs().max().item() < 0.25 * a_step.abs().max().item()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_right_padded_prompts(tiny_checkpoint_factory, arch):
     path = tiny_checkpoint_factory(arch)

@@ -34,7 +34,7 @@ class CountingModel(nn.Module):
     def setup_caches(self, max_batch_size, max_seq_length, dtype=None):
         self.cache_shape = (max_batch_size, max_seq_length)
 
-    def forward(self, idx, input_pos=None):
+    def forward(self, idx, input_pos=None, kv_len=None):
         self.calls.append((idx.clone(), input_pos.clone()))
         return nn.functional.one_hot((idx + 1) % VOCAB, VOCAB).float() * 20 + self.bias
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from fleetlm.bench.agreement import top1_agreement
 from fleetlm.bench.bandwidth import read_bandwidth
+from fleetlm.engine.packed import packed_bytes
 from fleetlm.errors import FleetError
 
 WIDTHS = ("bf16", "int8", "int4")
@@ -129,7 +130,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         if t is embed and lm_head_weight is not embed:
             continue
         total += t.numel() * t.element_size()
-    return total
+    return total + packed_bytes(model)
 
 
 def gguf_bytes_per_token(path: Path) -> int:

@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, name: str = "model", dtype: str = "f32",
                  compile: bool = False, num_threads: int | None = None) -> None:
         self.model = model.eval()
-        params = sum(p.numel() for p in model.parameters())
+        params = weight_count(model)
         self.num_threads = num_threads or (1 if params < SMALL_MODEL_PARAMS else None)
         self.tokenizer = tokenizer
         self.name = name
@@ -59,13 +59,8 @@ class Engine:
         from fleetlm.model.checkpoint import load_checkpoint
         from fleetlm.model.tokenizer import Tokenizer
 
-        if dtype not in DTYPES:
-            raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         path = Path(path)
-        torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
-        model = load_checkpoint(path, dtype=torch_dtype)
-        if dtype in ("int8", "int4"):
-            model = _quantize(model, dtype)
+        model = prepare_weights(load_checkpoint(path, dtype=torch_dtype_of(dtype)), dtype)
         tokenizer = Tokenizer.from_dir(path)
         return cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
 
@@ -153,6 +148,35 @@ def _with_threads(events: Iterator[TokenEvent], n: int) -> Iterator[TokenEvent]:
         yield from events
     finally:
         torch.set_num_threads(previous)
+
+
+def weight_count(model: nn.Module) -> int:
+    """Weights of every width: parameters, quantized buffers (not KV caches) and prepacked linears."""
+    from fleetlm.engine.packed import PackedLinear
+
+    tensors = [t for name, t in model.named_buffers() if "cache" not in name] + list(model.parameters())
+    packed = sum(m.numel for m in model.modules() if isinstance(m, PackedLinear))
+    return sum(t.numel() for t in tensors) + packed
+
+
+def torch_dtype_of(dtype: str) -> torch.dtype:
+    """The float width a checkpoint is loaded at before prepare_weights: int8/int4 keep bf16 activations."""
+    if dtype not in DTYPES:
+        raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
+
+
+def prepare_weights(model: nn.Module, dtype: str) -> nn.Module:
+    """Make a loaded model's linears ready to generate at `dtype`: quantized for int8/int4; for bf16,
+    prepacked for oneDNN where the CPU has native bf16 (2-2.5x faster matmuls at batch 1 here)."""
+    if dtype in ("int8", "int4"):
+        return _quantize(model, dtype)
+    if dtype == "bf16" and next(model.parameters()).device.type == "cpu":
+        from fleetlm.engine.packed import bf16_packing_available, pack_linears
+
+        if bf16_packing_available():
+            pack_linears(model)
+    return model
 
 
 def _quantize(model: nn.Module, scheme: str) -> nn.Module:

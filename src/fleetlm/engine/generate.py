@@ -98,7 +98,8 @@ def prefill(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor,
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """One decode step for every row: token [B, 1] at positions [B, 1] -> next-token logits [B, V]."""
-    return model(token, input_pos)[:, -1].float()
+    # attend over the filled slots only: when all rows stand at the same position this needs no mask
+    return model(token, input_pos, kv_len=int(input_pos.max()) + 1)[:, -1].float()
 
 
 def encode_request(tokenizer: TokenizerLike, request: GenerationRequest) -> list[int]:

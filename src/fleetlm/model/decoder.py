@@ -159,9 +159,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
+            q = q.to(k.dtype)  # a bf16 model keeps an f32 cache on CPU (see setup_caches)
+        # mask None: causal for a prompt (t > 1); a single query sees every slot it is given
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        ).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -216,9 +219,15 @@ class Transformer(nn.Module):
     def setup_caches(
         self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None
     ) -> None:
-        """Allocate a static KV cache per layer; forward(idx, input_pos) then reads and writes it."""
+        """Allocate a static KV cache per layer; forward(idx, input_pos) then reads and writes it.
+
+        A bf16/f16 model on CPU gets an f32 cache: PyTorch's CPU attention in bf16 is 3-5x slower than in
+        f32 for one query against the cache (measured in bench/decode.py), and the cache is small.
+        """
         ref = self.norm.weight
-        dtype = dtype or ref.dtype
+        if dtype is None:
+            half = ref.dtype in (torch.bfloat16, torch.float16)
+            dtype = torch.float32 if half and ref.device.type == "cpu" else ref.dtype
         c = self.config
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(
@@ -243,6 +252,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.max_batch_size = self.max_seq_length = 0
+
+    def _sees_all(self, pos: torch.Tensor, kv_len: int | None) -> bool:
+        """One query per row, each at slot kv_len - 1: every row sees all kv_len slots and needs no mask
+        (SDPA's unmasked path is several times faster on CPU than its masked one)."""
+        window = self.config.sliding_window
+        return (kv_len is not None and pos.shape[1] == 1 and (window is None or kv_len <= window)
+                and bool((pos == kv_len - 1).all()))
 
     def _mask(self, pos: torch.Tensor, use_cache: bool, kv_len: int | None = None) -> torch.Tensor:
         # Query at position p sees key slots s <= p (and s > p - window with a sliding window).
@@ -279,7 +295,7 @@ class Transformer(nn.Module):
             mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
         else:
             pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
-            mask = self._mask(pos, use_cache, kv_len)
+            mask = None if self._sees_all(pos, kv_len) else self._mask(pos, use_cache, kv_len)
         x = self.embed_tokens(idx)
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":

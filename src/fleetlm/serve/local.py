@@ -356,12 +356,7 @@ class LocalBackend(TokenStreamBackend):
 def load_gguf_engine(path: str | Path, dtype: str = "f32", name: str | None = None) -> Engine:
     """Our engine on a GGUF file's weights (dequantized), for `gguf:` models with `engine: fleetlm`."""
     from fleetlm.compress.gguf import load_gguf
-    from fleetlm.engine.engine import ACTIVATION_DTYPE, DTYPES, UnsupportedDtypeError, _quantize
+    from fleetlm.engine.engine import prepare_weights, torch_dtype_of
 
-    if dtype not in DTYPES:
-        raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
-    model, tokenizer = load_gguf(path, dtype=torch_dtype)
-    if dtype in ("int8", "int4"):
-        model = _quantize(model, dtype)
-    return Engine(model, tokenizer, name=name or Path(path).stem, dtype=dtype)
+    model, tokenizer = load_gguf(path, dtype=torch_dtype_of(dtype))
+    return Engine(prepare_weights(model, dtype), tokenizer, name=name or Path(path).stem, dtype=dtype)

@@ -1,0 +1,61 @@
+"""bf16 linears with weights prepacked once for oneDNN, for inference on CPUs with native bf16.
+
+`F.linear` on a plain [N, K] bf16 weight reorders it inside oneDNN at every call; a weight reordered once
+into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) skips that and reads memory in the order the
+kernel wants (bench/decode.py measures the difference). The packed tensor is opaque: it cannot be saved or
+trained, so packing happens at load time on a model used only for generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PackedLinear", "bf16_packing_available", "pack_linears", "packed_bytes"]
+
+
+def bf16_packing_available() -> bool:
+    """oneDNN is built in and the CPU has native bf16 (AVX512-BF16 / AMX): elsewhere bf16 is emulated and the
+    blocked layout buys nothing."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and mkldnn is not None
+            and hasattr(mkldnn, "_linear_pointwise") and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held in oneDNN's blocked layout (bf16)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.numel, self.nbytes = weight.numel(), weight.numel() * weight.element_size()
+        # A plain attribute, not a buffer: an opaque tensor has no storage for state_dict or .to().
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module) -> int:
+    """Replace every bf16 nn.Linear of `model` by a PackedLinear, in place; returns how many were packed."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
+                count += 1
+    return count
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of weights held packed (not among the model's parameters or buffers)."""
+    return sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
