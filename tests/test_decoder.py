@@ -55,6 +55,19 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tiny_checkpoint_factory,
     assert (got - full).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_projections_give_the_same_logits(tiny_checkpoint_factory, arch):
+    path = tiny_checkpoint_factory(arch)
+    plain, fused = load_checkpoint(path), load_checkpoint(path)
+    fused.fuse_projections()
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert mlp.gate_up_proj is not None and not hasattr(mlp, "up_proj")
+    ids = random_ids(plain.config.vocab_size, 2, 11, seed=6)
+    with torch.no_grad():
+        assert (plain(ids) - fused(ids)).abs().max().item() <= TOL
+
+
 def test_decode_over_exactly_the_filled_slots_needs_no_mask_and_matches_the_masked_step(tiny_llama):
     model = load_checkpoint(tiny_llama)
     ids = random_ids(model.config.vocab_size, 1, 9, seed=3)

@@ -130,6 +130,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@torch.no_grad()
+def concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear whose output is the parts' outputs side by side (same input, same dtype and bias use)."""
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      dtype=first.weight.dtype, device=first.weight.device)
+    fused.weight.copy_(torch.cat([p.weight for p in parts]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -140,7 +152,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, set by fuse() for inference
         self.kv_cache: KVCache | None = None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Concatenate q/k/v into one linear (gpt-fast's wqkv): one weight read and one call, not three.
+        For inference only: the separate projections (HF names, LoRA targets) are dropped."""
+        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -153,9 +173,14 @@ class Attention(nn.Module):
         kv_len: int | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
@@ -174,8 +199,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by fuse() for inference
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Concatenate gate and up into one linear (inference only, like Attention.fuse)."""
+        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -215,6 +250,12 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(config)
         self.max_batch_size = 0
         self.max_seq_length = 0
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one matmul each, for generation: fewer, larger matmuls per layer."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def setup_caches(
         self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None
