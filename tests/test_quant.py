@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 from fleetlm.bench.agreement import greedy_tokens, top1_agreement
+from fleetlm.engine import Engine, GenerationRequest
 from fleetlm.engine.quant import (
+    DynamicInt8Linear,
     Int4Linear,
     Int8Linear,
     QuantizationError,
+    dynamic_int8_available,
     quantize,
     quantize_int4_weight,
     quantized_bytes,
@@ -122,3 +125,31 @@ def test_bad_scheme_and_group_size_are_typed_errors() -> None:
         quantize(_tiny_model(), "int4", group_size=48)
     with pytest.raises(QuantizationError, match="no nn.Linear"):
         quantize(nn.Embedding(4, 4), "int8")
+
+
+@pytest.mark.skipif(not dynamic_int8_available(), reason="PyTorch built without fbgemm")
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_dynamic_int8_linear_close_to_float(reduce_range: bool) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True)
+    q = DynamicInt8Linear(linear, reduce_range=reduce_range)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        want, got = linear(x), q(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    rel = (got - want).norm() / want.norm()
+    assert rel < (0.05 if reduce_range else 0.03), rel
+    assert q.nbytes == 128 * 96 + 4 * 96
+
+
+@pytest.mark.skipif(not dynamic_int8_available(), reason="PyTorch built without fbgemm")
+def test_engine_int8_uses_the_dynamic_kernel_and_agrees_with_f32(tiny_llama) -> None:
+    engine = Engine.load(tiny_llama, dtype="int8")
+    assert any(isinstance(m, DynamicInt8Linear) for m in engine.model.modules())
+    assert quantized_bytes(engine.model) < quantized_bytes(Engine.load(tiny_llama, dtype="f32").model) / 2
+    reference = Engine.load(tiny_llama, dtype="f32")
+    prompt = [GenerationRequest(prompt="hello world", max_tokens=16, temperature=0.0)]
+    got = [e.token_id for e in engine.generate(prompt)]
+    want = [e.token_id for e in reference.generate(prompt)]
+    agree = sum(a == b for a, b in zip(got, want, strict=False)) / len(want)
+    assert agree >= 0.5, (got, want)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "bf16_packing_available", "pack_linears", "packed_bytes"]
+__all__ = ["PackedLinear", "bf16_packing_available", "opaque_linears", "pack_linears", "packed_bytes"]
 
 
 def bf16_packing_available() -> bool:
@@ -56,6 +56,13 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
+def opaque_linears(model: nn.Module) -> list[nn.Module]:
+    """The linears whose weights live in opaque packed tensors (not among parameters or buffers)."""
+    from fleetlm.engine.quant import DynamicInt8Linear
+
+    return [m for m in model.modules() if isinstance(m, (PackedLinear, DynamicInt8Linear))]
+
+
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of weights held packed (not among the model's parameters or buffers)."""
-    return sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
+    return sum(m.nbytes for m in opaque_linears(model))
