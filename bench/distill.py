@@ -15,7 +15,7 @@ Each student is then scored on the domain's test split (a split training never s
 its margin over the runner-up and over gold (points), and an exact McNemar test on the paired per-question
 marks are computed here, not written by hand.
 
-    python bench/distill.py [--teacher /work/fleet-build/full/fleet-base] [--domain arithmetic]
+    python bench/distill.py [--teacher src/fleetlm/assets/fleet/fleet-base] [--domain conversion]
         [--levels 1,2,3] [--steps 400] [--json OUT] [--png docs/img/distill_methods.png]
     python bench/distill.py --quick    # a tiny teacher trained on the fly (seconds; what the test runs)
 """
@@ -44,7 +44,7 @@ from fleetlm.train.data import IGNORE, load_chat, step_batches
 from fleetlm.train.distill import DATA_FILE, REPORT_FILE, distill, parse_distill_config
 from fleetlm.train.loop import train
 
-DEFAULT_TEACHER = Path("/work/fleet-build/full/fleet-base")
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "src/fleetlm/assets/fleet/fleet-base"  # shipped
 METHODS: dict[str, str] = {
     "gold": "(a) gold answers, plain training",
     "seq": "(b) sequence-level KD (teacher's greedy answers)",
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER,
                     help="a checkpoint dir with the fleet's tokenizer")
     ap.add_argument("--student", default="fleet-small", help="a generalist size of the full recipe")
-    ap.add_argument("--domain", default="arithmetic")
+    ap.add_argument("--domain", default="conversion", help="conversion: the domain every size learns")
     ap.add_argument("--levels", default="1,2,3", help='e.g. "1,2,3" or "1-3"')
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=400)

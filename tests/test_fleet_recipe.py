@@ -8,7 +8,7 @@ import yaml
 from fleetlm.config import load_config
 from fleetlm.errors import ConfigError
 from fleetlm.fleet import default_config
-from fleetlm.fleet.recipe import RECIPES, build_fleet, params_of, price_of
+from fleetlm.fleet.recipe import RECIPES, build_fleet, params_of, price_of, upsample_cells
 
 
 def test_ci_recipe_builds_every_model_and_the_router(ci_fleet):
@@ -78,3 +78,14 @@ def test_the_shipped_fleet_is_complete_and_small():
     weights = sum(f.stat().st_size for f in FLEET_DIR.rglob("*.safetensors"))
     assert weights <= 40 * 2**20
     assert set(json.loads((FLEET_DIR / "eval.json").read_text())) == set(config.models)
+
+
+def test_small_cells_are_repeated_up_to_the_floor_and_big_ones_kept():
+    rows = [{"id": f"a{i}", "domain": "arithmetic", "level": 1} for i in range(3)]
+    rows += [{"id": f"s{i}", "domain": "strings", "level": 2} for i in range(10)]
+    out = upsample_cells(rows, 7)
+    assert out[: len(rows)] == rows  # the original order first
+    ids = [r["id"] for r in out]
+    assert sum(i.startswith("a") for i in ids) == 7 and sum(i.startswith("s") for i in ids) == 10
+    assert ids[13:] == ["a0", "a1", "a2", "a0"]  # cycled in order
+    assert upsample_cells(rows, 0) == rows
