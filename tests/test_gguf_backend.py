@@ -176,7 +176,17 @@ def test_llama_cpp_backend_through_the_app(llama_backend, tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
         r = _post(client, "/v1/completions", {"model": "g", "prompt": "x " * 3000, "max_tokens": 5})
         assert r.status_code == 400 and "context" in r.json()["error"]["message"]
-        r = _post(client, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
-        assert r.status_code == 400 and "engine: fleetlm" in r.json()["error"]["message"]
+        # response_format is enforced on llama.cpp too (llguidance masks its logits), even at temperature 1
+        schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+                  "required": ["name", "n"], "additionalProperties": False}
+        typed = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+        for fmt in ({"type": "json_object"}, typed):
+            body = {**chat, "max_tokens": 40, "temperature": 1.0, "seed": 3, "response_format": fmt}
+            r = _post(client, "/v1/chat/completions", body)
+            assert r.status_code == 200, r.text
+            value = json.loads(r.json()["choices"][0]["message"]["content"])
+            assert isinstance(value, dict)
+            if fmt["type"] == "json_schema":
+                assert set(value) == {"name", "n"} and isinstance(value["n"], int)
         again = _post(client, "/v1/completions", {"model": "g", "prompt": "A", "max_tokens": 2})
         assert again.status_code == 200  # refused requests leave the worker serving

@@ -157,15 +157,17 @@ class _Vocab:
     """llguidance's view of one tokenizer, built once (it walks the whole vocabulary), plus its caches."""
 
     def __init__(self, tokenizer: Any) -> None:
-        backend = getattr(tokenizer, "backend", None)
-        if backend is None or not hasattr(backend, "to_str"):
-            raise ConstraintError("constrained decoding needs a Hugging Face `tokenizers` tokenizer")
         eos = [int(e) for e in tokenizer.eos_token_ids]
         if not eos:
             raise ConstraintError("constrained decoding needs a tokenizer with an end-of-sequence token")
         self.eos_ids = eos
+        # A tokenizer without a `tokenizers` backend (llama.cpp's) builds llguidance's view itself.
+        own = getattr(tokenizer, "llguidance_tokenizer", None)
+        backend = getattr(tokenizer, "backend", None)
+        if own is None and (backend is None or not hasattr(backend, "to_str")):
+            raise ConstraintError("constrained decoding needs a Hugging Face `tokenizers` tokenizer")
         try:
-            self.ll = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
+            self.ll = own(eos) if own is not None else llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
         except Exception as exc:  # the Rust side raises a bare Exception for tokenizers it cannot read
             raise ConstraintError(f"llguidance cannot read this tokenizer: {exc}") from None
         self.vocab_size = int(self.ll.vocab_size)

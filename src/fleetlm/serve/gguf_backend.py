@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fleetlm.config import ModelSpec
+from fleetlm.engine.constrain import apply_constraints
 from fleetlm.engine.generate import GenerationError, GenerationRequest, TokenEvent, _Row, encode_request
 from fleetlm.errors import ConfigError, FleetError
 from fleetlm.model.tokenizer import SPECIAL_KEYS, Tokenizer
@@ -48,6 +51,16 @@ class LlamaCppTokenizer(Tokenizer):
         self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.config = {}
         self.clean_up_spaces = False
+
+    def llguidance_tokenizer(self, eos_token_ids: list[int]) -> Any:
+        """llguidance's view of llama.cpp's vocabulary, for constrained decoding (engine/constrain.py)."""
+        import llama_cpp
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        with warnings.catch_warnings():  # llguidance calls llama_token_get_attr, deprecated upstream
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(vocab, eos_token=eos_token_ids)
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
@@ -114,12 +127,6 @@ class LlamaCppBackend(TokenStreamBackend):
         assert spec.gguf is not None
         return cls(name, spec.gguf, n_ctx=spec.max_context)
 
-    def _constraint(self, plan: Any, max_tokens: int) -> None:
-        if plan is not None and plan.grammar is not None:
-            raise _unsupported(f"{self.name}: response_format and forced tool calls need constrained "
-                               "decoding, which the llama.cpp engine does not run here (use engine: fleetlm)")
-        return None
-
     # ------------------------------------------------------------ the worker thread
 
     def _run(self, job: _Job) -> None:
@@ -145,17 +152,31 @@ class LlamaCppBackend(TokenStreamBackend):
         job.prompt_tokens = len(ids)
         row = _Row(0, r, self.tokenizer.eos_token_ids, self.tokenizer.decode)
         self.llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if r.seed is None else int(r.seed) & 0xFFFFFFFF)
+        constraint = r.constraint  # response_format / forced tools: llguidance masks llama.cpp's logits
+        masks = None if constraint is None else [self._masker(constraint)]
         tokens = self.llm.generate(ids, temp=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=0.0,
-                                   typical_p=1.0, repeat_penalty=1.0)
+                                   typical_p=1.0, repeat_penalty=1.0, logits_processor=masks)
         try:
             for token in tokens:
                 if job.cancelled:
                     return
+                if constraint is not None:
+                    constraint.advance(int(token))
                 job.post(row.step(int(token), self._logprob(int(token)) if r.logprobs else None))
                 if row.done:
                     return
         finally:
             tokens.close()
+
+    def _masker(self, constraint: Any) -> Any:
+        """A llama.cpp logits processor: each step's scores masked to what the grammar allows."""
+        eos = self.tokenizer.eos_token_ids
+
+        def mask(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            apply_constraints(torch.from_numpy(scores)[None], [constraint], eos)  # in place, shared memory
+            return scores
+
+        return mask
 
     def _logprob(self, token: int) -> float:
         # The logits the token was sampled from are still the context's last row (temperature 1).
