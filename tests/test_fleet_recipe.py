@@ -23,6 +23,10 @@ def test_ci_recipe_builds_every_model_and_the_router(ci_fleet):
     sizes = [summary["params"][s.name] for s in recipe.generalists]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert (out / "router").is_dir()
+    tradeoff = json.loads((out / "router" / "tradeoff.json").read_text())
+    assert tradeoff["floor"] == recipe.quality_floor and tradeoff["lam"] >= 0
+    assert tradeoff["quality"] >= recipe.quality_floor * tradeoff["strongest_quality"] - 1e-9
+    assert set(json.loads((out / "router" / "router.json").read_text())["mean_quality"]) == set(models)
 
 
 def test_routing_data_holds_every_models_outcome(ci_fleet):

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from fleetlm.route.calibrate import CalibrationError, calibrate_floor, clopper_pearson, floor_holds
+from fleetlm.route.calibrate import (
+    CalibrationError,
+    calibrate_floor,
+    calibrate_tradeoff,
+    clopper_pearson,
+    floor_holds,
+)
 
 
 def _synthetic(n, rng):
@@ -43,3 +49,19 @@ def test_calibration_reports_cost_and_rejects_bad_input():
         calibrate_floor(s, q_s, q_w, floor=1.5)
     with pytest.raises(CalibrationError):
         calibrate_floor(s[:5], q_s[:5], q_w[:5])
+
+
+def test_calibrated_price_weight_keeps_the_floor_on_its_rows_and_saves():
+    rng = np.random.default_rng(0)
+    n = 400
+    hard = rng.random(n) < 0.3  # the cheap model fails the hard third, the strong one gets all right
+    outcomes = np.stack([(~hard).astype(float), np.ones(n)], axis=1)
+    pred = np.stack([np.where(hard, 0.2, 0.9), np.full(n, 0.95)], axis=1) + rng.normal(0, 0.05, (n, 2))
+    cal = calibrate_tradeoff(pred, outcomes, np.array([0.1, 1.0]), ["cheap", "strong"], floor=0.95)
+    assert cal.strongest == "strong" and cal.strongest_quality == 1.0
+    assert cal.quality >= 0.95 and cal.lam > 0 and cal.cost_share < 0.5
+    # a floor of 1 allows no loss: the cheap model keeps only prompts it gets right, at a higher cost
+    strict = calibrate_tradeoff(pred, outcomes, np.array([0.1, 1.0]), ["cheap", "strong"], floor=1.0)
+    assert strict.quality == 1.0 and strict.cost_share >= cal.cost_share
+    with pytest.raises(CalibrationError):
+        calibrate_tradeoff(pred, outcomes[:, :1], np.array([0.1, 1.0]), ["cheap", "strong"], floor=0.9)

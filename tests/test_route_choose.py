@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fleetlm.route.choose import ChooseError, choose_floor, choose_pair, choose_tradeoff
+from fleetlm.route.choose import ChooseError, choose_floor, choose_margin, choose_pair, choose_tradeoff
 
 PRED = np.array([[0.9, 0.8, 0.3], [0.5, 0.95, 0.94]])
 PRICES = np.array([10.0, 1.0, 0.1])
@@ -29,3 +29,12 @@ def test_pair_and_errors():
         choose_tradeoff(PRED, np.array([1.0, 2.0]), 0.1)
     with pytest.raises(ChooseError):
         choose_floor(PRED, PRICES, 1.5)
+
+
+def test_choose_margin_takes_the_cheapest_within_the_margin_of_the_best():
+    pred = np.array([[0.10, 0.13, 0.12], [0.30, 0.33, 0.62]])
+    prices = np.array([1.0, 5.0, 13.0])
+    assert choose_margin(pred, prices, 0.05).tolist() == [0, 2]  # 0.03 below the best is within 0.05
+    assert choose_margin(pred, prices, 0.0).tolist() == [1, 2]
+    with pytest.raises(ChooseError):
+        choose_margin(pred, prices, -0.1)

@@ -78,6 +78,9 @@ class RouterSpec(_Strict):
     kind: Literal["random", "knn", "logistic", "mlp", "mf", "gbm", "ensemble", "cascade", "cheapest",
                   "strongest"] = "mlp"
     quality_floor: float = Field(0.95, ge=0, le=1)
+    # request: each request's pick is predicted to reach floor x the best prediction for it; traffic: the
+    # floor holds over the traffic: a pick may lose at most (1 - floor) x the strongest model's mean quality
+    floor_scope: Literal["request", "traffic"] = "request"
     budget_usd_per_1k: float | None = Field(None, ge=0)
     path: str | None = Field(None, description="a fitted router saved by `fleet route fit`")
     models: list[str] | None = Field(None, description="candidates; defaults to every model")

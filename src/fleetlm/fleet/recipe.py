@@ -289,12 +289,32 @@ def evaluate_all(out: Path, models: list[str], records: list[dict], recipe: Reci
     return reports, predictions
 
 
-def fit_router(out: Path, routing_path: Path, recipe: Recipe) -> Path:
-    from fleetlm.route.data import load_rows
+def fit_router(out: Path, routing_path: Path, recipe: Recipe, folds: int = 5) -> Path:
+    """Fit the router on every routing record, and calibrate its price weight on out-of-fold predictions
+    (router/tradeoff.json: the gateway's traffic floor, see serve/routing.py)."""
+    import hashlib
+
+    import numpy as np
+
+    from fleetlm.route.calibrate import calibrate_tradeoff
+    from fleetlm.route.data import load_rows, model_names, score_matrix
     from fleetlm.route.routers import make_router
 
     rows = load_rows(routing_path)
-    return make_router(recipe.router).fit(rows).save(out / "router")
+    path = make_router(recipe.router).fit(rows).save(out / "router")
+    models = model_names(rows)
+    fold = [int(hashlib.sha256(r.id.encode()).hexdigest(), 16) % folds for r in rows]
+    pred = np.zeros((len(rows), len(models)))
+    for f in range(folds):
+        held = [i for i, g in enumerate(fold) if g == f]
+        if held and len(held) < len(rows):
+            router = make_router(recipe.router).fit([r for r, g in zip(rows, fold, strict=True) if g != f])
+            pred[held] = router.score([rows[i] for i in held])
+    prices = np.array([price_of(params_of(out / m))["output"] for m in models])
+    tradeoff = calibrate_tradeoff(pred, score_matrix(rows, models), prices / prices.max(), models,
+                                  recipe.quality_floor)
+    (path / "tradeoff.json").write_text(json.dumps(tradeoff.to_dict(), indent=2) + "\n")
+    return path
 
 
 def write_fleet_yaml(out: Path, models: list[str], recipe: Recipe) -> Path:
@@ -302,7 +322,7 @@ def write_fleet_yaml(out: Path, models: list[str], recipe: Recipe) -> Path:
         "models": {name: {"path": name, "dtype": "f32", "price": price_of(params_of(out / name))}
                    for name in models},
         "router": {"name": "auto", "kind": recipe.router, "path": "router",
-                   "quality_floor": recipe.quality_floor},
+                   "quality_floor": recipe.quality_floor, "floor_scope": "traffic"},
     }
     path = out / "fleet.yaml"
     path.write_text(f"# The embedded fleet, built by `fleet fleet build --recipe {recipe.name} "

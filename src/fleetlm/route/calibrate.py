@@ -10,7 +10,7 @@ with probability >= 1 - delta the chosen threshold keeps the floor on new data f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.stats import beta
@@ -104,3 +104,42 @@ def floor_holds(signal, q_strong, q_weak, threshold: float, floor: float) -> tup
     routed = np.where(signal >= threshold, q_strong, q_weak).mean()
     strong = q_strong.mean()
     return bool(routed >= floor * strong - 1e-12), float(routed), float(strong)
+
+
+@dataclass
+class Tradeoff:
+    """A price weight lambda (choose_tradeoff) keeping a quality floor over the traffic of a held-out set."""
+
+    lam: float
+    floor: float
+    strongest: str
+    quality: float  # mean outcome of the picks on the held-out rows
+    strongest_quality: float  # mean outcome of the strongest model on them
+    cost_share: float  # mean relative price of the picks (strongest = 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_tradeoff(pred: np.ndarray, outcomes: np.ndarray, rel_prices: np.ndarray, models: list[str],
+                       floor: float, grid: int = 400) -> Tradeoff:
+    """The largest lambda whose picks (argmax of pred - lambda x price) keep, on held-out rows with their true
+    outcomes, at least `floor` x the strongest (priciest) model's mean outcome. pred must be out-of-sample."""
+    from fleetlm.route.choose import choose_tradeoff
+
+    pred, outcomes, rel_prices = (np.asarray(a, dtype=np.float64) for a in (pred, outcomes, rel_prices))
+    if pred.shape != outcomes.shape or pred.shape[1] != len(rel_prices) or len(models) != len(rel_prices):
+        raise CalibrationError("predictions, outcomes, prices and models do not line up")
+    strong = int(np.argmax(rel_prices))
+    target = floor * outcomes[:, strong].mean()
+    rows = np.arange(len(pred))
+    best = None
+    for lam in np.concatenate([[0.0], np.geomspace(1e-3, 10.0, grid)]):
+        picks = choose_tradeoff(pred, rel_prices, float(lam))
+        quality = outcomes[rows, picks].mean()
+        if quality >= target - 1e-12:
+            best = (float(lam), float(quality), float(rel_prices[picks].mean()))
+    if best is None:  # not even the best predictions reach the floor: always the strongest
+        best = (0.0, float(outcomes[:, strong].mean()), 1.0)
+    lam, quality, share = best
+    return Tradeoff(lam, floor, models[strong], quality, float(outcomes[:, strong].mean()), share)

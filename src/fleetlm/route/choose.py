@@ -40,6 +40,19 @@ def choose_floor(pred, prices, floor: float) -> np.ndarray:
     return np.argmin(cost, axis=1)
 
 
+def choose_margin(pred, prices, margin: float) -> np.ndarray:
+    """Cheapest model whose predicted quality is within `margin` of the best prediction, per prompt.
+
+    With margin = (1 - q) x the strongest model's mean quality, the expected quality summed over the traffic
+    stays >= q x the strongest model's (when predictions are unbiased): a floor over traffic, not per request.
+    """
+    pred, prices = _check(pred, prices)
+    if margin < 0:
+        raise ChooseError(f"margin must be >= 0, got {margin}")
+    ok = pred >= pred.max(axis=1, keepdims=True) - margin - 1e-12
+    return np.argmin(np.where(ok, prices[None, :], np.inf), axis=1)
+
+
 def choose_pair(signal, threshold: float) -> np.ndarray:
     """Two models: True where the strong model is called (signal = scores[strong] - scores[weak])."""
     return np.asarray(signal) >= threshold

@@ -38,6 +38,7 @@ class Router:
     def __post_init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.embedder: Embedder | None = None
+        self.mean_quality: dict[str, float] = {}  # each model's mean outcome on the training rows
 
     def embed(self, rows: list[RouteRow]) -> np.ndarray:
         if self.embedder is None:
@@ -48,7 +49,9 @@ class Router:
         if not rows:
             raise RouterError("cannot fit a router on no rows")
         self.models = model_names(rows)
-        self._fit(rows, score_matrix(rows, self.models))
+        y = score_matrix(rows, self.models)
+        self.mean_quality = {m: float(q) for m, q in zip(self.models, y.mean(0), strict=True)}
+        self._fit(rows, y)
         return self
 
     def score(self, rows: list[RouteRow]) -> np.ndarray:
@@ -74,7 +77,8 @@ class Router:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "models": self.models, "settings": self.settings()}
+        meta = {"kind": self.kind, "models": self.models, "settings": self.settings(),
+                "mean_quality": self.mean_quality}
         (out / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
         np.savez(out / "arrays.npz", **self.arrays)
         return out
@@ -501,6 +505,7 @@ def load_router(path: str | Path) -> Router:
         meta = json.loads(meta_path.read_text())
         router = make_router(meta["kind"], **meta.get("settings", {}))
         router.models = list(meta["models"])
+        router.mean_quality = {str(m): float(q) for m, q in meta.get("mean_quality", {}).items()}
         with np.load(path / "arrays.npz") as z:
             router.arrays = {k: z[k] for k in z.files}
         router._restore()

@@ -9,7 +9,9 @@ each candidate's quality, and a rule picks the model:
   its floor is the configured one and both of its models are candidates;
 - budget (router.budget_usd_per_1k): maximise predicted quality - lambda x cost, where lambda follows the
   spend (it rises while requests cost more than the budget and falls while they cost less);
-- floor (the default): the cheapest model whose predicted quality is at least floor x the best prediction.
+- floor (the default): the cheapest model whose predicted quality is at least floor x the best prediction;
+  with router.floor_scope `traffic`, the cheapest within (1 - floor) x the strongest model's mean quality of
+  the best prediction, so that the floor holds over the traffic (in expectation) rather than per request.
 
 Kinds `cheapest` and `strongest` need no fitted router. A fitted `cascade` router routes after generation:
 the cheap model answers first, the router's cheap checks score that answer, and the gateway escalates when
@@ -30,7 +32,7 @@ import numpy as np
 
 from fleetlm.config import FleetConfig, RouterSpec
 from fleetlm.errors import ConfigError, FleetError
-from fleetlm.route.choose import choose_floor
+from fleetlm.route.choose import choose_floor, choose_margin, choose_tradeoff
 from fleetlm.route.data import RouteRow, prompt_id
 from fleetlm.route.routers import Router as FittedRouter
 from fleetlm.route.routers import RouterError, load_router
@@ -82,6 +84,7 @@ class FleetRouter:
         fitted: FittedRouter | None = None,
         fitted_names: list[str] | None = None,
         calibration: Calibrated | None = None,
+        tradeoff: dict | None = None,
     ) -> None:
         self.name = spec.name
         self.spec, self.config = spec, config
@@ -97,6 +100,22 @@ class FleetRouter:
             self.cheap = candidates[self.fitted_names.index(getattr(fitted, "cheap", ""))]
         self._lambda = 0.0
         self._lock = threading.Lock()
+        self.tradeoff = tradeoff if spec.floor_scope == "traffic" else None
+        self.margin = self._traffic_margin()
+
+    def _traffic_margin(self) -> float | None:
+        """floor_scope traffic: the quality a pick may give up, (1 - floor) x the strongest's mean quality."""
+        if self.spec.floor_scope != "traffic" or self.fitted is None or self.tradeoff is not None:
+            return None
+        strongest = self.config.strongest_model()
+        if strongest not in self.candidates:
+            strongest = max(self.candidates, key=lambda m: self.config.models[m].price.output)
+        name = self.fitted_names[self.candidates.index(strongest)]
+        quality = getattr(self.fitted, "mean_quality", {}).get(name)
+        if quality is None:
+            raise ConfigError(f"router {self.name!r}: floor_scope traffic needs the models' mean quality, "
+                              "which this fitted router does not hold (refit it with `fleet route fit`)")
+        return (1.0 - self.spec.quality_floor) * quality
 
     # ------------------------------------------------------------ costs
 
@@ -138,6 +157,19 @@ class FleetRouter:
                     # and falls while they cost less, so the average spend settles at the budget.
                     self._lambda = max(0.0, lam + BUDGET_STEP * (min(float(rel[j]), 10.0) - 1.0))
             rule = f"budget ${spec.budget_usd_per_1k:g}/1k: lambda {lam:.3f}"
+        elif self.tradeoff is not None:
+            # price relative to the priciest candidate, the scale the weight was calibrated on
+            rel = np.array([self.config.models[m].price.output for m in self.candidates], dtype=np.float64)
+            lam = float(self.tradeoff["lam"])
+            j = int(choose_tradeoff(pred[None, :], rel / max(rel.max(), 1e-12), lam)[0])
+            rule = (f"traffic floor {spec.quality_floor:g}: max q - {lam:.3f} x relative price "
+                    f"(calibrated: {self.tradeoff['quality']:.3f} vs strongest "
+                    f"{self.tradeoff['strongest_quality']:.3f})")
+        elif self.margin is not None:
+            j = int(choose_margin(pred[None, :], costs, self.margin)[0])
+            best = int(np.argmax(pred))
+            rule = (f"traffic floor {spec.quality_floor:g}: within {self.margin:.3f} of best "
+                    f"{self.candidates[best]} q={pred[best]:.3f}")
         else:
             j = int(choose_floor(pred[None, :], costs, spec.quality_floor)[0])
             best = int(np.argmax(pred))
@@ -268,4 +300,22 @@ def build_router(config: FleetConfig, embedder: Any = None, missing_ok: bool = F
             embedder.load()  # now, not on the first request
     fitted.embedder = embedder
     routed = [fleet_of[n] for n in names]
-    return FleetRouter(spec, config, routed, fitted, names, _calibration(path, spec, names))  # type: ignore[arg-type]
+    return FleetRouter(spec, config, routed, fitted, names, _calibration(path, spec, names),  # type: ignore[arg-type]
+                       _tradeoff(path, spec))
+
+
+def _tradeoff(path: Path, spec: RouterSpec) -> dict | None:
+    """DIR/tradeoff.json (written by the fleet recipe): the price weight keeping the floor over traffic."""
+    file = path / "tradeoff.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        float(data["lam"]), float(data["quality"]), float(data["strongest_quality"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{file}: not a price-weight calibration ({exc})") from None
+    if not math.isclose(float(data.get("floor", -1)), spec.quality_floor):
+        log.warning("%s is calibrated for floor %s, the config asks for %g: not used", file,
+                    data.get("floor"), spec.quality_floor)
+        return None
+    return data
