@@ -173,6 +173,39 @@ def test_calibrated_threshold_decides_when_its_floor_is_the_configured_one(tmp_p
     assert r.headers["x-fleet-model"] == "strong" and "calibrated" not in r.headers["x-fleet-route"]
 
 
+def test_traffic_floor_uses_the_calibrated_price_weight_else_the_mean_quality_margin(tmp_path, knn_dir):
+    spec = {"kind": "knn", "path": str(knn_dir), "quality_floor": 0.9, "floor_scope": "traffic"}
+    # no tradeoff.json: the margin is (1 - 0.9) x strong's mean quality (1.0) = 0.1 of the best prediction
+    client, _, _ = gateway(tmp_path, spec)
+    with client:
+        easy, hard = ask(client, EASY.format(n=55)), ask(client, HARD.format(n=55, m=165))
+    assert (easy.headers["x-fleet-model"], hard.headers["x-fleet-model"]) == ("weak", "strong")
+    assert "traffic floor 0.9: within 0.100" in hard.headers["x-fleet-route"]
+    # a calibrated price weight: large enough that the price gap outweighs any quality gap -> weak
+    weighted = tmp_path / "weighted"
+    shutil.copytree(knn_dir, weighted)
+    tradeoff = {"lam": 5.0, "floor": 0.9, "strongest": "strong", "quality": 0.9, "strongest_quality": 1.0,
+                "cost_share": 0.1}
+    (weighted / "tradeoff.json").write_text(json.dumps(tradeoff))
+    client, _, _ = gateway(tmp_path, {**spec, "path": str(weighted)})
+    with client:
+        r = ask(client, HARD.format(n=55, m=165))
+    assert r.headers["x-fleet-model"] == "weak" and "5.000 x relative price" in r.headers["x-fleet-route"]
+    (weighted / "tradeoff.json").write_text(json.dumps({**tradeoff, "lam": 0.0}))
+    client, _, _ = gateway(tmp_path, {**spec, "path": str(weighted)})
+    with client:
+        assert ask(client, HARD.format(n=55, m=165)).headers["x-fleet-model"] == "strong"
+    # a router saved without mean qualities cannot keep a traffic floor: a clear startup error
+    bare = tmp_path / "bare"
+    shutil.copytree(knn_dir, bare)
+    meta = json.loads((bare / "router.json").read_text())
+    meta.pop("mean_quality")
+    (bare / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="mean quality"):
+        build_router(parse_config({"models": MODELS, "router": {**spec, "path": str(bare)}}),
+                     embedder=lambda t: None)
+
+
 def test_cheapest_and_strongest_need_no_fitted_router(tmp_path):
     for kind, expected in (("cheapest", "weak"), ("strongest", "strong")):
         client, store, _ = gateway(tmp_path, {"kind": kind})
