@@ -178,7 +178,7 @@ def _int8_kernel() -> str:
 def prepare_weights(model: nn.Module, dtype: str) -> nn.Module:
     """Make a loaded model's linears ready to generate at `dtype`: q/k/v and gate/up fused; int8 on fbgemm's
     dynamic int8 GEMM where PyTorch has it (1.6x the weight-only kernel here), int4 weight-only; bf16
-    prepacked for oneDNN where the CPU has native bf16 (2.2x decode tok/s here)."""
+    prepacked for oneDNN where the CPU has native bf16 (its matmuls 2x faster here: 59 -> 29 ms a step)."""
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if dtype in ("int8", "int4"):
