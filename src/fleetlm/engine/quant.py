@@ -9,6 +9,7 @@ int4 quarters them. Activations stay in a float dtype (bf16 by default); only we
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,6 +90,7 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+@functools.cache  # read /proc/cpuinfo once, not once per quantized layer
 def cpu_has_vnni() -> bool:
     """AVX512-VNNI or AVX-VNNI: int8 dot products without the int16 overflow that forces 7-bit activations."""
     try:
@@ -230,4 +232,6 @@ def quantized_bytes(model: nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total + sum(m.nbytes for m in model.modules() if isinstance(m, DynamicInt8Linear))
+    from fleetlm.engine.packed import packed_bytes  # weights in opaque packed tensors (no storage to count)
+
+    return total + packed_bytes(model)

@@ -120,6 +120,12 @@ class Tradeoff:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Tradeoff:
+        """From to_dict's output; KeyError, ValueError or TypeError when a field is missing or wrong."""
+        return cls(float(data["lam"]), float(data["floor"]), str(data["strongest"]), float(data["quality"]),
+                   float(data["strongest_quality"]), float(data["cost_share"]))
+
 
 def calibrate_tradeoff(pred: np.ndarray, outcomes: np.ndarray, rel_prices: np.ndarray, models: list[str],
                        floor: float, grid: int = 400) -> Tradeoff:

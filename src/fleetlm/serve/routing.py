@@ -26,7 +26,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from fleetlm.route.routers import RouterError, load_router
 from fleetlm.serve.backends import RouteDecision
 from fleetlm.serve.errors import BadRequest, ServiceUnavailable
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from fleetlm.route.calibrate import Tradeoff
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class FleetRouter:
         fitted: FittedRouter | None = None,
         fitted_names: list[str] | None = None,
         calibration: Calibrated | None = None,
-        tradeoff: dict | None = None,
+        tradeoff: Tradeoff | None = None,
     ) -> None:
         self.name = spec.name
         self.spec, self.config = spec, config
@@ -101,6 +104,9 @@ class FleetRouter:
         self._lambda = 0.0
         self._lock = threading.Lock()
         self.tradeoff = tradeoff if spec.floor_scope == "traffic" else None
+        # prices relative to the priciest candidate: the scale the tradeoff's weight was calibrated on
+        out = np.array([config.models[m].price.output for m in candidates], dtype=np.float64)
+        self.relative_prices = out / max(float(out.max()), 1e-12)
         self.margin = self._traffic_margin()
 
     def _traffic_margin(self) -> float | None:
@@ -158,13 +164,10 @@ class FleetRouter:
                     self._lambda = max(0.0, lam + BUDGET_STEP * (min(float(rel[j]), 10.0) - 1.0))
             rule = f"budget ${spec.budget_usd_per_1k:g}/1k: lambda {lam:.3f}"
         elif self.tradeoff is not None:
-            # price relative to the priciest candidate, the scale the weight was calibrated on
-            rel = np.array([self.config.models[m].price.output for m in self.candidates], dtype=np.float64)
-            lam = float(self.tradeoff["lam"])
-            j = int(choose_tradeoff(pred[None, :], rel / max(rel.max(), 1e-12), lam)[0])
-            rule = (f"traffic floor {spec.quality_floor:g}: max q - {lam:.3f} x relative price "
-                    f"(calibrated: {self.tradeoff['quality']:.3f} vs strongest "
-                    f"{self.tradeoff['strongest_quality']:.3f})")
+            t = self.tradeoff
+            j = int(choose_tradeoff(pred[None, :], self.relative_prices, t.lam)[0])
+            rule = (f"traffic floor {spec.quality_floor:g}: max q - {t.lam:.3f} x relative price "
+                    f"(calibrated: {t.quality:.3f} vs strongest {t.strongest_quality:.3f})")
         elif self.margin is not None:
             j = int(choose_margin(pred[None, :], costs, self.margin)[0])
             best = int(np.argmax(pred))
@@ -304,18 +307,19 @@ def build_router(config: FleetConfig, embedder: Any = None, missing_ok: bool = F
                        _tradeoff(path, spec))
 
 
-def _tradeoff(path: Path, spec: RouterSpec) -> dict | None:
+def _tradeoff(path: Path, spec: RouterSpec) -> Tradeoff | None:
     """DIR/tradeoff.json (written by the fleet recipe): the price weight keeping the floor over traffic."""
+    from fleetlm.route.calibrate import Tradeoff  # here: it imports scipy.stats (0.7 s), not at start-up
+
     file = path / "tradeoff.json"
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text())
-        float(data["lam"]), float(data["quality"]), float(data["strongest_quality"])
+        tradeoff = Tradeoff.from_dict(json.loads(file.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{file}: not a price-weight calibration ({exc})") from None
-    if not math.isclose(float(data.get("floor", -1)), spec.quality_floor):
-        log.warning("%s is calibrated for floor %s, the config asks for %g: not used", file,
-                    data.get("floor"), spec.quality_floor)
+    if not math.isclose(tradeoff.floor, spec.quality_floor):
+        log.warning("%s is calibrated for floor %g, the config asks for %g: not used", file, tradeoff.floor,
+                    spec.quality_floor)
         return None
-    return data
+    return tradeoff
