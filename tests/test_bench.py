@@ -33,7 +33,7 @@ def one_thread():
 def _opts(tmp_path: Path, **kw) -> BenchOptions:
     base = dict(model_dir=tmp_path / "bench-tiny", shape=TINY_SHAPE, prompt_tokens=6, new_tokens=5,
                 warmup_tokens=2, transformers=False, llama_cpp=False, threads=1, bandwidth_mb=32,
-                agreement_tokens=8)
+                agreement_tokens=8, engine_modes=("eager",))
     base.update(kw)
     return BenchOptions(**base)
 
@@ -79,6 +79,21 @@ def test_bad_width_is_a_typed_error(tmp_path: Path) -> None:
         run_benchmark(_opts(tmp_path, widths=("fp8",)), progress=False)
 
 
+def test_bad_engine_mode_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="unknown engine mode"):
+        run_benchmark(_opts(tmp_path, engine_modes=("jit",)), progress=False)
+
+
+def test_compiled_engine_gets_its_own_row_with_its_warm_up_time(tmp_path: Path) -> None:
+    result = run_benchmark(_opts(tmp_path, widths=("bf16",), engine_modes=("eager", "compiled"),
+                                 agreement_tokens=0), progress=False)
+    eager, compiled = result.rows
+    assert (eager.runner, compiled.runner) == ("fleetlm", "fleetlm compiled")
+    assert compiled.tokens_per_second > 0 and compiled.decode_tokens == 4
+    assert compiled.warmup_seconds > eager.warmup_seconds  # the compile happens in the warm-up
+    assert "fleetlm compiled  bf16" in format_table(result)
+
+
 def test_cli_json(tmp_path: Path) -> None:
     from fleetlm.cli import app
 
@@ -86,7 +101,7 @@ def test_cli_json(tmp_path: Path) -> None:
                                    "--prompt-tokens", "4", "--new-tokens", "3", "--warmup-tokens", "1",
                                    "--widths", "bf16,int8", "--no-transformers", "--no-llama-cpp",
                                    "--threads", "1", "--bandwidth-mb", "16", "--agreement-tokens", "0",
-                                   "--json"])
+                                   "--engine-modes", "eager", "--json"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert [r["width"] for r in data["rows"]] == ["bf16", "int8"]

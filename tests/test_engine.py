@@ -173,3 +173,23 @@ def test_generate_accepts_a_single_request_and_records_stats(tiny_llama):
     s = engine.last_stats
     assert s.prompt_tokens == len(engine.tokenizer.encode(PROMPTS[1]))
     assert s.decode_tokens == 5 and s.decode_tokens_per_second > 0
+
+
+@pytest.mark.parametrize("dtype", ["f32", "int8"])
+def test_compiled_decode_step_matches_eager_and_does_not_recompile(tiny_llama, dtype):
+    torch._dynamo.reset()
+    eager = Engine.load(tiny_llama, dtype=dtype)
+    compiled = Engine.load(tiny_llama, dtype=dtype, compile=True)
+    prompts = [eager.tokenizer.encode(p) for p in PROMPTS]
+    expected = _ours(eager, prompts, ignore_eos=True)
+    assert _ours(compiled, prompts, ignore_eos=True) == expected  # batched, rows of different lengths
+    # another call of another length reuses the caches and the compiled code: no new graphs
+    from torch._dynamo.utils import counters
+
+    def same_length(n, max_tokens):  # rows at one position: the unmasked attention variant
+        return [GenerationRequest(prompt_ids=p[:n], max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+
+    assert compiled._collect(same_length(1, 5)) == eager._collect(same_length(1, 5))
+    graphs = counters["stats"]["unique_graphs"]
+    assert compiled._collect(same_length(2, 9)) == eager._collect(same_length(2, 9))
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fleetlm.engine.generate import (
+    CACHE_BLOCK,
     GenerationError,
     GenerationRequest,
     GenerationStats,
@@ -30,9 +31,13 @@ class CountingModel(nn.Module):
         self.bias = nn.Parameter(torch.zeros(VOCAB))
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache_shape = None
+        self.max_batch_size = self.max_seq_length = 0
+        self.setups = 0
 
     def setup_caches(self, max_batch_size, max_seq_length, dtype=None):
         self.cache_shape = (max_batch_size, max_seq_length)
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.setups += 1
 
     def forward(self, idx, input_pos=None, kv_len=None):
         self.calls.append((idx.clone(), input_pos.clone()))
@@ -133,7 +138,17 @@ def test_batch_rows_use_own_positions_and_finish_independently():
     assert model.calls[1][1].view(-1).tolist() == [3, 1, 2]
     assert model.calls[2][1].view(-1).tolist() == [4, 2, 3]
     assert len(model.calls) == 4  # the loop stops once every row is done
-    assert model.cache_shape == (3, 3 + 6)
+    assert model.cache_shape == (3, CACHE_BLOCK)  # 3 + 6 slots needed, allocated as a whole block
+
+
+def test_caches_are_reused_while_big_enough_and_grow_by_blocks():
+    model = CountingModel(context=4096)
+    tok = ByteTokenizer()
+    list(generate(model, tok, [GenerationRequest(prompt="abc", max_tokens=6)] * 2))
+    list(generate(model, tok, [GenerationRequest(prompt="a", max_tokens=100)]))  # fewer rows, fits
+    assert model.setups == 1 and model.cache_shape == (2, CACHE_BLOCK)
+    list(generate(model, tok, [GenerationRequest(prompt="a", max_tokens=CACHE_BLOCK + 5)]))
+    assert model.setups == 2 and model.cache_shape == (1, 2 * CACHE_BLOCK)
 
 
 def test_events_come_in_step_order():

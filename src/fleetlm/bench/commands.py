@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from fleetlm.bench.decode import DEFAULT_CACHE, TINY_SHAPE, WIDTHS, BenchOptions, BenchShape, format_table
+from fleetlm.bench.decode import (
+    DEFAULT_CACHE,
+    ENGINE_MODES,
+    TINY_SHAPE,
+    WIDTHS,
+    BenchOptions,
+    BenchShape,
+    format_table,
+)
 
 
 def decode_command(
@@ -21,6 +29,8 @@ def decode_command(
     bandwidth_mb: int = typer.Option(1024, help="Buffer size of the bandwidth measurement."),
     agreement_tokens: int = typer.Option(256, help="Tokens for int8/int4 top-1 agreement (0: skip)."),
     profile: bool = typer.Option(False, help="Print the top ops of one decode step per width."),
+    engine_modes: str = typer.Option(",".join(ENGINE_MODES), help="Our engine's modes: eager,compiled "
+                                     "(compiled: decode step through torch.compile, compiled in warm-up)."),
     tiny: bool = typer.Option(False, help="A tiny model shape (smoke test), not the 415M one."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
@@ -31,7 +41,8 @@ def decode_command(
                         prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup_tokens=warmup_tokens,
                         widths=tuple(w.strip() for w in widths.split(",") if w.strip()),
                         transformers=not no_transformers, llama_cpp=not no_llama_cpp, threads=threads,
-                        bandwidth_mb=bandwidth_mb, agreement_tokens=agreement_tokens, profile=profile)
+                        bandwidth_mb=bandwidth_mb, agreement_tokens=agreement_tokens, profile=profile,
+                        engine_modes=tuple(m.strip() for m in engine_modes.split(",") if m.strip()))
     result = run_benchmark(opts, progress=not as_json)
     typer.echo(result.to_json() if as_json else format_table(result))
 

@@ -24,6 +24,7 @@ from fleetlm.engine.packed import packed_bytes
 from fleetlm.errors import FleetError
 
 WIDTHS = ("bf16", "int8", "int4")
+ENGINE_MODES = ("eager", "compiled")
 LLAMA_CPP_TYPES = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 DEFAULT_CACHE = Path(os.environ.get("FLEETLM_CACHE", Path.home() / ".cache" / "fleetlm")) / "bench-415m"
 
@@ -63,6 +64,8 @@ class BenchOptions:
     bandwidth_mb: int = 1024
     agreement_tokens: int = 256  # 0 skips the top-1 agreement of int8/int4 with bf16
     profile: bool = False
+    # "eager" and/or "compiled" (the decode step through torch.compile: compiling is part of the warm-up)
+    engine_modes: tuple[str, ...] = ENGINE_MODES
 
 
 @dataclass
@@ -76,6 +79,7 @@ class BenchRow:
     bandwidth_share: float | None = None
     top1_agreement: float | None = None
     detail: str = ""
+    warmup_seconds: float = 0.0
 
 
 @dataclass
@@ -154,28 +158,31 @@ def _prompt(n: int, vocab: int) -> list[int]:
     return torch.randint(10, min(vocab, 500), (n,), generator=gen).tolist()
 
 
-def profile_decode_step(model: nn.Module, top: int = 12) -> list[tuple[str, float]]:
-    """Top ops by self CPU time (ms) over one decode step, through the engine's decode_one_token."""
+def profile_decode_step(model: nn.Module, decode: Callable | None = None,
+                        top: int = 12) -> list[tuple[str, float]]:
+    """Top ops by self CPU time (ms) over one decode step, through the engine's decode step (compiled or
+    not: a compiled step shows its fused kernels as one "CompiledFxGraph" entry)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from fleetlm.engine.generate import decode_one_token
+    from fleetlm.engine.generate import decode_one_token, ensure_caches
 
-    model.setup_caches(1, 64)
-    token, pos = torch.tensor([[11]]), torch.tensor([[5]])
+    decode = decode or decode_one_token
+    ensure_caches(model, 1, 64)  # the caches the engine already has: new ones would recompile a compiled step
+    token = torch.tensor([[11]])
     with torch.inference_mode():
-        decode_one_token(model, token, pos)
+        decode(model, token, torch.tensor([[5]]))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode_one_token(model, token, pos)
+            decode(model, token, torch.tensor([[6]]))
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return [(e.key, e.self_cpu_time_total / 1000.0) for e in events]
 
 
 def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchResult,
-               reference: list[int] | None) -> tuple[BenchRow, list[int] | None]:
+               reference: list[int] | None, mode: str = "eager") -> tuple[BenchRow, list[int] | None]:
     from fleetlm.engine import Engine
     from fleetlm.engine.generate import GenerationRequest
 
-    engine = Engine.load(opts.model_dir, dtype=width)
+    engine = Engine.load(opts.model_dir, dtype=width, compile=mode == "compiled")
     nbytes = weight_bytes_per_token(engine.model)
 
     def timed(n: int) -> tuple[list[int], list[float]]:
@@ -186,19 +193,22 @@ def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchR
             tokens.append(event.token_id)
         return tokens, times
 
+    start = time.perf_counter()
     timed(opts.warmup_tokens)
+    warmup = time.perf_counter() - start
     # one bf16 run serves both: the first new_tokens are timed, all of them are the agreement reference
     extra = opts.agreement_tokens if width == "bf16" else 0
     tokens, times = timed(max(opts.new_tokens, extra))
     times = times[:opts.new_tokens]
-    row = BenchRow("fleetlm", width, _rate(times), nbytes, len(times) - 1)
+    runner = "fleetlm" if mode == "eager" else f"fleetlm {mode}"
+    row = BenchRow(runner, width, _rate(times), nbytes, len(times) - 1, warmup_seconds=warmup)
     if opts.agreement_tokens:
         if width == "bf16":
             reference = tokens[:opts.agreement_tokens]
         elif reference:
             row.top1_agreement = top1_agreement(engine.model, prompt, reference)
     if opts.profile:
-        result.profiles[f"fleetlm {width}"] = profile_decode_step(engine.model)
+        result.profiles[f"{runner} {width}"] = profile_decode_step(engine.model, engine._decode)
     return row, reference
 
 
@@ -294,6 +304,9 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
     for w in opts.widths:
         if w not in WIDTHS:
             raise BenchError(f"unknown width {w!r}: choose from {', '.join(WIDTHS)}")
+    for m in opts.engine_modes:
+        if m not in ENGINE_MODES:
+            raise BenchError(f"unknown engine mode {m!r}: choose from {', '.join(ENGINE_MODES)}")
     if opts.new_tokens < 2 or opts.prompt_tokens < 1:
         raise BenchError("need new_tokens >= 2 and prompt_tokens >= 1")
     if opts.threads:
@@ -301,7 +314,7 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
     threads = torch.get_num_threads()
     steps: list[tuple[str, Callable[[], None]]] = []
     result = BenchResult(0.0, threads, opts.prompt_tokens, opts.new_tokens, 0, [])
-    state: dict[str, object] = {"reference": None}
+    state: dict[str, object] = {}
 
     build_checkpoint(opts.model_dir, opts.shape)
     cfg = read_config(opts.model_dir)
@@ -313,12 +326,14 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
     steps.append(("memory bandwidth", bandwidth))
     if opts.engine:
         # bf16 first: its greedy tokens are the reference for int8/int4 agreement
-        for w in sorted(opts.widths, key=WIDTHS.index):
-            def engine_step(w: str = w) -> None:
-                row, ref = run_engine(opts, w, prompt, result, state["reference"])  # type: ignore[arg-type]
-                state["reference"] = ref
-                result.rows.append(row)
-            steps.append((f"fleetlm {w}", engine_step))
+        for mode in opts.engine_modes:
+            for w in sorted(opts.widths, key=WIDTHS.index):
+                def engine_step(w: str = w, mode: str = mode) -> None:
+                    ref = state.get(f"reference {mode}")
+                    row, ref = run_engine(opts, w, prompt, result, ref, mode)  # type: ignore[arg-type]
+                    state[f"reference {mode}"] = ref
+                    result.rows.append(row)
+                steps.append((f"fleetlm {mode} {w}", engine_step))
     if opts.transformers and "bf16" in opts.widths:
         steps.append(("transformers bf16", lambda: result.rows.append(run_transformers(opts, prompt))))
     if opts.llama_cpp:
@@ -352,18 +367,23 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
 
 def format_table(result: BenchResult) -> str:
     """The human-readable report: one line per runner and width, then the profiles if any."""
+    runner_width = max([14, *(len(r.runner) + 2 for r in result.rows)]) if result.rows else 14
     lines = [f"decode benchmark: {result.params / 1e6:.0f}M params, prompt {result.prompt_tokens} tokens, "
              f"{result.new_tokens} new tokens, single stream, {result.threads} threads",
              f"memory read bandwidth: {result.bandwidth_gbs:.1f} GB/s",
-             f"{'runner':<14}{'width':<13}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}"
-             f"{'of bandwidth':>14}{'top-1 agree':>13}"]
+             f"{'runner':<{runner_width}}{'width':<13}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}"
+             f"{'of bandwidth':>14}{'top-1 agree':>13}{'warm-up s':>11}"]
     for r in result.rows:
         vs = f"{r.vs_llama_cpp:.2f}x" if r.vs_llama_cpp is not None else "-"
         share = f"{100 * r.bandwidth_share:.0f}%" if r.bandwidth_share is not None else "-"
         agree = f"{100 * r.top1_agreement:.1f}%" if r.top1_agreement is not None else "-"
         width = f"{r.width}" + (f" ({r.detail})" if r.detail else "")
-        lines.append(f"{r.runner:<14}{width:<13}{r.tokens_per_second:>8.1f}{vs:>14}"
-                     f"{r.bytes_per_token / 1e6:>10.0f}{share:>14}{agree:>13}")
+        lines.append(f"{r.runner:<{runner_width}}{width:<13}{r.tokens_per_second:>8.1f}{vs:>14}"
+                     f"{r.bytes_per_token / 1e6:>10.0f}{share:>14}{agree:>13}{r.warmup_seconds:>11.1f}")
+    hf = next((r.tokens_per_second for r in result.rows if r.runner == "transformers"), 0.0)
+    for r in result.rows:
+        if hf and r.runner.startswith("fleetlm") and r.width == "bf16":
+            lines.append(f"{r.runner} bf16 vs transformers bf16: {r.tokens_per_second / hf:.2f}x")
     for name, ops in result.profiles.items():
         lines.append(f"profile of one decode step, {name} (self CPU ms):")
         lines.extend(f"  {ms:8.2f}  {op}" for op, ms in ops)

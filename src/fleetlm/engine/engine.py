@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,8 @@ class Engine:
         self.name = name
         self.dtype = dtype
         self.last_stats = GenerationStats()
-        # Compiling the decode step fuses the small ops per layer: 3.1x decode tok/s on the tiny model here
-        # (748 vs 240 at batch 2, identical tokens), but ~76 s to compile, so off by default and in tests.
-        self._decode = torch.compile(decode_one_token, dynamic=True) if compile else decode_one_token
+        self.compiled = compile
+        self._decode = compile_decode_step() if compile else decode_one_token
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "bf16", name: str | None = None,
@@ -61,7 +60,7 @@ class Engine:
         from fleetlm.model.tokenizer import Tokenizer
 
         path = Path(path)
-        model = prepare_weights(load_checkpoint(path, dtype=torch_dtype_of(dtype)), dtype)
+        model = prepare_weights(load_checkpoint(path, dtype=torch_dtype_of(dtype)), dtype, compile=compile)
         tokenizer = Tokenizer.from_dir(path)
         return cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
 
@@ -175,15 +174,35 @@ def _int8_kernel() -> str:
     return "dynamic" if dynamic_int8_available() else "weight_only"
 
 
-def prepare_weights(model: nn.Module, dtype: str) -> nn.Module:
+def compile_decode_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """decode_one_token compiled by Inductor, gpt-fast's main trick: the ~35 small ops of each layer (norms,
+    RoPE, cache writes, SiLU, residuals) fuse into a few C++ kernels, and with freezing the weights become
+    constants that Inductor prepacks for oneDNN itself. The first calls compile (about a minute for a 24-layer
+    model on 2 cores); the position is a dynamic shape, so later steps reuse the same code."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(decode_one_token, dynamic=True)
+
+    def step(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # Compiling happens at the first calls, so freezing is switched on around each call; as a
+        # torch.compile option it was not applied (plain aten::mm, 68 ms a step instead of 50).
+        with inductor_config.patch(freezing=True):
+            return compiled(model, token, input_pos)
+
+    return step
+
+
+def prepare_weights(model: nn.Module, dtype: str, compile: bool = False) -> nn.Module:
     """Make a loaded model's linears ready to generate at `dtype`: q/k/v and gate/up fused; int8 on fbgemm's
     dynamic int8 GEMM where PyTorch has it (1.6x the weight-only kernel here), int4 weight-only; bf16
-    prepacked for oneDNN where the CPU has native bf16 (its matmuls 2x faster here: 59 -> 29 ms a step)."""
+    prepacked for oneDNN where the CPU has native bf16 (its matmuls 2x faster here: 59 -> 29 ms a step),
+    unless the decode step is to be compiled (Inductor's freezing packs plain linears, and cannot trace
+    ours)."""
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if dtype in ("int8", "int4"):
         return _quantize(model, dtype)
-    if dtype == "bf16" and next(model.parameters()).device.type == "cpu":
+    if dtype == "bf16" and not compile and next(model.parameters()).device.type == "cpu":
         from fleetlm.engine.packed import bf16_packing_available, pack_linears
 
         if bf16_packing_available():

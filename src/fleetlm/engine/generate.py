@@ -92,8 +92,21 @@ class TokenizerLike(Protocol):
 def prefill(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor,
             lengths: torch.Tensor) -> torch.Tensor:
     """Run the padded prompts [B, T] through the model, filling the caches; logits [B, V] at last tokens."""
-    logits = model(idx, input_pos)
+    logits = model(idx, input_pos, kv_len=idx.shape[1])  # the prompt's slots only, not the whole cache
     return logits[torch.arange(idx.shape[0]), lengths - 1].float()
+
+
+CACHE_BLOCK = 512  # KV cache slots are allocated in blocks of this many
+
+
+def ensure_caches(model: nn.Module, batch: int, length: int) -> None:
+    """Give the model KV caches of at least batch rows x length slots, reusing the ones it has when they are
+    big enough: attention reads only the filled slots (kv_len), and new cache tensors at every call would
+    make a compiled decode step recompile. Slots past a row's position are never read, so no reset."""
+    if model.max_batch_size < batch or model.max_seq_length < length:
+        # whole blocks of slots, so that a run of calls of growing length allocates (and compiles) rarely
+        blocks = -(-length // CACHE_BLOCK) * CACHE_BLOCK
+        model.setup_caches(batch, max(length, min(blocks, model.config.max_position_embeddings)))
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -173,7 +186,7 @@ def generate(model: nn.Module, tokenizer: TokenizerLike, requests: Sequence[Gene
         raise GenerationError(f"prompt ({longest} tokens) + max_tokens ({steps}) exceed the model's "
                               f"context of {limit} tokens")
     device = next(model.parameters()).device
-    model.setup_caches(batch, longest + steps)  # sized to this call: attention never scans unused slots
+    ensure_caches(model, batch, longest + steps)
 
     idx = torch.zeros(batch, longest, dtype=torch.long)
     for b, p in enumerate(prompts):
