@@ -73,7 +73,7 @@ def test_decode_over_exactly_the_filled_slots_needs_no_mask_and_matches_the_mask
     ids = random_ids(model.config.vocab_size, 1, 9, seed=3)
     model.setup_caches(max_batch_size=1, max_seq_length=32)
     pos = torch.tensor([[8]])
-    assert model._sees_all(pos, kv_len=9) and not model._sees_all(pos, kv_len=32)
+    assert model.sees_all(pos, kv_len=9) and not model.sees_all(pos, kv_len=32)
     with torch.no_grad():
         model(ids[:, :8], torch.arange(8)[None])
         masked = model(ids[:, 8:], pos)  # all 32 slots, the unfilled ones masked

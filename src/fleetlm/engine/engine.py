@@ -181,13 +181,21 @@ def compile_decode_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], t
     model on 2 cores); the position is a dynamic shape, so later steps reuse the same code."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(decode_one_token, dynamic=True)
+    def forward(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                unmasked: bool) -> torch.Tensor:
+        return model(token, input_pos, kv_len=kv_len, unmasked=unmasked)[:, -1].float()
+
+    compiled = torch.compile(forward, dynamic=True)
 
     def step(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # What depends on tensor values is read here, in eager mode, so the compiled step is one graph
+        # (one guard check per step, not one per graph break).
+        kv_len = int(input_pos.max()) + 1
+        unmasked = model.sees_all(input_pos, kv_len) if hasattr(model, "sees_all") else None
         # Compiling happens at the first calls, so freezing is switched on around each call; as a
         # torch.compile option it was not applied (plain aten::mm, 68 ms a step instead of 50).
         with inductor_config.patch(freezing=True):
-            return compiled(model, token, input_pos)
+            return compiled(model, token, input_pos, kv_len, unmasked)
 
     return step
 

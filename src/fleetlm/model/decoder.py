@@ -294,7 +294,7 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
         self.max_batch_size = self.max_seq_length = 0
 
-    def _sees_all(self, pos: torch.Tensor, kv_len: int | None) -> bool:
+    def sees_all(self, pos: torch.Tensor, kv_len: int | None) -> bool:
         """One query per row, each at slot kv_len - 1: every row sees all kv_len slots and needs no mask
         (SDPA's unmasked path is several times faster on CPU than its masked one)."""
         window = self.config.sliding_window
@@ -320,11 +320,14 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache_rows: CacheRows = None,
         kv_len: int | None = None,
+        unmasked: bool | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal.
 
         cache_rows: the cache row of each batch row (default 0..B-1), for a batch whose requests keep their
         own rows. kv_len: attend over cache slots [0, kv_len) only; every row's input_pos must be < kv_len.
+        unmasked: sees_all(input_pos, kv_len) when the caller knows it already (a compiled step must not
+        read tensor values: each read splits its graph).
         """
         b, t = idx.shape
         use_cache = input_pos is not None and self.max_seq_length > 0
@@ -336,7 +339,9 @@ class Transformer(nn.Module):
             mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
         else:
             pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
-            mask = None if self._sees_all(pos, kv_len) else self._mask(pos, use_cache, kv_len)
+            if unmasked is None:
+                unmasked = self.sees_all(pos, kv_len)
+            mask = None if unmasked else self._mask(pos, use_cache, kv_len)
         x = self.embed_tokens(idx)
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
