@@ -49,7 +49,6 @@ class Engine:
         self.name = name
         self.dtype = dtype
         self.last_stats = GenerationStats()
-        self.compiled = compile
         self._decode = compile_decode_step() if compile else decode_one_token
 
     @classmethod
@@ -181,11 +180,7 @@ def compile_decode_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], t
     model on 2 cores); the position is a dynamic shape, so later steps reuse the same code."""
     import torch._inductor.config as inductor_config
 
-    def forward(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
-                unmasked: bool) -> torch.Tensor:
-        return model(token, input_pos, kv_len=kv_len, unmasked=unmasked)[:, -1].float()
-
-    compiled = torch.compile(forward, dynamic=True)
+    compiled = torch.compile(decode_one_token, dynamic=True)
 
     def step(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         # What depends on tensor values is read here, in eager mode, so the compiled step is one graph

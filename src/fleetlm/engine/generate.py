@@ -109,10 +109,16 @@ def ensure_caches(model: nn.Module, batch: int, length: int) -> None:
         model.setup_caches(batch, max(length, min(blocks, model.config.max_position_embeddings)))
 
 
-def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One decode step for every row: token [B, 1] at positions [B, 1] -> next-token logits [B, V]."""
+def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor,
+                     kv_len: int | None = None, unmasked: bool | None = None) -> torch.Tensor:
+    """One decode step for every row: token [B, 1] at positions [B, 1] -> next-token logits [B, V].
+
+    kv_len (default: the furthest position + 1) and unmasked (see Transformer.forward) may be given by a
+    caller that has read them already."""
     # attend over the filled slots only: when all rows stand at the same position this needs no mask
-    return model(token, input_pos, kv_len=int(input_pos.max()) + 1)[:, -1].float()
+    kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
+    extra = {} if unmasked is None else {"unmasked": unmasked}
+    return model(token, input_pos, kv_len=kv_len, **extra)[:, -1].float()
 
 
 def encode_request(tokenizer: TokenizerLike, request: GenerationRequest) -> list[int]:

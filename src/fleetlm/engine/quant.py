@@ -170,7 +170,7 @@ class DynamicInt8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if torch.compiler.is_compiling():
             y = torch.ops.fleetlm.dynamic_int8_linear(x2, self.key, self.out_features, self.reduce_range)
-        else:  # eager: the op directly (the custom op's Python dispatch costs ~10 us a call)
+        else:  # eager: the op directly (going through the registered operator costs ~4 us a call)
             y = torch.ops.quantized.linear_dynamic(x2, self.packed, self.reduce_range)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
