@@ -9,11 +9,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from fleetlm.compress.gguf import GGUFLoadError, export_gguf, load_gguf
+from fleetlm.compress.gguf import export_gguf
 from fleetlm.config import parse_config
 from fleetlm.engine import Engine, GenerationRequest
 from fleetlm.errors import ConfigError
 from fleetlm.model import SHIPPED_TINY_MODEL, Tokenizer, load_checkpoint
+from fleetlm.model.gguf import GGUFLoadError, load_gguf
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
 from fleetlm.serve.local import LocalBackend

@@ -355,8 +355,8 @@ class LocalBackend(TokenStreamBackend):
 
 def load_gguf_engine(path: str | Path, dtype: str = "f32", name: str | None = None) -> Engine:
     """Our engine on a GGUF file's weights (dequantized), for `gguf:` models with `engine: fleetlm`."""
-    from fleetlm.compress.gguf import load_gguf
     from fleetlm.engine.engine import prepare_weights, torch_dtype_of
+    from fleetlm.model.gguf import load_gguf
 
     model, tokenizer = load_gguf(path, dtype=torch_dtype_of(dtype))
     return Engine(prepare_weights(model, dtype), tokenizer, name=name or Path(path).stem, dtype=dtype)
