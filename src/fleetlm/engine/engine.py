@@ -54,13 +54,21 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype: str = "bf16", name: str | None = None,
              compile: bool = False) -> Engine:
-        """Load an HF-layout checkpoint directory; dtype is one of bf16, f32, int8, int4."""
+        """Load an HF-layout checkpoint directory or a `.gguf` file; dtype is one of bf16, f32, int8, int4.
+
+        A GGUF file's tensors are dequantized to the float width first; int8/int4 then round them again.
+        """
         from fleetlm.model.checkpoint import load_checkpoint
+        from fleetlm.model.gguf import load_gguf
         from fleetlm.model.tokenizer import Tokenizer
 
         path = Path(path)
-        model = prepare_weights(load_checkpoint(path, dtype=torch_dtype_of(dtype)), dtype, compile=compile)
-        tokenizer = Tokenizer.from_dir(path)
+        if path.suffix == ".gguf":
+            model, tokenizer = load_gguf(path, dtype=torch_dtype_of(dtype))
+            name = name or path.stem
+        else:
+            model, tokenizer = load_checkpoint(path, dtype=torch_dtype_of(dtype)), Tokenizer.from_dir(path)
+        model = prepare_weights(model, dtype, compile=compile)
         return cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
 
     def generate(self, requests: GenerationRequest | Sequence[GenerationRequest]) -> Iterator[TokenEvent]:

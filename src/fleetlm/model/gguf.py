@@ -44,12 +44,19 @@ PRE_REGEX = {
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
+# Pre-tokenizers whose only split before GPT-2's own regex is one digit at a time (llama.cpp gives StarCoder,
+# SmolLM and a few others the regexes \p{N}, then GPT-2's).
+SINGLE_DIGIT_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
 # Control tokens that llama.cpp also treats as end of generation, beside the file's eos/eot ids.
 END_OF_GENERATION = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "</s>",
                      "<end_of_turn>", "<|eom_id|>")
 # GGUF architecture -> ours (Mistral GGUFs say "llama"; their sliding window is not in the file).
 LOAD_ARCH = {"llama": "llama", "qwen2": "qwen2"}
-LOAD_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# Tensor types we dequantize (all through gguf.quants): what llama.cpp's usual file types are made of
+# (Q4_K_M files mix Q4_K, Q6_K, Q5_0, Q8_0; Q4_1 files keep a Q8_0 embedding).
+LOAD_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+              "Q6_K")
+DEQUANT_CHUNK = 1 << 22  # values dequantized at a time (16 MB of float32 scratch)
 
 
 class GGUFLoadError(FleetError):
@@ -130,22 +137,36 @@ def _our_tensor_name(name: str) -> str | None:
     raise GGUFLoadError(f"GGUF tensor {name!r} has no place in our decoder")
 
 
-def _dequantized(t: Any) -> torch.Tensor:
-    """A GGUF tensor as float32 in numpy order (llama.cpp's dequantization, via the gguf package)."""
+def _dequantized(t: Any, dtype: torch.dtype, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """A GGUF tensor in numpy order at `dtype`: llama.cpp's dequantization (the gguf package's), done a
+    few rows at a time into the output, so a tensor never exists in float32 whole unless `dtype` is float32
+    (the 1.5B model's embedding is 0.9 GB in float32)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(t.tensor_type)
     if qtype.name not in LOAD_TYPES:
         raise GGUFLoadError(f"tensor {t.name} is {qtype.name}; loadable types: {', '.join(LOAD_TYPES)}")
-    data = gguf.quants.dequantize(np.asarray(t.data), qtype)
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is mmapped
+    raw = np.asarray(t.data)
+    if qtype.name in ("F32", "F16"):  # numpy reads these as they are: torch converts them at memory speed
+        return torch.from_numpy(np.array(raw).reshape(shape)).to(dtype)  # a copy: the file is mmapped
+    if qtype.name == "BF16":  # stored as raw bytes; the bits are torch's bfloat16
+        bits = torch.from_numpy(np.array(raw).view(np.int16).reshape(shape))  # a copy: the file is mmapped
+        return bits.view(torch.bfloat16).to(dtype)
+    cols = shape[-1]
+    rows = raw.reshape(-1, raw.shape[-1])  # one row of blocks per output row
+    out = torch.empty((rows.shape[0], cols), dtype=dtype)
+    step = rows_per_chunk or max(1, DEQUANT_CHUNK // cols)
+    for start in range(0, rows.shape[0], step):
+        block = gguf.quants.dequantize(rows[start : start + step], qtype)
+        out[start : start + step] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    return out.reshape(shape)
 
 
 def gguf_tokenizer(reader: Any) -> Any:
     """Our Tokenizer (a `tokenizers` byte-level BPE + the chat template) from a GGUF file's vocabulary."""
     import gguf
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, processors
     from tokenizers import Tokenizer as Backend
 
     from fleetlm.model.tokenizer import Tokenizer
@@ -161,15 +182,7 @@ def gguf_tokenizer(reader: Any) -> Any:
     tt = gguf.TokenType
     vocab = {tok: i for i, tok in enumerate(tokens) if types[i] != tt.UNUSED}
     backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
-    if pre == "gpt-2" or pre == "default":
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif pre in PRE_REGEX:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_REGEX[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    else:
-        raise GGUFLoadError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt-2, llama-bpe, qwen2)")
+    backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     added = [AddedToken(tokens[i], special=types[i] == tt.CONTROL, normalized=False)
              for i in range(len(tokens)) if types[i] in (tt.CONTROL, tt.USER_DEFINED)]
@@ -194,8 +207,26 @@ def gguf_tokenizer(reader: Any) -> Any:
                      _meta(reader, "tokenizer.chat_template"), extra)
 
 
+def _pre_tokenizer(pre: str) -> Any:
+    """The `tokenizers` pre-tokenizer that splits text as llama.cpp does for `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex inside
+    if pre in ("gpt-2", "default"):
+        return byte_level
+    if pre in SINGLE_DIGIT_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in PRE_REGEX:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_REGEX[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    known = ", ".join(["gpt-2", *SINGLE_DIGIT_GPT2, *PRE_REGEX])
+    raise GGUFLoadError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {known})")
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(Transformer, Tokenizer) from a GGUF file: F32/F16/BF16/Q8_0 tensors dequantized to `dtype`.
+    """(Transformer, Tokenizer) from a GGUF file, every tensor dequantized to `dtype` (see LOAD_TYPES).
 
     The inverse of export_gguf: q/k rows go back to rotate-half order (llama), rope_freqs becomes the
     decoder's inverse frequencies, and the vocabulary becomes a `tokenizers` BPE with its chat template.
@@ -217,17 +248,17 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
         model = Transformer(cfg)
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        data = _dequantized(t)
         if t.name == "rope_freqs.weight":
             # llama.cpp divides each frequency by these factors (Llama 3 scaling): do the same to ours
-            model.inv_freq = rope_inv_freq(cfg) / data.float()
+            model.inv_freq = rope_inv_freq(cfg) / _dequantized(t, torch.float32)
             continue
         name = _our_tensor_name(t.name)
+        data = _dequantized(t, dtype)
         if cfg.arch == "llama" and ".attn_q." in t.name:
             data = unpermute_rotate_half(data, cfg.num_heads)
         elif cfg.arch == "llama" and ".attn_k." in t.name:
             data = unpermute_rotate_half(data, cfg.num_kv_heads)
-        state[name] = data.to(dtype)
+        state[name] = data
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     if missing:
