@@ -29,7 +29,8 @@ from fleetlm.model.config import ModelConfig
 from fleetlm.model.gguf import GLOBAL_NAMES, LAYER_NAMES
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
-QUANT_TYPES = ("q4_0", "q8_0")
+# llama.cpp file types its quantizer can write (the *_m mixes keep some tensors at a higher width).
+QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
 # HF config arch -> llama.cpp architecture name.
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -439,8 +440,7 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, qtype: str = "q4_0"
         raise GGUFExportError("quantizing GGUF needs llama-cpp-python (pip install llama-cpp-python)") \
             from None
     params = llama_cpp.llama_model_quantize_default_params()
-    ftypes = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
-    params.ftype = ftypes[qtype]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
