@@ -115,3 +115,11 @@ def ci_fleet(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ci-fleet")
     return out, build_fleet(out, RECIPES["ci"], log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (98 MB), pulled into the default fleet home: once per machine."""
+    from fleetlm.catalog import pull
+
+    return pull("smollm2-135m-instruct", progress=False)
