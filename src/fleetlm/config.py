@@ -1,7 +1,9 @@
 """The fleet.yaml schema: which models the gateway serves, where they run, what they cost, how it routes.
 
-A model is exactly one of: one of our checkpoints (`path` + `dtype`), a GGUF file (`gguf`), or a remote
-OpenAI-compatible endpoint (`remote` base URL + `api_key_env`). Prices are dollars per million tokens.
+A model is exactly one of: one of our checkpoints (`path` + `dtype`), a GGUF file (`gguf`), a remote
+OpenAI-compatible endpoint (`remote` base URL + `api_key_env`), or a recorded model (`replay`: a folder laid
+out like RouteLLM's evals data, answering with `replay_model`'s recorded responses). Prices are dollars per
+million tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ class Price(_Strict):
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
 
 
+# List prices ($ per 1M tokens in/out) of the models RouteLLM recorded, for a replay model that sets no
+# price: gpt-4-1106-preview at OpenAI's launch price, Mixtral-8x7B-Instruct at Together AI's hosted price
+# (sources in docs/ROUTING.md).
+RECORDED_LIST_PRICES = {
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": (0.6, 0.6),
+}
+
+
+def recorded_list_price(model: str) -> Price | None:
+    """The list price of a recorded model, by its full name or the short one ("Mixtral-8x7B-Instruct")."""
+    short = model.lower().split("/")[-1]
+    for name, (inp, out) in RECORDED_LIST_PRICES.items():
+        if name.lower() == model.lower() or name.lower().split("/")[-1].startswith(short):
+            return Price(input=inp, output=out)
+    return None
+
+
 class ModelSpec(_Strict):
     path: str | None = None
     dtype: Literal["bf16", "f16", "f32", "int8", "int4"] = "bf16"
@@ -42,6 +62,11 @@ class ModelSpec(_Strict):
         None, description="base URL of an OpenAI-compatible API, e.g. http://h:8000/v1"
     )
     remote_model: str | None = Field(None, description="model name upstream; defaults to this model's name")
+    replay: str | None = Field(None, description="a folder laid out like RouteLLM's data: recorded answers")
+    replay_model: str | None = Field(None, description="the recorded model, e.g. gpt-4-1106-preview")
+    replay_match: Literal["contains", "exact"] = Field(
+        "contains", description="contains: the recorded question may sit inside a longer user message"
+    )
     api_key_env: str | None = None
     timeout: float = Field(60.0, gt=0, description="seconds per upstream attempt")
     retries: int = Field(1, ge=0, le=10, description="extra attempts after a failed one")
@@ -53,15 +78,23 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> ModelSpec:
-        given = [k for k in ("path", "gguf", "remote") if getattr(self, k)]
+        given = [k for k in ("path", "gguf", "remote", "replay") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of path, gguf, remote (got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"give exactly one of path, gguf, remote, replay (got {', '.join(given) or 'none'})"
+            )
         if self.remote and not self.remote.startswith(("http://", "https://")):
             raise ValueError(f"remote must be an http(s) URL, got {self.remote!r}")
+        if self.replay and not self.replay_model:
+            raise ValueError("replay needs replay_model: which recorded model answers")
+        if self.replay and "price" not in self.model_fields_set:
+            self.price = recorded_list_price(self.replay_model or "") or self.price
         return self
 
     @property
-    def kind(self) -> Literal["local", "gguf", "remote"]:
+    def kind(self) -> Literal["local", "gguf", "remote", "replay"]:
+        if self.replay:
+            return "replay"
         return "local" if self.path else "gguf" if self.gguf else "remote"
 
     def api_key(self) -> str | None:
@@ -83,7 +116,26 @@ class RouterSpec(_Strict):
     floor_scope: Literal["request", "traffic"] = "request"
     budget_usd_per_1k: float | None = Field(None, ge=0)
     path: str | None = Field(None, description="a fitted router saved by `fleet route fit`")
-    models: list[str] | None = Field(None, description="candidates; defaults to every model")
+    models: list[str] | None = Field(None, description="candidates (a checks cascade: cheapest first)")
+    # kind cascade with checks (and no path): the first model answers, the checks that apply to the request
+    # decide whether its answer is kept, else the next model answers, up to the last (whose answer is kept)
+    checks: list[Literal["code", "math", "json", "tool"]] | None = None
+    unchecked: Literal["keep", "escalate"] = Field(
+        "keep", description="no enabled check applies: keep the first answer, or escalate to the last model"
+    )
+    math_samples: int = Field(1, ge=1, le=5, description="math: samples asked for, whose final numbers agree")
+    check_timeout_s: float = Field(5.0, gt=0, le=60, description="code: time for the prompt's examples")
+
+    @model_validator(mode="after")
+    def _checks_make_a_cascade(self) -> RouterSpec:
+        if self.checks is not None:
+            if self.kind != "cascade":
+                raise ValueError(f"router.checks needs kind cascade, not {self.kind}")
+            if self.path is not None:
+                raise ValueError("a cascade runs either checks or a fitted router (path), not both")
+            if not self.checks:
+                raise ValueError("router.checks is empty: name at least one of code, math, json, tool")
+        return self
 
 
 class FleetConfig(_Strict):
@@ -160,6 +212,8 @@ def parse_config(data: object, source: str = "fleet config") -> FleetConfig:
                 spec.path = str((base / spec.path).resolve())
             if spec.gguf and not Path(spec.gguf).is_absolute():
                 spec.gguf = str((base / spec.gguf).resolve())
+            if spec.replay and not Path(spec.replay).is_absolute():
+                spec.replay = str((base / spec.replay).resolve())
         if config.router and config.router.path and not Path(config.router.path).is_absolute():
             config.router.path = str((base / config.router.path).resolve())
     return config
