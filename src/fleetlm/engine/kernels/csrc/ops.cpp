@@ -1,0 +1,204 @@
+// PyTorch operators over the ISA kernels: fleetlm_kernels::linear_int4 / linear_int8 / linear_bf16 and the
+// activation quantizer, multithreaded over tiles of 16 output rows with at::parallel_for, with Meta
+// implementations so torch.compile (Inductor, cpp_wrapper) calls them as extern kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace fleet {
+namespace {
+
+// 0: none (the Python side falls back to PyTorch), 1: AVX2, 2: AVX-512.
+int best_level() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;  // F16C comes with both
+#endif
+  return 0;
+}
+
+int initial_level() {
+  const int best = best_level();
+  const char* forced = std::getenv("FLEET_KERNELS_ISA");  // "avx2" forces the AVX2 path on AVX-512 CPUs
+  if (forced && std::strcmp(forced, "avx2") == 0 && best >= 1) return 1;
+  return best;
+}
+
+std::atomic<int> level{initial_level()};
+
+const IsaKernels& kernels() {
+  const int l = level.load(std::memory_order_relaxed);
+  const IsaKernels* k = l == 2 ? avx512_kernels() : l == 1 ? avx2_kernels() : nullptr;
+  TORCH_CHECK(k != nullptr, "fleetlm_kernels: this CPU has neither AVX2+FMA nor AVX-512");
+  return *k;
+}
+
+// Tiles per parallel task: at least ~32 KB of weights, so a small layer does not pay for thread wake-ups.
+int64_t grain(int64_t tile_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(tile_bytes, 1)); }
+
+struct Quantized {
+  at::Tensor q, d, sq, sf;
+  QuantizedRows view() const {
+    return {q.data_ptr<int8_t>(), d.data_ptr<float>(), sq.data_ptr<int32_t>(), sf.data_ptr<float>(), q.size(1)};
+  }
+};
+
+Quantized quantize(const at::Tensor& x, int64_t kp) {
+  TORCH_CHECK(x.dim() == 2, "fleetlm_kernels: x must be 2-D [M, K], got ", x.dim(), "-D");
+  TORCH_CHECK(kp % QBLOCK == 0 && x.size(1) <= kp, "fleetlm_kernels: K=", x.size(1), " does not fit kp=", kp);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t m = xf.size(0), k = xf.size(1), nb = kp / QBLOCK;
+  Quantized out{at::empty({m, kp}, xf.options().dtype(at::kChar)), at::empty({m, nb}, xf.options()),
+                at::empty({m, nb}, xf.options().dtype(at::kInt)), at::empty({m, nb}, xf.options())};
+  const IsaKernels& isa = kernels();
+  const float* src = xf.data_ptr<float>();
+  int8_t* q = out.q.data_ptr<int8_t>();
+  float* d = out.d.data_ptr<float>();
+  int32_t* sq = out.sq.data_ptr<int32_t>();
+  float* sf = out.sf.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    isa.quantize_rows(src + r0 * k, r1 - r0, k, kp, q + r0 * kp, d + r0 * nb, sq + r0 * nb, sf + r0 * nb);
+  });
+  return out;
+}
+
+const float* bias_ptr(const std::optional<at::Tensor>& bias, at::Tensor& holder, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->numel() == n, "fleetlm_kernels: bias has ", bias->numel(), " values, expected ", n);
+  holder = bias->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+void check_weight(const at::Tensor& w, at::ScalarType dtype, int64_t n, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == dtype && w.is_contiguous(), op,
+              ": packed weight must be a contiguous 2-D tensor of the packing's dtype");
+  TORCH_CHECK(w.size(0) * TILE_N >= n && (w.size(0) - 1) * TILE_N < n, op, ": ", w.size(0),
+              " tiles do not hold ", n, " output rows");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows_op(const at::Tensor& x, int64_t kp) {
+  Quantized q = quantize(x, kp);
+  return {q.q, q.d, q.sq, q.sf};
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t n, int64_t group) {
+  check_weight(w, at::kByte, n, "linear_int4");
+  const int64_t kp = w.size(1) / 8;
+  TORCH_CHECK(group % QBLOCK == 0 && kp % group == 0, "linear_int4: group ", group, " does not divide K=", kp);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.numel() == w.size(0) * (kp / group) * 32,
+              "linear_int4: scales must be contiguous float16 [tiles, K/group, 2, 16]");
+  const Quantized q = quantize(x, kp);
+  const QuantizedRows rows = q.view();
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat)), bias_f;
+  const float* b = bias_ptr(bias, bias_f, n);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  const IsaKernels& isa = kernels();
+  at::parallel_for(0, w.size(0), grain(kp * 8), [&](int64_t t0, int64_t t1) {
+    isa.int4_tiles(wp, sp, group, rows, m, b, yp, n, t0, t1);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  check_weight(w, at::kByte, n, "linear_int8");
+  const int64_t kp = w.size(1) / 16;
+  TORCH_CHECK(kp % QBLOCK == 0, "linear_int8: K=", kp, " is not a multiple of ", QBLOCK);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.numel() == w.size(0) * (kp / QBLOCK) * 16,
+              "linear_int8: scales must be contiguous float16 [tiles, K/32, 16]");
+  const Quantized q = quantize(x, kp);
+  const QuantizedRows rows = q.view();
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat)), bias_f;
+  const float* b = bias_ptr(bias, bias_f, n);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  const IsaKernels& isa = kernels();
+  at::parallel_for(0, w.size(0), grain(kp * 16), [&](int64_t t0, int64_t t1) {
+    isa.int8_tiles(wp, sp, rows, m, b, yp, n, t0, t1);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       int64_t n) {
+  check_weight(w, at::kBFloat16, n, "linear_bf16");
+  TORCH_CHECK(x.dim() == 2, "linear_bf16: x must be 2-D [M, K]");
+  const int64_t kp = w.size(1) / TILE_N, m = x.size(0), k = x.size(1);
+  TORCH_CHECK(kp % QBLOCK == 0 && k <= kp, "linear_bf16: K=", k, " does not fit the packing's ", kp);
+  const IsaKernels& isa = kernels();
+  // The AVX-512 kernel multiplies bf16 pairs (vdpbf16ps); the AVX2 one widens weights and takes f32.
+  at::Tensor xs = x.to(isa.bf16_wants_bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  if (k < kp) xs = at::constant_pad_nd(xs, {0, kp - k});
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat)), bias_f;
+  const float* b = bias_ptr(bias, bias_f, n);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const void* xp = xs.data_ptr();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.size(0), grain(kp * 32), [&](int64_t t0, int64_t t1) {
+    isa.bf16_tiles(wp, xp, kp, m, b, yp, n, t0, t1);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// Meta: shapes and dtypes only, for FakeTensor tracing under torch.compile.
+at::Tensor linear_meta(const at::Tensor& x, int64_t n) { return at::empty({x.size(0), n}, x.options()); }
+at::Tensor linear_int4_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t n, int64_t) { return linear_meta(x, n); }
+at::Tensor linear_int8_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t n) { return linear_meta(x, n); }
+at::Tensor linear_bf16_meta(const at::Tensor& x, const at::Tensor&, const std::optional<at::Tensor>&,
+                            int64_t n) { return linear_meta(x, n); }
+
+int64_t isa_level() { return level.load(); }
+int64_t best_isa_level() { return best_level(); }
+
+int64_t set_isa_level(int64_t wanted) {  // clamps to what the CPU has; returns the level now in use
+  const int64_t l = std::max<int64_t>(0, std::min<int64_t>(wanted, best_level()));
+  level.store(static_cast<int>(l));
+  return l;
+}
+
+}  // namespace
+}  // namespace fleet
+
+TORCH_LIBRARY(fleetlm_kernels, m) {
+  m.def("quantize_rows(Tensor x, int kp) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_int4(Tensor x, Tensor weight, Tensor scales, Tensor? bias, int out_features, int group) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, int out_features) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("isa_level() -> int", &fleet::isa_level);
+  m.def("best_isa_level() -> int", &fleet::best_isa_level);
+  m.def("set_isa_level(int level) -> int", &fleet::set_isa_level);
+}
+
+TORCH_LIBRARY_IMPL(fleetlm_kernels, CPU, m) {
+  m.impl("quantize_rows", &fleet::quantize_rows_op);
+  m.impl("linear_int4", &fleet::linear_int4);
+  m.impl("linear_int8", &fleet::linear_int8);
+  m.impl("linear_bf16", &fleet::linear_bf16);
+}
+
+TORCH_LIBRARY_IMPL(fleetlm_kernels, Meta, m) {
+  m.impl("linear_int4", &fleet::linear_int4_meta);
+  m.impl("linear_int8", &fleet::linear_int8_meta);
+  m.impl("linear_bf16", &fleet::linear_bf16_meta);
+}
