@@ -40,8 +40,10 @@ def test_good_config_parses_with_kinds_aliases_and_relative_paths(tmp_path):
     [
         (
             "models:\n  a: {path: x, remote: 'http://h/v1'}\n",
-            "models.a: give exactly one of path, gguf, remote",
+            "models.a: give exactly one of path, gguf, catalog, remote",
         ),
+        ("models:\n  a: {catalog: smollm2-135m-instruct, gguf: x.gguf}\n", "(got gguf, catalog)"),
+        ("models:\n  a: {catalog: gpt-17}\n", "unknown catalog model 'gpt-17' (the catalog has: smollm2"),
         ("models:\n  a: {}\n", "got none"),
         ("models:\n  a: {remote: 'ftp://h'}\n", "http(s) URL"),
         ("models:\n  a: {path: x, price: {input: -1}}\n", "models.a.price.input"),
@@ -84,3 +86,12 @@ def test_storage_url_falls_back_to_env_then_cwd(monkeypatch, tmp_path):
     assert resolve_storage_url("sqlite:///a.db") == "sqlite:///a.db"
     monkeypatch.delenv("FLEET_DB_URL")
     assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'fleet.db'}"
+
+
+def test_a_catalog_model_is_served_like_gguf_from_its_installed_file(tmp_path, monkeypatch, smollm2_gguf):
+    spec = parse_config({"models": {"smol": {"catalog": "smollm2-135m-instruct"}}}).models["smol"]
+    assert spec.kind == "gguf" and spec.gguf is None
+    assert spec.gguf_file() == str(smollm2_gguf)
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(ConfigError, match="not installed; run: fleet models pull smollm2-135m-instruct"):
+        spec.gguf_file()

@@ -1,6 +1,7 @@
 """The fleet.yaml schema: which models the gateway serves, where they run, what they cost, how it routes.
 
-A model is exactly one of: one of our checkpoints (`path` + `dtype`), a GGUF file (`gguf`), a remote
+A model is exactly one of: one of our checkpoints (`path` + `dtype`), a GGUF file (`gguf`), a catalog model
+(`catalog`: a name from `fleet models list`, served like `gguf` from its installed file), a remote
 OpenAI-compatible endpoint (`remote` base URL + `api_key_env`), or a recorded model (`replay`: a folder laid
 out like RouteLLM's evals data, answering with `replay_model`'s recorded responses). Prices are dollars per
 million tokens.
@@ -55,6 +56,7 @@ class ModelSpec(_Strict):
     path: str | None = None
     dtype: Literal["bf16", "f16", "f32", "int8", "int4"] = "bf16"
     gguf: str | None = None
+    catalog: str | None = Field(None, description="a catalog model (fleet models list), served like gguf")
     engine: Literal["llama_cpp", "fleetlm"] = Field(
         "llama_cpp", description="what runs a gguf model: llama.cpp, or our engine (continuous batching)"
     )
@@ -78,11 +80,17 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> ModelSpec:
-        given = [k for k in ("path", "gguf", "remote", "replay") if getattr(self, k)]
+        given = [k for k in ("path", "gguf", "catalog", "remote", "replay") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of path, gguf, remote, replay (got {', '.join(given) or 'none'})"
+                f"give exactly one of path, gguf, catalog, remote, replay (got {', '.join(given) or 'none'})"
             )
+        if self.catalog:
+            from fleetlm.catalog import entries
+
+            if self.catalog not in (known := entries()):
+                raise ValueError(f"unknown catalog model {self.catalog!r} (the catalog has: "
+                                 f"{', '.join(known)})")
         if self.remote and not self.remote.startswith(("http://", "https://")):
             raise ValueError(f"remote must be an http(s) URL, got {self.remote!r}")
         if self.replay and not self.replay_model:
@@ -95,7 +103,20 @@ class ModelSpec(_Strict):
     def kind(self) -> Literal["local", "gguf", "remote", "replay"]:
         if self.replay:
             return "replay"
-        return "local" if self.path else "gguf" if self.gguf else "remote"
+        return "local" if self.path else "gguf" if self.gguf or self.catalog else "remote"
+
+    def gguf_file(self) -> str:
+        """The GGUF file of a `gguf` or `catalog` model (a catalog model must be installed)."""
+        if self.gguf:
+            return self.gguf
+        assert self.catalog is not None, "gguf_file() of a model that is neither gguf nor catalog"
+        from fleetlm.catalog import installed_path
+
+        path = installed_path(self.catalog)
+        if path is None:
+            raise ConfigError(f"catalog model {self.catalog} is not installed; "
+                              f"run: fleet models pull {self.catalog}")
+        return str(path)
 
     def api_key(self) -> str | None:
         if not self.api_key_env:

@@ -1,9 +1,8 @@
-"""`fleet generate`: stream a continuation or a chat answer from a local checkpoint."""
+"""`fleet generate`: stream a continuation or a chat answer from a local model (catalog, .gguf, HF dir)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 
@@ -13,7 +12,8 @@ DEFAULT_PROMPT = "Once upon a time"
 
 
 def generate_command(
-    model: Path | None = typer.Option(None, "--model", help="Checkpoint dir (default: shipped tiny model)."),
+    model: str | None = typer.Option(None, "--model", help="A catalog name, .gguf file or checkpoint dir "
+                                     "(default: the shipped tiny model)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Weight width: bf16, f32, int8 or int4."),
     prompt: str | None = typer.Option(None, "--prompt", help="Text to continue."),
     chat: str | None = typer.Option(None, "--chat", help="A user message, answered via the chat template."),
@@ -34,8 +34,16 @@ def generate_command(
     if model is None:
         from fleetlm.model import SHIPPED_TINY_MODEL
 
-        model = SHIPPED_TINY_MODEL
-    engine = Engine.load(model, dtype=dtype, compile=compile)
+        location, name = str(SHIPPED_TINY_MODEL), None
+    else:
+        from fleetlm.catalog import resolve_model
+
+        ref = resolve_model(model)
+        if ref.kind == "url":
+            raise FleetError(f"{model}: fleet generate runs local models; serve a URL as `remote:` in a "
+                             "fleet config instead")
+        location, name = ref.location, ref.name
+    engine = Engine.load(location, dtype=dtype, name=name, compile=compile)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     stop=list(stop))
     if chat is not None:

@@ -124,8 +124,7 @@ class LlamaCppBackend(TokenStreamBackend):
 
     @classmethod
     def from_spec(cls, name: str, spec: ModelSpec) -> LlamaCppBackend:
-        assert spec.gguf is not None
-        return cls(name, spec.gguf, n_ctx=spec.max_context)
+        return cls(name, spec.gguf_file(), n_ctx=spec.max_context)
 
     # ------------------------------------------------------------ the worker thread
 

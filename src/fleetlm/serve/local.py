@@ -240,9 +240,8 @@ class LocalBackend(TokenStreamBackend):
 
     @classmethod
     def from_spec(cls, name: str, spec: ModelSpec) -> LocalBackend:
-        if spec.kind == "gguf":  # a GGUF file served by our own engine (engine: fleetlm)
-            assert spec.gguf is not None
-            return cls(name, load_gguf_engine(spec.gguf, dtype=spec.dtype, name=name))
+        if spec.kind == "gguf":  # a GGUF file (or catalog model) served by our own engine (engine: fleetlm)
+            return cls(name, load_gguf_engine(spec.gguf_file(), dtype=spec.dtype, name=name))
         assert spec.path is not None
         return cls(name, Engine.load(spec.path, dtype=spec.dtype, name=name))
 
