@@ -382,6 +382,9 @@ def check_chain(chain: str) -> tuple[bool, str] | None:
                     continue  # "= 12 + 5": the running result goes on
             except ValueError:
                 pass
+        percent = re.fullmatch(rf"\s*({_NUM[:-2]})\s*%\s*", sides[i + 1])
+        if percent is not None and _agrees(left, parse_number(percent.group(1)), percent.group(1)):
+            continue  # "0.1 * 100 = 10%": a percentage written as the number of percent
         if not _agrees(left, right, sides[i + 1]):
             return False, f"{sides[i]} = {sides[i + 1]} (it is {left:g})"
     return True, ""
@@ -410,12 +413,21 @@ def equations(answer: str) -> list[str]:
     plain = _ANNOTATION.sub(" ", text)
     pos = 0
     while (m := _CHAIN.search(plain, pos)) is not None:
-        if _clean_edges(plain, m.start(), m.end()):
-            found.append(m.group(0))
+        claim = m.group(0).rstrip()  # a term's trailing blanks are not part of it: "= 8 apples"
+        if _clean_edges(plain, m.start(), m.start() + len(claim)):
+            found.append(claim)
             pos = m.end()
         else:  # "10% of $700 = 0.10 * $700 = $70": what follows the first "=" may still be a whole claim
             pos = plain.index("=", m.start()) + 1
-    return found
+    # "3 x 60 = <<3*60=180>>180": the annotation and the visible step are one claim
+    seen: set[str] = set()
+    unique = []
+    for e in found:
+        key = re.sub(r"[\s$,]", "", e).replace("×", "*").replace("x", "*")
+        if key not in seen:
+            seen.add(key)
+            unique.append(e)
+    return unique
 
 
 def math_check(answer: str, samples: Iterable[str] | None = None) -> CheckResult:

@@ -2,6 +2,13 @@
 
 Every request that gets past body parsing leaves one row in the usage store, committed before the
 response (or the stream's final `data: [DONE]`) is sent.
+
+A cascade with checks (routing.FleetRouter.ladder) is climbed here (`_climb`): each model of the ladder
+answers in turn, the router's checks judge the answer, and every attempt (model, checks, what they found,
+tokens, cost) goes to `x-fleet-route`, the usage log's `checks` and the body's `fleet.attempts`; the request
+costs the sum over its attempts. A streamed cascade request buffers each checked answer whole and streams
+the kept one; the last model of the ladder, unchecked, streams live. A recorded model's answer (replay) is
+labelled: `model` is the recorded name (`...@recorded`), x-fleet-route says recorded, and so does the log.
 """
 
 from __future__ import annotations
@@ -82,6 +89,10 @@ class _Call:
     fallbacks: list[str] = field(default_factory=list)
     cascade: bool = False  # the routed model answers first and the router reviews its answer
     extra_cost: float = 0.0  # what a cascade's reviewed-and-rejected answer cost
+    plan: dict | None = None  # a cascade with checks: {"ladder", "checks", "samples"} from the router
+    attempts: list[dict] = field(default_factory=list)  # each model a cascade with checks asked
+    recorded: bool = False  # the answering backend serves recorded answers (replay)
+    served_as: str | None = None  # the answering model's own name when it differs (a recorded model's)
     key: ApiKey | None = None
     user: str | None = None
     stream: bool = False
@@ -98,9 +109,10 @@ class _Call:
         return h
 
     def route_header(self) -> str:
-        if self.fallbacks:
-            return f"{self.route}; fallback from {','.join(self.fallbacks)}"
-        return self.route
+        route = f"{self.route}; fallback from {','.join(self.fallbacks)}" if self.fallbacks else self.route
+        if self.recorded:
+            route += f"; recorded: {self.served_as or self.model_used}"
+        return route
 
 
 def _header_safe(s: str) -> str:
@@ -205,6 +217,7 @@ class Gateway:
                 )
             call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
             call.cascade = bool(decision.extra.get("cascade"))
+            call.plan = decision.extra if "ladder" in decision.extra else None
         else:
             model = self.config.resolve(name)
             if model is None and name in self.backends:  # a model the gateway brings itself (MiniLM)
@@ -230,8 +243,11 @@ class Gateway:
         errors = []
         for model in chain:
             try:
-                result = await attempt(self.backends[model])
+                backend = self.backends[model]
+                result = await attempt(backend)
                 call.model_used = model
+                call.recorded = bool(getattr(backend, "recorded", False))
+                call.served_as = getattr(backend, "served_name", None) if call.recorded else None
                 return result
             except BackendError as exc:
                 if not exc.retryable and exc.upstream_status is not None and exc.upstream_status < 500:
@@ -274,6 +290,8 @@ class Gateway:
             stream=call.stream,
             key_id=call.key.key_id if call.key else None,
             user=call.user,
+            recorded=call.recorded,
+            checks=call.attempts or None,
         )
 
     async def log(
@@ -332,14 +350,17 @@ class Gateway:
         def attempt(b: Backend) -> Awaitable[Generation]:
             return b.chat(req) if chat else b.complete(req)
 
-        gen: Generation = await self.first_success(chain, call, attempt)
+        if call.plan is not None:
+            gen: Generation = await self._climb(req, call, chat=chat)
+        else:
+            gen = await self.first_success(chain, call, attempt)
         if call.cascade:
             escalate = await self._review(req, gen, call)
             if escalate is not None:
                 gen = await self.first_success(escalate, call, attempt)
         call.ttft_ms = (time.perf_counter() - call.start) * 1000
         usage = Usage.of(gen.prompt_tokens, gen.completion_tokens)
-        model = req.model
+        model = call.served_as or req.model
         if chat:
             body: Any = ChatCompletion(
                 model=model,
@@ -366,17 +387,83 @@ class Gateway:
                 ],
             )
         cost = await self.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
-        return JSONResponse(body.model_dump(exclude_none=True), headers=call.headers(cost))
+        data = body.model_dump(exclude_none=True)
+        extension = {**(gen.fleet or {}), **({"attempts": call.attempts} if call.attempts else {})}
+        if extension:  # our additions sit under one key, so the OpenAI shape stays as it is
+            data["fleet"] = extension
+        return JSONResponse(data, headers=call.headers(cost))
+
+    async def _climb(self, req: Any, call: _Call, *, chat: bool, stream: bool = False) -> Any:
+        """Cascade with checks: the ladder's models answer in turn until an answer passes the checks; the last
+        one's answer is kept unchecked (with `stream`, its stream is returned, as first_success gives it).
+        A rejected answer's cost is added to the request's."""
+        assert call.plan is not None and self.router is not None
+        ladder, checks = call.plan["ladder"], call.plan["checks"]
+
+        def whole(b: Backend, ask: Any = req) -> Awaitable[Generation]:
+            return b.chat(ask) if chat else b.complete(ask)
+
+        for step, model in enumerate(ladder):
+            chain, started = self.chain(model), time.perf_counter()
+            if step == len(ladder) - 1:
+                if stream:
+                    result = await self.first_success(chain, call, lambda b: self._open_stream(b, req, chat))
+                else:
+                    result = await self.first_success(chain, call, whole)
+                call.attempts.append({"model": call.model_used, "kept": True, "recorded": call.recorded,
+                                      "checks": [], "note": "last in the ladder: kept unchecked",
+                                      "latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+                call.route = "router:" + _climb_summary(checks, call.attempts)
+                return result
+            samples = int(call.plan.get("samples", 1))
+            if getattr(self.backends.get(model), "recorded", False):
+                samples = 1  # a recording holds one answer
+            ask = req.model_copy(update={"n": samples}) if samples > 1 else req
+            gen: Generation = await self.first_success(chain, call, lambda b, ask=ask: whole(b, ask))
+            latency_ms = (time.perf_counter() - started) * 1000
+            results = await run_in_threadpool(
+                self.router.check_answer, req, gen, checks, samples > 1  # type: ignore[attr-defined]
+            )
+            kept = all(r.passed for r in results)
+            cost = self.cost(call.model_used, gen.prompt_tokens, gen.completion_tokens)
+            call.attempts.append({
+                "model": call.model_used, "kept": kept, "recorded": call.recorded,
+                "checks": [r.to_dict() for r in results], "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens, "cost_usd": cost,
+                "latency_ms": round(latency_ms, 2),
+            })
+            if kept:
+                call.route = "router:" + _climb_summary(checks, call.attempts)
+                if samples > 1:  # the extra samples were paid for, but the client asked for one answer
+                    gen = Generation(gen.choices[:1], gen.prompt_tokens, gen.completion_tokens, gen.fleet)
+                return gen
+            call.extra_cost += cost
+        raise AssertionError("unreachable: the last model of a ladder always answers")
+
+    @staticmethod
+    async def _open_stream(
+        backend: Backend, req: Any, chat: bool
+    ) -> tuple[AsyncIterator[Delta], Delta | None]:
+        it = (backend.stream_chat(req) if chat else backend.stream_complete(req)).__aiter__()
+        try:  # the first piece arrives before we commit to this backend, so a failure can fall back
+            return it, await it.__anext__()
+        except StopAsyncIteration:
+            return it, None
 
     async def _stream(self, req: Any, chain: list[str], call: _Call, *, chat: bool) -> Response:
-        async def open_stream(backend: Backend) -> tuple[AsyncIterator[Delta], Delta | None]:
-            it = (backend.stream_chat(req) if chat else backend.stream_complete(req)).__aiter__()
-            try:  # the first piece arrives before we commit to this backend, so a failure can fall back
-                return it, await it.__anext__()
-            except StopAsyncIteration:
-                return it, None
+        def open_stream(backend: Backend) -> Awaitable[tuple[AsyncIterator[Delta], Delta | None]]:
+            return self._open_stream(backend, req, chat)
 
-        if call.cascade:
+        if call.plan is not None:
+            # Each checked answer is generated whole and checked before anything is sent; the kept one is
+            # replayed as one piece per choice, or the last model's stream is passed on as it comes.
+            climbed = await self._climb(req, call, chat=chat, stream=True)
+            if isinstance(climbed, Generation):
+                deltas = _replay(climbed)
+                first = await anext(deltas, None)
+            else:
+                deltas, first = climbed
+        elif call.cascade:
             # A cascade must see the cheap answer whole before anything is sent: it is generated in full,
             # reviewed, then replayed as one piece per choice or replaced by the stronger model's stream.
             cheap: Generation = await self.first_success(
@@ -392,17 +479,18 @@ class Gateway:
             deltas, first = await self.first_success(chain, call, open_stream)
         call.ttft_ms = (time.perf_counter() - call.start) * 1000
         stream_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        served = call.served_as or req.model
 
         def event(choices: list, usage: Usage | None = None) -> str:
             if chat:
                 obj: Any = ChatCompletionChunk(
-                    id=stream_id, created=created, model=req.model, choices=choices, usage=usage
+                    id=stream_id, created=created, model=served, choices=choices, usage=usage
                 )
                 data = obj.model_dump(exclude_none=True)
                 if usage is None and choices:
                     data["usage"] = None  # OpenAI sends usage: null on content chunks when usage is asked
             else:
-                obj = Completion(id=stream_id, created=created, model=req.model, choices=choices, usage=usage)
+                obj = Completion(id=stream_id, created=created, model=served, choices=choices, usage=usage)
                 data = obj.model_dump(exclude_none=True)
             return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -489,6 +577,19 @@ def _client_error(exc: BackendError) -> APIError:
     if err.status == 429:
         err.type, err.code = "rate_limit_error", "rate_limit_exceeded"
     return err
+
+
+def _climb_summary(checks: list[str], attempts: list[dict]) -> str:
+    """One line for x-fleet-route: each attempt's model, kept or rejected, and what its checks found."""
+    parts = []
+    for a in attempts:
+        if a["checks"]:
+            found = "; ".join(f"{c['name']} {'passed' if c['passed'] else 'failed'}: {c['detail']}"
+                              for c in a["checks"])
+            parts.append(f"{a['model']} {'kept' if a['kept'] else 'rejected'} ({found})")
+        else:
+            parts.append(f"{a['model']} kept (last, unchecked)")
+    return f"cascade[{','.join(checks)}]: " + " > ".join(parts)
 
 
 def _replay(gen: Generation) -> AsyncIterator[Delta]:

@@ -36,6 +36,7 @@ class Generation:
     choices: list[Choice]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    fleet: dict[str, Any] | None = None  # our extension to the response body (e.g. a recording's grade)
 
 
 @dataclass
@@ -344,7 +345,7 @@ def _deltas(event: dict, *, chat: bool) -> list[Delta]:
     return out
 
 
-# A local runtime registers a factory here: kind ("local" | "gguf") -> (name, spec) -> Backend.
+# A runtime registers a factory here: kind ("local" | "gguf" | "replay") -> (name, spec) -> Backend.
 BackendFactory = Callable[[str, ModelSpec], Backend]
 _FACTORIES: dict[str, BackendFactory] = {"remote": RemoteBackend.from_spec}
 
@@ -363,6 +364,10 @@ def build_backends(config: FleetConfig) -> dict[str, Backend]:
             from fleetlm.serve.local import LocalBackend  # imports torch: only when a local model is served
 
             factory = _FACTORIES["local"] = LocalBackend.from_spec
+        if factory is None and spec.kind == "replay":
+            from fleetlm.serve.replay import ReplayBackend  # recorded answers; registers itself
+
+            factory = ReplayBackend.from_spec
         if factory is None and spec.kind == "gguf":
             from fleetlm.serve.gguf_backend import gguf_backend  # registers itself; llama.cpp or our engine
 

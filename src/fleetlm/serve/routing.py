@@ -16,6 +16,11 @@ each candidate's quality, and a rule picks the model:
 Kinds `cheapest` and `strongest` need no fitted router. A fitted `cascade` router routes after generation:
 the cheap model answers first, the router's cheap checks score that answer, and the gateway escalates when
 the rule above picks another model (`review`).
+
+A `cascade` with `checks` (and no path) needs no fitted router either: `models` is a ladder, cheapest first
+(default: every model by price). The first model answers, the checks of route/checks.py that apply to the
+request run on its answer (`check_answer`), and on a failure the next model answers, up to the last, whose
+answer is kept unchecked. The gateway climbs the ladder (`ladder` in the decision's extra).
 """
 
 from __future__ import annotations
@@ -32,11 +37,20 @@ import numpy as np
 
 from fleetlm.config import FleetConfig, RouterSpec
 from fleetlm.errors import ConfigError, FleetError
+from fleetlm.route.checks import (
+    CheckResult,
+    applicable_checks,
+    code_check,
+    json_check,
+    math_check,
+    response_schema,
+    tool_call_check,
+)
 from fleetlm.route.choose import choose_floor, choose_margin, choose_tradeoff
 from fleetlm.route.data import RouteRow, prompt_id
 from fleetlm.route.routers import Router as FittedRouter
 from fleetlm.route.routers import RouterError, load_router
-from fleetlm.serve.backends import RouteDecision
+from fleetlm.serve.backends import Generation, RouteDecision
 from fleetlm.serve.errors import BadRequest, ServiceUnavailable
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -101,6 +115,8 @@ class FleetRouter:
         if self.cascade:
             assert fitted is not None
             self.cheap = candidates[self.fitted_names.index(getattr(fitted, "cheap", ""))]
+        # a cascade with checks: the ladder of models, cheapest first (None for every other router)
+        self.ladder: list[str] | None = candidates if spec.checks and fitted is None else None
         self._lambda = 0.0
         self._lock = threading.Lock()
         self.tradeoff = tradeoff if spec.floor_scope == "traffic" else None
@@ -204,6 +220,8 @@ class FleetRouter:
         if self.cascade:
             assert self.cheap is not None
             return RouteDecision(self.cheap, f"cascade: {self.cheap} answers first", None, {"cascade": True})
+        if self.ladder is not None:
+            return self._climb_plan(request, text)
         pred = self._score([RouteRow(id=prompt_id(text), prompt=text)])[0]
         return self._decide(pred, costs, "")
 
@@ -223,6 +241,60 @@ class FleetRouter:
         else:
             decision.reason = f"escalated from {self.cheap}: {decision.reason}"
         return decision
+
+
+    # ------------------------------------------------------------ cascade with checks
+
+    def _request_parts(self, request: Any) -> tuple[dict | None, list[dict] | None]:
+        fmt = getattr(request, "response_format", None)
+        tools = getattr(request, "tools", None)
+        return (fmt.model_dump(exclude_none=True) if fmt is not None else None,
+                [t.model_dump(exclude_none=True) for t in tools] if tools else None)
+
+    def checks_for(self, request: Any, text: str | None = None) -> list[str]:
+        """The configured checks that apply to this request (route.checks.applicable_checks)."""
+        fmt, tools = self._request_parts(request)
+        return applicable_checks(text if text is not None else prompt_text(request), response_format=fmt,
+                                 tools=tools, enabled=self.spec.checks or [])
+
+    def _climb_plan(self, request: Any, text: str) -> RouteDecision:
+        assert self.ladder is not None
+        checks = self.checks_for(request, text)
+        first, last = self.ladder[0], self.ladder[-1]
+        if not checks or len(self.ladder) == 1:
+            model = last if self.spec.unchecked == "escalate" and checks == [] else first
+            why = "no configured check applies" if not checks else "a ladder of one"
+            return RouteDecision(model, f"cascade: {why}: {model} answers")
+        samples = self.spec.math_samples if checks == ["math"] and getattr(request, "n", 1) == 1 else 1
+        extra = {"ladder": list(self.ladder), "checks": checks, "samples": samples}
+        return RouteDecision(first, f"cascade[{','.join(checks)}]: {first} answers first", None, extra)
+
+    def check_answer(self, request: Any, gen: Generation, checks: list[str], samples: bool = False
+                     ) -> list[CheckResult]:
+        """Run `checks` on an answer. Every choice must pass; with `samples`, choice 0 is the answer and the
+        other choices are samples whose final numbers must agree with it (math)."""
+        text = prompt_text(request)
+        fmt, tools = self._request_parts(request)
+        choices = gen.choices[:1] if samples else gen.choices
+        results: list[CheckResult] = []
+        for choice in choices:
+            answer = choice.text or ""
+            for name in checks:
+                if name == "code":
+                    results.append(code_check(text, answer, timeout_s=self.spec.check_timeout_s))
+                elif name == "math":
+                    others = [c.text or "" for c in gen.choices[1:]] if samples else None
+                    results.append(math_check(answer, others))
+                elif name == "json":
+                    results.append(json_check(answer, response_schema(fmt)))
+                elif name == "tool":
+                    choice_of = getattr(request, "tool_choice", None)
+                    required = choice_of == "required" or isinstance(choice_of, dict)
+                    if choice.tool_calls or required:
+                        results.append(tool_call_check(choice.tool_calls, tools or [], required=required))
+                    else:  # the model answered in text where it could have: nothing for this check to judge
+                        results.append(CheckResult("tool", True, "answered in text, no tool call to check"))
+        return results
 
 
 def _calibration(path: Path, spec: RouterSpec, fitted_names: list[str]) -> Calibrated | None:
@@ -263,6 +335,10 @@ def build_router(config: FleetConfig, embedder: Any = None, missing_ok: bool = F
     pool = [config.resolve(m) for m in (spec.models or list(config.models))]
     candidates = list(dict.fromkeys(m for m in pool if m is not None))
     if spec.kind in UNFITTED_KINDS:
+        return FleetRouter(spec, config, candidates)
+    if spec.checks:
+        if spec.models is None:  # the ladder climbs by price when the config does not order it
+            candidates.sort(key=lambda m: (config.models[m].price.output, config.models[m].price.input))
         return FleetRouter(spec, config, candidates)
     if spec.path is None:
         if missing_ok:

@@ -8,6 +8,7 @@ the last few commits (synchronous=FULL would close that gap at an fsync per requ
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -56,6 +59,8 @@ requests_table = Table(
     Column("stream", Integer, nullable=False, default=0),
     Column("key_id", String(32), index=True),
     Column("user", String(200)),
+    Column("recorded", Integer, nullable=False, default=0),  # 1: the answer served was recorded (replay)
+    Column("checks", Text),  # JSON: a cascade's attempts [{model, kept, checks: [{name, passed, detail}]}]
 )
 
 keys_table = Table(
@@ -90,6 +95,8 @@ class RequestRecord:
     stream: bool = False
     key_id: str | None = None
     user: str | None = None
+    recorded: bool = False
+    checks: list[dict] | None = None
     created: float = field(default_factory=time.time)
 
 
@@ -131,8 +138,19 @@ class UsageStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             metadata.create_all(self.engine)
+            self._add_new_columns()
         except OperationalError as exc:
             raise ConfigError(f"storage: cannot open {self.url!r} ({exc.orig})") from None
+
+    def _add_new_columns(self) -> None:
+        """A usage log written by an older gateway lacks the newer columns: add them (they are nullable or
+        have a default), so that old logs keep working."""
+        present = {c["name"] for c in inspect(self.engine).get_columns("requests")}
+        added = {"recorded": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT"}
+        with self.engine.begin() as conn:
+            for name, ddl in added.items():
+                if name not in present:
+                    conn.execute(text(f'ALTER TABLE requests ADD COLUMN "{name}" {ddl}'))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -143,6 +161,8 @@ class UsageStore:
         row = asdict(record)
         row["fallbacks"] = ",".join(record.fallbacks) or None
         row["stream"] = int(record.stream)
+        row["recorded"] = int(record.recorded)
+        row["checks"] = json.dumps(record.checks) if record.checks else None
         with self.engine.begin() as conn:
             conn.execute(requests_table.insert(), row)  # one cached compiled statement for every row
 
@@ -151,7 +171,10 @@ class UsageStore:
         if since is not None:
             q = q.where(requests_table.c.created >= since)
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:
+            r["checks"] = json.loads(r["checks"]) if r.get("checks") else None
+        return rows
 
     def usage(self, since: float | None = None, by: Literal["model", "key", "day"] = "model") -> list[dict]:
         """Totals grouped by the model that answered, the key, or the UTC day."""
@@ -160,6 +183,8 @@ class UsageStore:
         for r in rows:
             if by == "model":
                 k = r["model_used"] or f"({r['model_requested']}, unserved)"
+                if r.get("recorded"):  # a recorded model's answers are never mixed with live ones
+                    k += "@recorded"
             elif by == "key":
                 k = r["key_id"] or "(no key)"
             else:
