@@ -95,6 +95,41 @@ def test_a_recorded_question_gets_the_recorded_answer_labelled_and_priced(served
     assert "gpt4@recorded" in report
 
 
+def test_recorded_models_are_listed_as_recorded(served):
+    client, *_ = served
+    owners = {m.id: m.owned_by for m in client.models.list()}
+    assert owners["gpt4"] == owners["mixtral"] == "fleetlm-recorded"
+
+
+def test_an_older_usage_log_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)  # the requests table as gateways before replay wrote it
+    columns = (
+        "id INTEGER PRIMARY KEY, request_id VARCHAR(64) NOT NULL, created FLOAT NOT NULL, "
+        "endpoint VARCHAR(32) NOT NULL, model_requested VARCHAR(200) NOT NULL, model_used VARCHAR(200), "
+        "route_reason TEXT, predicted_quality FLOAT, fallbacks TEXT, prompt_tokens INTEGER NOT NULL, "
+        "completion_tokens INTEGER NOT NULL, cost_usd FLOAT NOT NULL, latency_ms FLOAT, ttft_ms FLOAT, "
+        "status INTEGER NOT NULL, error TEXT, stream INTEGER NOT NULL, key_id VARCHAR(32), user VARCHAR(200)"
+    )
+    con.execute(f"CREATE TABLE requests ({columns})")
+    con.execute(
+        "INSERT INTO requests (request_id, created, endpoint, model_requested, prompt_tokens, "
+        "completion_tokens, cost_usd, status, stream) VALUES ('old', 1.0, 'chat', 'm', 1, 1, 0.5, 200, 0)"
+    )
+    con.commit()
+    con.close()
+    from fleetlm.serve.store import RequestRecord
+
+    store = UsageStore(f"sqlite:///{db}")
+    store.log(RequestRecord("new", "chat", "gpt4", 200, model_used="gpt4", recorded=True,
+                            checks=[{"model": "gpt4", "kept": True, "checks": []}]))
+    old, new = store.requests()
+    assert old["recorded"] == 0 and old["checks"] is None
+    assert new["recorded"] == 1 and new["checks"][0]["model"] == "gpt4"
+
+
 def test_the_weak_model_by_its_short_name_and_its_grade(served):
     client, *_ = served
     resp = ask(client, QUESTIONS[0], model="mixtral").parse()

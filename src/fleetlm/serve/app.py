@@ -562,7 +562,9 @@ class Gateway:
         return JSONResponse(body.model_dump(), headers=call.headers(cost))
 
     def models(self) -> ModelList:
-        cards = [ModelCard(id=name) for name in self.config.models]
+        recorded = {n for n, b in self.backends.items() if getattr(b, "recorded", False)}
+        cards = [ModelCard(id=n, owned_by="fleetlm-recorded" if n in recorded else "fleetlm")
+                 for n in self.config.models]
         builtin = [n for n in self.backends if n not in self.config.models]
         cards += [ModelCard(id=n, owned_by="fleetlm-builtin") for n in builtin]
         if self.config.router is not None:
