@@ -177,6 +177,32 @@ def test_unreachable_index_is_quick_and_clear(index, tmp_path, monkeypatch):
     assert index.partials() == []
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left on device", "x.gguf")])
+def test_interrupted_or_failing_assembly_leaves_nothing(failure, index, tmp_path, monkeypatch):
+    index.add("fake-interrupted", [tiny_gguf_bytes(tmp_path)])
+
+    def assemble(*args):
+        raise failure
+
+    monkeypatch.setattr(pull_module, "_assemble", assemble)
+    if isinstance(failure, OSError):
+        with pytest.raises(PullError, match=r"fake-interrupted: No space left on device \(x.gguf\)"):
+            catalog.pull("fake-interrupted", progress=False)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            catalog.pull("fake-interrupted", progress=False)
+    assert index.partials() == []
+
+
+def test_unwritable_fleet_home_is_one_line(index, tmp_path, monkeypatch):
+    index.add("fake-home", [tiny_gguf_bytes(tmp_path)])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("FLEET_HOME", str(blocker))
+    with pytest.raises(PullError, match="cannot write to the models directory .*set FLEET_HOME"):
+        catalog.pull("fake-home", progress=False)
+
+
 def test_verify_rehashes_and_repairs_a_corrupt_install(index, tmp_path):
     data = tiny_gguf_bytes(tmp_path)
     index.add("fake-verify", [data])

