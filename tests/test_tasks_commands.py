@@ -7,6 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fleetlm.evals.commands import register as register_eval
 from fleetlm.tasks.base import TaskError
 from fleetlm.tasks.commands import register
 
@@ -15,6 +16,7 @@ from fleetlm.tasks.commands import register
 def app():
     app = typer.Typer()
     register(app)
+    register_eval(app)  # `fleet eval --bench tasks` (the default bench) scores task records
     return app
 
 
@@ -37,7 +39,7 @@ def test_bad_input_is_a_typed_error(app, tmp_path):
     bad = ["tasks", "generate", "--domains", "poetry", "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(app, bad)
     assert isinstance(result.exception, TaskError) and "unknown domain" in str(result.exception)
-    missing = ["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]
+    missing = ["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]  # data checked first
     result = CliRunner().invoke(app, missing)
     assert isinstance(result.exception, TaskError) and "data file not found" in str(result.exception)
 
@@ -50,23 +52,25 @@ def test_docs_command(app, tmp_path):
     assert isinstance(result.exception, TaskError)
 
 
-def test_eval_prints_table_and_writes_json(app, tmp_path, monkeypatch):
+def test_eval_prints_table_and_writes_json(app, tmp_path, monkeypatch, tiny_llama):
     data = tmp_path / "d.jsonl"
     CliRunner().invoke(app, ["tasks", "generate", "--domains", "strings", "--n", "6", "--levels", "1,2",
                              "--out", str(data)])
     recs = [json.loads(line) for line in data.read_text().splitlines()]
 
-    class Echo:  # answers every question right
+    class Echo:  # answers every question right, in one token
         @classmethod
         def load(cls, path, dtype="bf16"):
             return cls()
 
-        def chat(self, conversations, **sampling):
-            return [next(r["answer"] for r in recs if r["messages"] == c) for c in conversations]
+        def generate(self, requests):
+            for i, req in enumerate(requests):
+                answer = next(r["answer"] for r in recs if r["messages"] == req.messages)
+                yield types.SimpleNamespace(request_index=i, text=str(answer))
 
-    monkeypatch.setitem(sys.modules, "fleetlm.engine", types.SimpleNamespace(Engine=Echo))
+    monkeypatch.setattr("fleetlm.engine.Engine", Echo)
     summary, preds = tmp_path / "s.json", tmp_path / "p.jsonl"
-    args = ["eval", "--model", str(tmp_path), "--data", str(data), "--batch-size", "4",
+    args = ["eval", "--model", str(tiny_llama), "--data", str(data), "--batch-size", "4",
             "--json", str(summary), "--predictions", str(preds)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

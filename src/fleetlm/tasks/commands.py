@@ -1,4 +1,4 @@
-"""`fleet tasks generate|docs` and `fleet eval`."""
+"""`fleet tasks generate|docs|routing` (`fleet eval` lives in fleetlm.evals.commands)."""
 
 from __future__ import annotations
 
@@ -101,36 +101,5 @@ def routing_cmd(
     typer.echo(f"wrote {len(records)} routing rows for {', '.join(predictions)} to {out}")
 
 
-def eval_cmd(
-    model: Path = typer.Option(..., "--model", help="A checkpoint directory."),
-    data: Path = typer.Option(..., "--data", help="Task records (JSONL from `fleet tasks generate`)."),
-    dtype: str = typer.Option("f32", "--dtype", help="f32, bf16, int8 or int4."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per batch."),
-    max_tokens: int = typer.Option(48, "--max-tokens", help="Longest reply to generate."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the JSON summary here."),
-    predictions_out: Path | None = typer.Option(None, "--predictions", help="Write replies and marks here."),
-) -> None:
-    """Accuracy of a model on task records, per domain and level (normalized exact match)."""
-    from fleetlm.tasks.evaluate import evaluate_model, format_table, score_records
-    from fleetlm.tasks.suite import read_jsonl, write_jsonl
-
-    records = read_jsonl(data)
-    if not records:
-        raise TaskError(f"no records in {data}")
-    report, predictions = evaluate_model(model, records, dtype=dtype, batch_size=batch_size,
-                                         max_tokens=max_tokens)
-    report.data = str(data)
-    typer.echo(format_table(report))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        typer.echo(f"summary: {json_out}")
-    if predictions_out:
-        _, marks = score_records(records, predictions)
-        write_jsonl([{"id": r.get("id"), "prediction": p, "answer": r["answer"], "correct": m}
-                     for r, p, m in zip(records, predictions, marks, strict=True)], predictions_out)
-
-
 def register(app: typer.Typer) -> None:
     app.add_typer(tasks_app, name="tasks")
-    app.command("eval")(eval_cmd)

@@ -1,0 +1,34 @@
+"""The task suite as a benchmark: records from `fleet tasks generate`, scored by tasks/evaluate.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleetlm.evals.harness import Benchmark, EvalItem
+from fleetlm.tasks.evaluate import prompt_of
+from fleetlm.tasks.evaluate import score as score_answer
+
+MAX_TOKENS = 48
+
+
+def items(data: Path) -> list[EvalItem]:
+    from fleetlm.tasks.base import TaskError
+    from fleetlm.tasks.suite import prompt_messages, read_jsonl
+
+    records = read_jsonl(data)
+    if not records:
+        raise TaskError(f"no records in {data}")
+    return [EvalItem(id=str(r.get("id", i)), prompt=prompt_of(r), messages=prompt_messages(r),
+                     domain=r["domain"],
+                     data={"answer": str(r["answer"]), "check": r.get("check", "text"),
+                           "level": int(r.get("level", 0))})
+            for i, r in enumerate(records)]
+
+
+def score(item: EvalItem, reply: str, completion_mode: bool = False) -> tuple[float, str]:
+    ok = score_answer(reply, item.data["answer"], item.data["check"])
+    return (1.0, "correct") if ok else (0.0, f"expected {item.data['answer']!r}")
+
+
+def benchmark(task_items: list[EvalItem], max_tokens: int = MAX_TOKENS) -> Benchmark:
+    return Benchmark("tasks", task_items, score, max_tokens)
