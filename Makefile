@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup bwrap demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -12,12 +12,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) bwrap
+
+# bubblewrap isolates the code that `fleet eval --bench humaneval` runs (fleetlm.sandbox); installed as root.
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	else echo "warning: bubblewrap is missing and we are not root; sandboxed tests will be skipped" >&2; fi; }
 
 demo: $(STAMP)
 	$(BIN)/fleet demo
 
-test: $(STAMP)
+test: $(STAMP) bwrap
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 
