@@ -37,7 +37,8 @@ def test_packing_a_model_keeps_its_greedy_tokens_and_its_weight_count(tiny_llama
     assert tokens[0] == tokens[1]
 
 
-def test_engine_load_bf16_packs_only_where_the_cpu_has_native_bf16(tiny_llama):
+def test_engine_load_bf16_packs_only_where_the_cpu_has_native_bf16(tiny_llama, monkeypatch):
+    monkeypatch.setenv("FLEET_KERNELS", "0")  # our kernels off (with them: KernelBf16Linear, test_kernels.py)
     engine = Engine.load(tiny_llama, dtype="bf16")
     packed = any(isinstance(m, PackedLinear) for m in engine.model.modules())
     assert packed == bf16_packing_available()

@@ -143,7 +143,8 @@ def test_dynamic_int8_linear_close_to_float(reduce_range: bool) -> None:
 
 
 @pytest.mark.skipif(not dynamic_int8_available(), reason="PyTorch built without fbgemm")
-def test_engine_int8_uses_the_dynamic_kernel_and_agrees_with_f32(tiny_llama) -> None:
+def test_engine_int8_uses_the_dynamic_kernel_and_agrees_with_f32(tiny_llama, monkeypatch) -> None:
+    monkeypatch.setenv("FLEET_KERNELS", "0")  # our kernels off: fbgemm's path (ours: tests/test_kernels.py)
     engine = Engine.load(tiny_llama, dtype="int8")
     assert any(isinstance(m, DynamicInt8Linear) for m in engine.model.modules())
     assert quantized_bytes(engine.model) < quantized_bytes(Engine.load(tiny_llama, dtype="f32").model) / 2

@@ -170,14 +170,23 @@ def torch_dtype_of(dtype: str) -> torch.dtype:
     """The float width a checkpoint is loaded at before prepare_weights: int8/int4 keep bf16 activations."""
     if dtype not in DTYPES:
         raise UnsupportedDtypeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if dtype == "int8" and _int8_kernel() == "dynamic":
-        return torch.float32  # fbgemm's int8 GEMM takes and gives f32
+    if dtype in ("int8", "int4") and our_kernels() or dtype == "int8" and _int8_kernel() == "dynamic":
+        return torch.float32  # fbgemm's int8 GEMM and our kernels quantize f32 activations themselves
     return {"f32": torch.float32, "bf16": torch.bfloat16}.get(dtype, ACTIVATION_DTYPE)
+
+
+def our_kernels() -> bool:
+    """Our own CPU kernels (engine/kernels) are built and usable here; FLEET_KERNELS=0 turns them off."""
+    from fleetlm.engine import kernels
+
+    return kernels.available()
 
 
 def _int8_kernel() -> str:
     from fleetlm.engine.quant import dynamic_int8_available
 
+    if our_kernels():
+        return "ours"
     return "dynamic" if dynamic_int8_available() else "weight_only"
 
 
@@ -205,7 +214,8 @@ def compile_decode_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], t
 
 
 def prepare_weights(model: nn.Module, dtype: str, compile: bool = False) -> nn.Module:
-    """Make a loaded model's linears ready to generate at `dtype`: q/k/v and gate/up fused; int8 on fbgemm's
+    """Make a loaded model's linears ready to generate at `dtype`: q/k/v and gate/up fused; every width on our
+    own kernels where they build (engine/kernels; FLEET_KERNELS=0: off). Otherwise: int8 on fbgemm's
     dynamic int8 GEMM where PyTorch has it (1.6x the weight-only kernel here), int4 weight-only; bf16
     prepacked for oneDNN where the CPU has native bf16 (its matmuls 2x faster here: 59 -> 29 ms a step),
     unless the decode step is to be compiled (Inductor's freezing packs plain linears, and cannot trace
@@ -214,10 +224,12 @@ def prepare_weights(model: nn.Module, dtype: str, compile: bool = False) -> nn.M
         model.fuse_projections()
     if dtype in ("int8", "int4"):
         return _quantize(model, dtype)
-    if dtype == "bf16" and not compile and next(model.parameters()).device.type == "cpu":
+    if dtype == "bf16" and next(model.parameters()).device.type == "cpu":
         from fleetlm.engine.packed import bf16_packing_available, pack_linears
 
-        if bf16_packing_available():
+        if our_kernels():  # ours are plain buffers and a registered op: eager and compiled alike
+            pack_linears(model, kernels=True)
+        elif bf16_packing_available() and not compile:
             pack_linears(model)
     return model
 
@@ -229,5 +241,5 @@ def _quantize(model: nn.Module, scheme: str) -> nn.Module:
         if exc.name != "fleetlm.engine.quant":
             raise  # a broken import inside the quantizer is a bug, not a missing feature
         raise UnsupportedDtypeError(f"dtype {scheme} needs fleetlm.engine.quant, not available") from exc
-    return quantize(model, scheme, int8_kernel=_int8_kernel())
+    return quantize(model, scheme, int8_kernel=_int8_kernel(), kernels=our_kernels())
 

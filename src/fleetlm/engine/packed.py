@@ -1,4 +1,5 @@
-"""bf16 linears with weights prepacked once for oneDNN, for inference on CPUs with native bf16.
+"""bf16 linears with weights packed once at load: for oneDNN (PackedLinear) or for our own kernel
+(KernelBf16Linear, engine/kernels), for inference.
 
 `F.linear` on a plain [N, K] bf16 weight reorders it inside oneDNN at every call; a weight reordered once
 into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) skips that and reads memory in the order the
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "bf16_packing_available", "opaque_linears", "pack_linears", "packed_bytes"]
+__all__ = ["KernelBf16Linear", "PackedLinear", "bf16_packing_available", "opaque_linears", "pack_linears",
+           "packed_bytes"]
 
 
 def bf16_packing_available() -> bool:
@@ -44,14 +46,45 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
+class KernelBf16Linear(nn.Module):
+    """y = x @ W.T + b with bf16 W in tiles of 16 rows for our kernel `fleetlm_kernels::linear_bf16`
+    (vdpbf16ps on AVX512-BF16, shift-and-FMA on AVX2); output in x's dtype. A plain buffer, unlike
+    PackedLinear's opaque tensor, so torch.compile traces it and state_dict holds it. Without the extension,
+    forward runs the pure-PyTorch reference."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        from fleetlm.engine import kernels
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", kernels.pack_bf16(linear.weight))
+        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+        self.use_kernel = kernels.available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel:
+            y = torch.ops.fleetlm_kernels.linear_bf16.default(x2, self.weight, self.bias, self.out_features)
+        else:
+            from fleetlm.engine.kernels import reference_linear_bf16
+
+            y = reference_linear_bf16(x2, self.weight, self.bias, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> int:
-    """Replace every bf16 nn.Linear of `model` by a PackedLinear, in place; returns how many were packed."""
+def pack_linears(model: nn.Module, kernels: bool = False) -> int:
+    """Replace every bf16 nn.Linear of `model` by a PackedLinear (oneDNN), or by a KernelBf16Linear (our
+    kernel) when `kernels`, in place; returns how many were packed."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, KernelBf16Linear(child) if kernels else PackedLinear(child))
                 count += 1
     return count
 

@@ -1,10 +1,14 @@
-"""Weight-only int8 and int4 linears for CPU decoding, on PyTorch's packed-weight kernels.
+"""Quantized int8 and int4 linears for CPU decoding: on our own kernels (engine/kernels) where they build,
+else on PyTorch's packed-weight kernels.
 
 Decoding one token reads every weight once, so its speed is set by bytes read: int8 halves bf16's bytes,
 int4 quarters them. Activations stay in a float dtype (bf16 by default); only weights are quantized.
 - Int8Linear: symmetric, one scale per output channel, `aten._weight_int8pack_mm` (x @ (q * scale).T).
 - Int4Linear: asymmetric, group-wise along the input dimension, `aten._weight_int4pack_mm_for_cpu`
   on weights packed once at load time by `aten._convert_weight_to_int4pack_for_cpu`.
+- DynamicInt8Linear: fbgemm's int8 GEMM with activations quantized per call.
+- KernelInt4Linear / KernelInt8Linear: our kernels, int8 activations per block of 32 and VNNI dot products
+  (llama.cpp's Q4 x Q8 / Q8 x Q8 scheme), weights in tiles laid out for streaming reads.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from torch import nn
 
 from fleetlm.errors import FleetError
 
-__all__ = ["SCHEMES", "DynamicInt8Linear", "Int4Linear", "Int8Linear", "QuantizationError",
-           "dynamic_int8_available", "quantize", "quantized_bytes"]
+__all__ = ["SCHEMES", "DynamicInt8Linear", "Int4Linear", "Int8Linear", "KernelInt4Linear", "KernelInt8Linear",
+           "QuantizationError", "dynamic_int8_available", "quantize", "quantized_bytes"]
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -219,6 +223,73 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
+class KernelInt4Linear(nn.Module):
+    """4-bit weights (asymmetric, one float16 scale and offset per group of input columns) on our own kernel
+    `fleetlm_kernels::linear_int4` (engine/kernels): activations quantized to int8 per block of 32 at each
+    call, VNNI dot products, f32 sums; output in x's dtype. The packed tensors are plain buffers (state_dict
+    works). Without the extension, forward runs the kernel's pure-PyTorch reference (same numbers, slow)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
+        super().__init__()
+        from fleetlm.engine import kernels
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size = group_size
+        weight, scales = kernels.pack_int4(linear.weight, group_size)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+        self.use_kernel = kernels.available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel:
+            y = torch.ops.fleetlm_kernels.linear_int4.default(x2, self.weight, self.scales, self.bias,
+                                                              self.out_features, self.group_size)
+        else:
+            from fleetlm.engine.kernels import reference_linear_int4
+
+            y = reference_linear_int4(x2, self.weight, self.scales, self.bias, self.out_features,
+                                      self.group_size)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class KernelInt8Linear(nn.Module):
+    """int8 weights with one float16 scale per block of 32 input columns (GGUF's Q8_0) on our own kernel
+    `fleetlm_kernels::linear_int8`: int8 activations per block of 32, VNNI dot products, output in x's dtype.
+    Each row's activations have their own scales, so a batched row never depends on its neighbours."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        from fleetlm.engine import kernels
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scales = kernels.pack_int8(linear.weight)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+        self.use_kernel = kernels.available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel:
+            y = torch.ops.fleetlm_kernels.linear_int8.default(x2, self.weight, self.scales, self.bias,
+                                                              self.out_features)
+        else:
+            from fleetlm.engine.kernels import reference_linear_int8
+
+            y = reference_linear_int8(x2, self.weight, self.scales, self.bias, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
     skip = set(skip)
     found = []
@@ -230,17 +301,25 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str
     return found
 
 
+INT8_KERNELS = ("weight_only", "dynamic", "ours")
+HEAD = "lm_head"  # the vocabulary projection: int8 even in an int4 model on our kernels (as llama.cpp keeps
+# it at Q6_K/Q8_0 in its 4-bit files): its logits pick every token
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Iterable[str] = (),
-             dtype: torch.dtype | None = None, int8_kernel: str = "weight_only") -> nn.Module:
-    """Replace the model's nn.Linear layers in place with Int8Linear or Int4Linear; embeddings stay float.
+             dtype: torch.dtype | None = None, int8_kernel: str = "weight_only",
+             kernels: bool = False) -> nn.Module:
+    """Replace the model's nn.Linear layers in place with quantized ones; embeddings stay float.
 
     skip: child names (e.g. "lm_head") or full module paths to leave in float. dtype: the activation
     dtype of the quantized layers (default: each layer's current weight dtype). int8_kernel: "weight_only"
-    (Int8Linear, activations in `dtype`) or "dynamic" (DynamicInt8Linear: int8 activations, f32 in and out).
+    (Int8Linear, activations in `dtype`), "dynamic" (DynamicInt8Linear: int8 activations, f32 in and out) or
+    "ours" (KernelInt8Linear). kernels: our own kernels for every layer (KernelInt4Linear / KernelInt8Linear,
+    lm_head in int8 in an int4 model), whatever int8_kernel says.
     """
-    if int8_kernel not in ("weight_only", "dynamic"):
-        raise QuantizationError(f"int8_kernel must be weight_only or dynamic, got {int8_kernel!r}")
+    if int8_kernel not in INT8_KERNELS:
+        raise QuantizationError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
@@ -249,8 +328,11 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Itera
     if not targets:
         raise QuantizationError("the model has no nn.Linear layers to quantize")
     for parent, child_name, linear in targets:
-        if scheme == "int8" and int8_kernel == "dynamic":
-            new: nn.Module = DynamicInt8Linear(linear, reduce_range=not cpu_has_vnni())
+        if kernels or (scheme == "int8" and int8_kernel == "ours"):
+            new: nn.Module = (KernelInt4Linear(linear, group_size) if scheme == "int4" and child_name != HEAD
+                              else KernelInt8Linear(linear))
+        elif scheme == "int8" and int8_kernel == "dynamic":
+            new = DynamicInt8Linear(linear, reduce_range=not cpu_has_vnni())
         elif scheme == "int8":
             new = Int8Linear.from_linear(linear, dtype)
         elif linear.in_features % group_size or linear.out_features % 16:
