@@ -89,6 +89,7 @@ def test_humaneval_against_an_openai_endpoint(app, canned_api, tmp_path):
     assert got["engine"] == "api"
     assert "66.7" in result.output and "code" in result.output
     assert {r["model"] for r in requests} == {"coder"} and all(r["temperature"] == 0.0 for r in requests)
+    assert all(r["stop"] == humaneval.CHAT_STOP for r in requests)
 
 
 def write_gsm8k(folder):

@@ -45,6 +45,7 @@ class Benchmark:
     score: Callable[[EvalItem, str, bool], tuple[float, str]]   # (item, reply, completion mode)
     max_tokens: int
     stop: list[str] = field(default_factory=list)   # stop strings in completion mode
+    chat_stop: list[str] = field(default_factory=list)  # and in chat mode
 
 
 @dataclass
@@ -105,7 +106,8 @@ def run_benchmark(bench: Benchmark, runner: Any, items: Sequence[EvalItem], *, m
                 prompts = [it.completion or it.prompt for it in batch]
                 replies = runner.complete(prompts, max_tokens=bench.max_tokens, stop=bench.stop)
             else:
-                replies = runner.chat([it.messages for it in batch], max_tokens=bench.max_tokens)
+                replies = runner.chat([it.messages for it in batch], max_tokens=bench.max_tokens,
+                                      stop=bench.chat_stop)
             for it, reply in zip(batch, replies, strict=True):
                 score, detail = bench.score(it, reply.text, completion_mode)
                 result = ItemResult(it, reply, score, detail)

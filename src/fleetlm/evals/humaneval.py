@@ -17,6 +17,9 @@ TIMEOUT_S = 10.0
 MEMORY_MB = 1024
 # Completion mode stops where the function body ends: the next top-level statement.
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+# A chat reply is cut after its first code block closes and a blank line follows (the explanation that
+# usually comes next is never scored). An opening fence ("```python\n") cannot match.
+CHAT_STOP = ["```\n\n"]
 
 INSTRUCTION = ("Complete the following Python function.\n```python\n{prompt}```\n"
                "Write the whole function (its signature, body and any imports it needs) in one ```python "
@@ -95,4 +98,5 @@ def score(item: EvalItem, reply: str, completion_mode: bool = False) -> tuple[fl
 
 
 def benchmark(limit_to: list[EvalItem] | None = None) -> Benchmark:
-    return Benchmark("humaneval", limit_to if limit_to is not None else items(), score, MAX_TOKENS, STOP)
+    return Benchmark("humaneval", limit_to if limit_to is not None else items(), score, MAX_TOKENS, STOP,
+                     CHAT_STOP)

@@ -39,11 +39,12 @@ class EngineRunner:
         # The batch's rows run side by side, so each row's latency is the batch's wall time.
         return [Reply(t, None, n, seconds) for t, n in zip(texts, counts, strict=True)]
 
-    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int) -> list[Reply]:
+    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int,
+             stop: Sequence[str] = ()) -> list[Reply]:
         from fleetlm.engine.generate import GenerationRequest
 
-        return self._run([GenerationRequest(messages=list(c), max_tokens=max_tokens, temperature=0.0)
-                          for c in conversations])
+        return self._run([GenerationRequest(messages=list(c), max_tokens=max_tokens, temperature=0.0,
+                                            stop=list(stop)) for c in conversations])
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: list[str]) -> list[Reply]:
         from fleetlm.engine.generate import GenerationRequest
@@ -77,11 +78,13 @@ class LlamaCppRunner:
         usage = out.get("usage") or {}
         return Reply(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)
 
-    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int) -> list[Reply]:
+    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int,
+             stop: Sequence[str] = ()) -> list[Reply]:
         replies = []
         for messages in conversations:
             start = time.perf_counter()
-            out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, **self._GREEDY)
+            out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                  stop=list(stop) or None, **self._GREEDY)
             text = out["choices"][0]["message"].get("content") or ""
             replies.append(self._reply(out, text, time.perf_counter() - start))
         return replies
@@ -132,9 +135,11 @@ class OpenAIRunner:
         usage = out.get("usage") or {}
         return Reply(text or "", usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)
 
-    def _one_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> Reply:
-        out, seconds = self._post("/chat/completions", {"model": self.model, "messages": messages,
-                                                        "max_tokens": max_tokens, "temperature": 0.0})
+    def _one_chat(self, messages: list[dict[str, Any]], max_tokens: int, stop: Sequence[str]) -> Reply:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        if stop:
+            body["stop"] = list(stop)[:4]
+        out, seconds = self._post("/chat/completions", body)
         try:
             text = out["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -152,9 +157,10 @@ class OpenAIRunner:
             raise EvalError(f"{self.base_url}: not a completion: {str(out)[:200]}") from exc
         return self._reply(out, text, seconds)
 
-    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int) -> list[Reply]:
+    def chat(self, conversations: Sequence[list[dict[str, Any]]], max_tokens: int,
+             stop: Sequence[str] = ()) -> list[Reply]:
         with ThreadPoolExecutor(self.batch_size) as pool:
-            return list(pool.map(lambda m: self._one_chat(m, max_tokens), conversations))
+            return list(pool.map(lambda m: self._one_chat(m, max_tokens, stop), conversations))
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: list[str]) -> list[Reply]:
         with ThreadPoolExecutor(self.batch_size) as pool:
