@@ -10,6 +10,7 @@ from fleetlm.config import parse_config
 from fleetlm.errors import ConfigError
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import Choice, Delta, Generation, build_backends
+from fleetlm.serve.errors import BackendError
 from fleetlm.serve.routing import build_router, prompt_text
 from fleetlm.serve.store import UsageStore
 
@@ -196,6 +197,22 @@ def test_a_streamed_cascade_buffers_the_checked_answer(tmp_path):
     row = store.requests()[-1]
     assert row["stream"] == 1 and [a["model"] for a in row["checks"]] == ["cheap", "strong"]
     assert row["cost_usd"] == pytest.approx(cost("cheap") + cost("strong"))
+
+
+def test_a_step_that_cannot_answer_passes_the_request_up_the_ladder(tmp_path):
+    def down(p, n):
+        raise BackendError("mid is down")
+
+    client, store, _ = gateway(
+        tmp_path, {"cheap": lambda p, n: SLIP, "mid": down, "strong": lambda p, n: RIGHT},
+        {"checks": ["math"]},
+    )
+    with client:
+        r = chat(client, APPLES)
+    assert r.status_code == 200 and r.headers["x-fleet-model"] == "strong"
+    assert "> mid failed (no model could serve the request: mid is down) > strong kept" in (
+        r.headers["x-fleet-route"])
+    assert [a["model"] for a in store.requests()[-1]["checks"]] == ["cheap", "mid", "strong"]
 
 
 def test_no_applicable_check_keeps_or_escalates_as_configured(tmp_path):

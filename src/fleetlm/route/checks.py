@@ -539,8 +539,14 @@ _CODE_REQUEST = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _MATH_QUESTION = re.compile(
-    r"\b(how (many|much|long|far|old)|what (is|was|will|are)|calculate|compute|find|total|in all|altogether|"
-    r"left|remain)\b",
+    r"\b(how (many|much|long|far|old|fast|tall|big|often|high|heavy|wide|deep)|"
+    r"what(?:'s|\s+(?:\w+\s+)?(?:is|are|was|were|will|would|should|does|do|did)\b|\s+percent\w*|\s+fraction)|"
+    r"calculate|compute|find|total|in all|altogether|left|remain\w*|average|sum)\b",
+    re.IGNORECASE,
+)
+_NUMBER_WORD = re.compile(
+    r"\b(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|fifty|hundred|"
+    r"thousand|half|twice|double|triple|thrice|third|quarter|dozen|percent)\b",
     re.IGNORECASE,
 )
 
@@ -554,7 +560,8 @@ def applicable_checks(
 ) -> list[str]:
     """Which of the enabled checks apply to a request, decided from the request alone:
     tools -> tool; response_format json_object/json_schema -> json; a function signature or a request for
-    code -> code; a word problem (two or more numbers and a quantity asked for) -> math."""
+    code -> code; a word problem (two or more quantities, in digits or words, and a quantity asked for)
+    -> math."""
     enabled = set(enabled)
     out = []
     if tools and "tool" in enabled:
@@ -567,7 +574,8 @@ def applicable_checks(
     text = prompt[:_MAX_TEXT]
     if "code" in enabled and _CODE_REQUEST.search(text):
         return ["code"]
-    if "math" in enabled and len(_ANY_NUMBER.findall(text)) >= 2 and _MATH_QUESTION.search(text):
+    quantities = len(_ANY_NUMBER.findall(text)) + len(_NUMBER_WORD.findall(text))
+    if "math" in enabled and quantities >= 2 and _MATH_QUESTION.search(text):
         return ["math"]
     return []
 

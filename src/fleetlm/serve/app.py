@@ -419,7 +419,11 @@ class Gateway:
             if getattr(self.backends.get(model), "recorded", False):
                 samples = 1  # a recording holds one answer
             ask = req.model_copy(update={"n": samples}) if samples > 1 else req
-            gen: Generation = await self.first_success(chain, call, lambda b, ask=ask: whole(b, ask))
+            try:
+                gen: Generation = await self.first_success(chain, call, lambda b, ask=ask: whole(b, ask))
+            except ServiceUnavailable as exc:  # this step cannot answer: the next one up the ladder may
+                call.attempts.append({"model": model, "kept": False, "checks": [], "error": exc.message})
+                continue
             latency_ms = (time.perf_counter() - started) * 1000
             results = await run_in_threadpool(
                 self.router.check_answer, req, gen, checks, samples > 1  # type: ignore[attr-defined]
@@ -585,7 +589,9 @@ def _climb_summary(checks: list[str], attempts: list[dict]) -> str:
     """One line for x-fleet-route: each attempt's model, kept or rejected, and what its checks found."""
     parts = []
     for a in attempts:
-        if a["checks"]:
+        if a.get("error"):
+            parts.append(f"{a['model']} failed ({a['error']})")
+        elif a["checks"]:
             found = "; ".join(f"{c['name']} {'passed' if c['passed'] else 'failed'}: {c['detail']}"
                               for c in a["checks"])
             parts.append(f"{a['model']} {'kept' if a['kept'] else 'rejected'} ({found})")
