@@ -69,10 +69,12 @@ def main() -> None:
     acc = {m: sum(ok for ok, _ in r) / n for m, r in results.items()}
     cost = {m: sum(c for _, c in r) for m, r in results.items()}
     print(f"{n} GSM8K questions from {src}")
-    print(f"{'model':<10} {'accuracy':>9} {'cost_usd':>10} {'acc/gpt4':>9} {'cost/gpt4':>10}")
+    print(f"{'model (answers recorded)':<24} {'accuracy':>9} {'cost_usd':>10} {'acc/gpt4':>9} "
+          f"{'cost/gpt4':>10}")
+    labels = {"gpt4": "gpt4@recorded", "mixtral": "mixtral@recorded", "auto": "auto (cascade of both)"}
     for m in results:
         share_acc, share_cost = acc[m] / acc["gpt4"], cost[m] / cost["gpt4"]
-        print(f"{m:<10} {acc[m]:>9.3f} {cost[m]:>10.4f} {share_acc:>9.1%} {share_cost:>10.1%}")
+        print(f"{labels[m]:<24} {acc[m]:>9.3f} {cost[m]:>10.4f} {share_acc:>9.1%} {share_cost:>10.1%}")
     print(f"cascade escalated {escalated}/{n} ({escalated / n:.1%}) to gpt4")
     print(f"math check: median {statistics.median(check_s) * 1e3:.2f} ms, max {max(check_s) * 1e3:.2f} ms; "
           f"whole auto request through the app: median {statistics.median(request_s) * 1e3:.1f} ms")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +64,11 @@ def normalise(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _encoding():
-    import bpe_openai
+    with warnings.catch_warnings():  # it reads its table with importlib.resources' deprecated open_binary
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
 
-    return bpe_openai.get_encoding(TOKENIZER)
+        return bpe_openai.get_encoding(TOKENIZER)
 
 
 def count_tokens(text: str) -> int:
