@@ -277,3 +277,34 @@ def test_checks_need_a_cascade_and_no_fitted_path():
                                    "a": {"remote": "http://h/v1", "price": {"output": 1}}},
                         "router": {"kind": "cascade", "checks": ["code"]}})
     assert build_router(cfg).ladder == ["a", "b"]
+
+
+def test_a_real_small_model_answers_first_and_its_answer_is_checked(tmp_path, smollm2_gguf):
+    """SmolLM2-135M through the llama.cpp backend, then a recorded GPT-4: whatever the small model says, the
+    math check judges it and the gateway keeps or escalates accordingly."""
+    pytest.importorskip("llama_cpp")
+    folder = tmp_path / "rec"
+    (folder / "gsm8k").mkdir(parents=True)
+    with (folder / "gsm8k" / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
+        w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
+    cfg = parse_config({
+        "models": {
+            "smol": {"gguf": str(smollm2_gguf), "price": {"input": 0.01, "output": 0.02}},
+            "gpt4": {"replay": str(folder), "replay_model": "gpt-4-1106-preview"},
+        },
+        "router": {"name": "auto", "kind": "cascade", "checks": ["math"], "models": ["smol", "gpt4"]},
+    })
+    store = UsageStore(f"sqlite:///{tmp_path / 'u.db'}")
+    with TestClient(create_app(cfg, store, build_backends(cfg))) as client:
+        r = chat(client, APPLES, max_tokens=40, temperature=0)
+    assert r.status_code == 200
+    first = r.json()["fleet"]["attempts"][0]
+    assert first["model"] == "smol" and first["checks"][0]["name"] == "math"
+    if first["kept"]:
+        assert r.headers["x-fleet-model"] == "smol" and first["checks"][0]["passed"]
+    else:
+        assert r.headers["x-fleet-model"] == "gpt4"
+        assert r.json()["choices"][0]["message"]["content"] == "3 + 4 = 7\n#### 7"
+        assert store.requests()[-1]["cost_usd"] > first["cost_usd"] > 0
