@@ -119,6 +119,15 @@ def test_a_function_body_completion_passes_too():
     assert r.passed, r.detail
 
 
+def test_a_body_completion_of_a_wrapped_prompt_runs_the_prompts_code():
+    pytest.importorskip("fleetlm.sandbox")
+    body = "    return any(sum(operations[:i + 1]) < 0 for i in range(len(operations)))\n"
+    for prompt in (f"Complete this function.\n\n{HUMANEVAL_STYLE}",
+                   f"Complete the code below:\n```python\n{HUMANEVAL_STYLE}```\nOnly the body, please."):
+        r = code_check(prompt, body)
+        assert r.passed, r.detail
+
+
 def test_an_off_by_one_fails_with_the_example_it_got_wrong():
     pytest.importorskip("fleetlm.sandbox")
     r = code_check(HUMANEVAL_STYLE, OFF_BY_ONE)

@@ -108,10 +108,14 @@ def prompt_examples(prompt: str, name: str | None = None) -> list[Example]:
     value` lines for the entry function whose arguments and value are plain Python literals."""
     import doctest
 
-    try:
-        found = doctest.DocTestParser().get_examples(prompt)
-    except ValueError:  # inconsistent indentation inside a docstring: no usable doctest examples
-        found = []
+    found = []
+    # each docstring (or fenced block) on its own: a closing quote or fence right under an example's output
+    # is not part of it, and one block with odd indentation must not lose the others' examples
+    for block in re.split(r"^.*(?:\"\"\"|\'\'\'|```).*$", prompt, flags=re.MULTILINE):
+        try:
+            found += doctest.DocTestParser().get_examples(block)
+        except ValueError:  # inconsistent indentation inside this block: no usable examples in it
+            continue
     out = []
     for ex in found:
         # a docstring's closing quotes follow its last example's output: they are not part of it
@@ -186,9 +190,18 @@ def candidate_program(prompt: str, answer: str) -> tuple[str, str | None]:
     name = entry_point(prompt)
     if name is not None and not re.search(rf"^[ \t]*def[ \t]+{re.escape(name)}[ \t]*\(", code, re.MULTILINE):
         body = code if code.startswith((" ", "\t")) or not code.strip() else _indent(code)
-        return prompt.rstrip("\n") + "\n" + body + "\n", name
+        return _prompt_code(prompt).rstrip("\n") + "\n" + body + "\n", name
     imports = _prompt_imports(prompt)
     return (imports + "\n\n" + code + "\n") if imports else code + "\n", name
+
+
+def _prompt_code(prompt: str) -> str:
+    """The code a prompt carries: its fenced blocks, else everything from its first line of code on
+    ("Complete this function:\n\ndef f(x):..." -> "def f(x):...")."""
+    if _FENCE.search(prompt):
+        return extract_code(prompt)
+    start = re.search(r"^(?:from\s|import\s|def\s|class\s|@)", prompt, re.MULTILINE)
+    return prompt[start.start() :] if start else prompt
 
 
 def _indent(code: str) -> str:
