@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fleetlm.errors import ConfigError
 
 DEFAULT_SQLITE_FILE = "fleet.db"
+# Google Cloud's on-demand price of an n2d-standard-2 (2 vCPUs of an AMD EPYC, 8 GB) in us-central1, $0.0844
+# an hour (cloud.google.com/compute/vm-instance-pricing, as quoted in October 2025): the machine a local
+# model's measured tokens/s are priced at (fleetlm.fleet.measure.price_per_million); fleet.yaml may set
+# its own.
+DEFAULT_MACHINE_USD_PER_HOUR = 0.0844
 
 
 class _Strict(BaseModel):
@@ -57,8 +62,9 @@ class ModelSpec(_Strict):
     dtype: Literal["bf16", "f16", "f32", "int8", "int4"] = "bf16"
     gguf: str | None = None
     catalog: str | None = Field(None, description="a catalog model (fleet models list), served like gguf")
-    engine: Literal["llama_cpp", "fleetlm"] = Field(
-        "llama_cpp", description="what runs a gguf model: llama.cpp, or our engine (continuous batching)"
+    engine: Literal["auto", "llama_cpp", "fleetlm"] = Field(
+        "auto", description="what runs a gguf model: llama.cpp, our engine (continuous batching), or auto: "
+                            "the one measured faster on this machine (fleetlm.fleet.measure)"
     )
     remote: str | None = Field(
         None, description="base URL of an OpenAI-compatible API, e.g. http://h:8000/v1"
@@ -77,6 +83,10 @@ class ModelSpec(_Strict):
     fallbacks: list[str] = Field(default_factory=list)
     max_context: int | None = Field(None, gt=0)
     embeddings: bool = False
+    # streaming failover (serve/failover.py): no first token within ttft_timeout, or a gap longer than
+    # stall_timeout between tokens, counts as a failure and the next model of `fallbacks` takes over
+    ttft_timeout: float | None = Field(None, gt=0, description="seconds to the first streamed token")
+    stall_timeout: float | None = Field(None, gt=0, description="seconds allowed between streamed tokens")
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> ModelSpec:
@@ -167,6 +177,14 @@ class FleetConfig(_Strict):
     require_api_key: bool | None = Field(None, description="None: required once any key exists")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     body_timeout_s: float = Field(30.0, gt=0, description="time a client gets to send its request body")
+    machine_usd_per_hour: float = Field(
+        DEFAULT_MACHINE_USD_PER_HOUR, gt=0,
+        description="what this machine costs an hour: prices local models that set no price (measured tok/s)",
+    )
+    counters: str | None = Field(
+        None, description="redis://host:port/db shared by gateway replicas for budgets and rate limits; "
+        "None: $FLEET_REDIS_URL, else counters in this process"
+    )
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:

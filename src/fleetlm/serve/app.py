@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,15 +32,17 @@ from fleetlm.serve.errors import (
     APIError,
     BackendError,
     BadRequest,
-    BudgetExceeded,
     ModelNotFound,
     PayloadTooLarge,
-    RateLimited,
     RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
     error_body,
 )
+from fleetlm.serve.failover import first_piece, resilient_stream
+from fleetlm.serve.limits import Limits
+from fleetlm.serve.metrics import Metrics
+from fleetlm.serve.metrics import install as install_metrics
 from fleetlm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -63,6 +64,7 @@ from fleetlm.serve.protocol import (
     parse_request,
 )
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
+from fleetlm.serve.tracing import Tracing
 
 KEY_CACHE_S = 2.0
 
@@ -97,6 +99,9 @@ class _Call:
     user: str | None = None
     stream: bool = False
     ttft_ms: float | None = None
+    routed_at: float | None = None  # when the router decided (the trace's router span ends there)
+    failovers: list[dict] = field(default_factory=list)  # mid-stream switches (serve/failover.py)
+    tally: Any = None  # a stream's token counts so far (failover.Tally)
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -128,13 +133,14 @@ class Gateway:
         router: Router | None = None,
     ):
         self.config, self.store, self.backends, self.router = config, store, backends, router
-        self._recent: dict[str, deque[float]] = defaultdict(deque)
         # Key lookups are cached briefly so that a request costs no extra queries; a key made by
-        # `fleet keys create` is seen within KEY_CACHE_S. Spend is read once per key, then kept here
-        # (one gateway process per database is assumed).
+        # `fleet keys create` is seen within KEY_CACHE_S. Budgets and rate limits live in the counter
+        # store (serve/limits.py): in this process, or in Redis shared by replicas.
         self._keys: dict[str, tuple[float, ApiKey | None]] = {}
         self._has_keys: tuple[float, bool] = (-1e9, False)
-        self._spent: dict[str, float] = {}
+        self.limits = Limits(config, store)
+        self.metrics = Metrics()
+        self.tracing = Tracing.from_env()
 
     async def _find_key(self, secret: str) -> ApiKey | None:
         now = time.monotonic()
@@ -190,18 +196,19 @@ class Gateway:
                 raise Unauthorized("missing or invalid API key" if secret else "an API key is required")
             return
         call.key = key
-        if key.rpm is not None:
-            now, window = time.monotonic(), self._recent[key.key_id]
-            while window and window[0] <= now - 60:
-                window.popleft()
-            if len(window) >= key.rpm:
-                raise RateLimited(f"key {key.key_id}: more than {key.rpm} requests per minute")
-            window.append(now)
-        if key.budget_usd is not None:
-            if key.key_id not in self._spent:
-                self._spent[key.key_id] = await run_in_threadpool(self.store.spend, key.key_id)
-            if self._spent[key.key_id] >= key.budget_usd:
-                raise BudgetExceeded(f"key {key.key_id}: budget of ${key.budget_usd:.2f} is spent")
+        self.limits.check_rate(key, call.request_id)
+
+    def reserve(self, request: Any, chain: list[str], call: _Call) -> None:
+        """Reserve the request's worst-case cost (every model it may reach) against its key's budget."""
+        if call.key is None or call.key.budget_usd is None:
+            return
+        if call.plan is not None:
+            steps = [self.chain(m) for m in call.plan["ladder"]]
+        elif call.cascade:
+            steps = [chain, self.chain(self.config.strongest_model())]
+        else:
+            steps = [chain]
+        self.limits.reserve(call.key, call.request_id, self.limits.worst_case(request, steps))
 
     async def resolve(self, name: str, request: Any, call: _Call) -> list[str]:
         """The models to try, in order: the chosen one, then its fallbacks."""
@@ -216,6 +223,7 @@ class Gateway:
                     f"router {name!r} chose {decision.model!r}, which is not in the fleet"
                 )
             call.route, call.predicted_quality = f"router:{decision.reason}", decision.predicted_quality
+            call.routed_at = time.perf_counter()
             call.cascade = bool(decision.extra.get("cascade"))
             call.plan = decision.extra if "ladder" in decision.extra else None
         else:
@@ -304,9 +312,17 @@ class Gateway:
     ) -> float:
         record = self.record(call, status, prompt_tokens, completion_tokens, error)
         await run_in_threadpool(self.store.log, record)
-        if call.key is not None and call.key.key_id in self._spent:
-            self._spent[call.key.key_id] += record.cost_usd
+        self.settle(call, record)
         return record.cost_usd
+
+    def settle(self, call: _Call, record: RequestRecord) -> None:
+        """After the record is written: the reservation becomes the exact cost; metrics and the trace."""
+        remaining = None
+        if call.key is not None:
+            tokens = record.prompt_tokens + record.completion_tokens
+            remaining = self.limits.settle(call.key, call.request_id, record.cost_usd, tokens)
+        self.metrics.observe(record, call, remaining)
+        self.tracing.record(record, call)
 
     # ------------------------------------------------------------ endpoints
 
@@ -319,6 +335,7 @@ class Gateway:
             call.user = getattr(parsed, "user", None)
             await self.authorize(request, call)
             chain = await self.resolve(parsed.model, parsed, call)
+            self.reserve(parsed, chain, call)
             if endpoint == "embeddings":
                 return await self._embeddings(parsed, chain, call)
             call.stream = parsed.stream
@@ -444,13 +461,13 @@ class Gateway:
             call.extra_cost += cost
         raise AssertionError("unreachable: the last model of a ladder always answers")
 
-    @staticmethod
     async def _open_stream(
-        backend: Backend, req: Any, chat: bool
+        self, backend: Backend, req: Any, chat: bool
     ) -> tuple[AsyncIterator[Delta], Delta | None]:
         it = (backend.stream_chat(req) if chat else backend.stream_complete(req)).__aiter__()
+        spec = self.config.models.get(backend.name)
         try:  # the first piece arrives before we commit to this backend, so a failure can fall back
-            return it, await it.__anext__()
+            return it, await first_piece(it, spec.ttft_timeout if spec else None, backend.name)
         except StopAsyncIteration:
             return it, None
 
@@ -481,11 +498,14 @@ class Gateway:
                 deltas, first = await self.first_success(escalate, call, open_stream)
         else:
             deltas, first = await self.first_success(chain, call, open_stream)
+        # from here on a backend failure is continued on a fallback (failover.py); the tally prices the stream
+        deltas = resilient_stream(self, req, call, deltas, first, chat=chat)
+        first = await anext(deltas, None)
         call.ttft_ms = (time.perf_counter() - call.start) * 1000
         stream_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         served = call.served_as or req.model
 
-        def event(choices: list, usage: Usage | None = None) -> str:
+        def event(choices: list, usage: Usage | None = None, fleet: dict | None = None) -> str:
             if chat:
                 obj: Any = ChatCompletionChunk(
                     id=stream_id, created=created, model=served, choices=choices, usage=usage
@@ -496,6 +516,8 @@ class Gateway:
             else:
                 obj = Completion(id=stream_id, created=created, model=served, choices=choices, usage=usage)
                 data = obj.model_dump(exclude_none=True)
+            if fleet:
+                data["fleet"] = fleet
             return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
         def piece(d: Delta, first_of_choice: bool) -> str:
@@ -535,17 +557,21 @@ class Gateway:
                 await self.log(call, 200, *usage)
                 if req.include_usage():
                     yield event([], Usage.of(*usage))
+                if call.failovers:  # the switch to a fallback, in a final chunk's metadata
+                    yield event([], fleet={"failover": call.failovers, "model": call.model_used})
                 yield "data: [DONE]\n\n"
             except BackendError as exc:
                 status, error = 502, exc.message
+                usage = call.tally.finish(self, call) if call.tally is not None else usage
                 await self.log(call, 502, *usage, error=exc.message)
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, None, exc.code))}\n\n"
             finally:
                 if status == 499:  # cancelled mid-stream: no await works here any more, so log in place
+                    if call.tally is not None:  # pay for the tokens produced so far, not $0
+                        usage = call.tally.finish(self, call)
                     rec = self.record(call, 499, *usage, error=error)
                     self.store.log(rec)
-                    if call.key is not None and call.key.key_id in self._spent:
-                        self._spent[call.key.key_id] += rec.cost_usd
+                    self.settle(call, rec)
 
         headers = call.headers()
         headers["cache-control"] = "no-cache"
@@ -630,6 +656,7 @@ def create_app(
 
     app = FastAPI(title="fleetlm gateway", version="0.1.0", on_shutdown=[close_backends])
     app.state.gateway = gw
+    install_metrics(app, gw.metrics)  # GET /metrics, in-flight requests
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
     defs: dict[str, Any] = {}

@@ -71,6 +71,7 @@ keys_table = Table(
     Column("name", String(200)),
     Column("budget_usd", Float),  # None: unlimited
     Column("rpm", Integer),  # None: unlimited
+    Column("tpm", Integer),  # tokens per minute (prompt + completion); None: unlimited
     Column("created", Float, nullable=False),
     Column("revoked", Integer, nullable=False, default=0),
 )
@@ -108,6 +109,7 @@ class ApiKey:
     rpm: int | None
     created: float
     revoked: bool
+    tpm: int | None = None
 
 
 def hash_key(secret: str) -> str:
@@ -147,10 +149,13 @@ class UsageStore:
         have a default), so that old logs keep working."""
         present = {c["name"] for c in inspect(self.engine).get_columns("requests")}
         added = {"recorded": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT"}
+        key_columns = {c["name"] for c in inspect(self.engine).get_columns("api_keys")}
         with self.engine.begin() as conn:
             for name, ddl in added.items():
                 if name not in present:
                     conn.execute(text(f'ALTER TABLE requests ADD COLUMN "{name}" {ddl}'))
+            if "tpm" not in key_columns:
+                conn.execute(text('ALTER TABLE api_keys ADD COLUMN "tpm" INTEGER'))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -223,13 +228,16 @@ class UsageStore:
     # ------------------------------------------------------------ keys
 
     def create_key(
-        self, name: str | None = None, budget_usd: float | None = None, rpm: int | None = None
+        self, name: str | None = None, budget_usd: float | None = None, rpm: int | None = None,
+        tpm: int | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and only its hash is stored."""
         if budget_usd is not None and budget_usd < 0:
             raise ConfigError("budget must be >= 0")
         if rpm is not None and rpm < 1:
             raise ConfigError("rpm must be >= 1")
+        if tpm is not None and tpm < 1:
+            raise ConfigError("tpm must be >= 1")
         secret = "fk-" + secrets.token_urlsafe(32)
         key = ApiKey(
             key_id=secrets.token_hex(6),
@@ -238,6 +246,7 @@ class UsageStore:
             rpm=rpm,
             created=time.time(),
             revoked=False,
+            tpm=tpm,
         )
         with self.engine.begin() as conn:
             conn.execute(
@@ -247,6 +256,7 @@ class UsageStore:
                     name=name,
                     budget_usd=budget_usd,
                     rpm=rpm,
+                    tpm=tpm,
                     created=key.created,
                     revoked=0,
                 )
@@ -276,4 +286,5 @@ def _key(m: Any) -> ApiKey:
         rpm=m["rpm"],
         created=m["created"],
         revoked=bool(m["revoked"]),
+        tpm=m.get("tpm"),
     )
