@@ -219,6 +219,17 @@ def test_a_bad_folder_fails_at_start_up_with_one_line(tmp_path, damage):
     assert "\n" not in message and message.startswith("models.gpt4: replay folder")
 
 
+def test_a_relative_replay_folder_is_read_from_the_config_files_folder(tmp_path):
+    from fleetlm.config import load_config
+
+    make_folder(tmp_path / "data" / "rec")
+    yaml = "models:\n  gpt4: {replay: data/rec, replay_model: gpt-4-1106-preview}\n"
+    (tmp_path / "fleet.yaml").write_text(yaml)
+    cfg = load_config(tmp_path / "fleet.yaml")
+    assert cfg.models["gpt4"].replay == str((tmp_path / "data" / "rec").resolve())
+    assert build_backends(cfg)["gpt4"].lookup(QUESTIONS[0]).correct is True
+
+
 def test_config_needs_a_replay_model():
     with pytest.raises(ConfigError, match="replay needs replay_model"):
         parse_config({"models": {"gpt4": {"replay": "/x"}}})
