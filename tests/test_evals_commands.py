@@ -172,3 +172,21 @@ def test_fleet_cli_prints_one_line_and_exits_2(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot reach http://127.0.0.1:9/v1") and "Traceback" not in out.stderr
     assert isinstance(EvalError("x"), FleetError)
+
+
+def test_a_flaky_endpoint_is_retried_and_a_broken_one_is_a_clear_error(app, tmp_path):
+    from fake_openai import UpstreamServer
+
+    data = write_gsm8k(tmp_path / "gsm")
+    with UpstreamServer() as up:
+        up.flaky_failures = 1
+        out = tmp_path / "f.jsonl"
+        args = ["eval", "--bench", "gsm8k", "--data", str(data), "--limit", "1", "--no-progress"]
+        result = CliRunner().invoke(app, [*args, "--model", f"{up.base_url}#flaky", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert up.calls["flaky"] == 2
+        assert rows_of(out)[0]["responses"]["flaky"].startswith("echo: What is 2 + 2?")
+        result = CliRunner().invoke(app, [*args, "--model", f"{up.base_url}#broken"])
+        assert isinstance(result.exception, EvalError)
+        assert "answered 500: upstream exploded" in str(result.exception)
+        assert up.calls["broken"] == 3

@@ -111,14 +111,23 @@ class OpenAIRunner:
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0),
                                    headers={"Authorization": f"Bearer {key}"})
 
+    RETRIES = 3  # a long remote run should survive a dropped connection or one 5xx answer
+
     def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         import httpx
 
-        start = time.perf_counter()
-        try:
-            resp = self.client.post(f"{self.base_url}{path}", json=body)
-        except httpx.TransportError as exc:
-            raise EvalError(f"cannot reach {self.base_url}: {exc.__class__.__name__}: {exc}") from exc
+        for attempt in range(self.RETRIES):
+            start = time.perf_counter()
+            try:
+                resp = self.client.post(f"{self.base_url}{path}", json=body)
+            except httpx.TransportError as exc:
+                if attempt + 1 == self.RETRIES:
+                    raise EvalError(f"cannot reach {self.base_url}: {exc.__class__.__name__}: {exc}") from exc
+                time.sleep(0.5 * 2**attempt)
+                continue
+            if resp.status_code < 500 or attempt + 1 == self.RETRIES:
+                break
+            time.sleep(0.5 * 2**attempt)
         if resp.status_code >= 400:
             try:
                 message = resp.json()["error"]["message"]
