@@ -291,7 +291,8 @@ def test_a_real_small_model_answers_first_and_its_answer_is_checked(tmp_path, sm
         w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
     cfg = parse_config({
         "models": {
-            "smol": {"gguf": str(smollm2_gguf), "price": {"input": 0.01, "output": 0.02}},
+            "smol": {"gguf": str(smollm2_gguf), "engine": "llama_cpp",
+                     "price": {"input": 0.01, "output": 0.02}},
             "gpt4": {"replay": str(folder), "replay_model": "gpt-4-1106-preview"},
         },
         "router": {"name": "auto", "kind": "cascade", "checks": ["math"], "models": ["smol", "gpt4"]},

@@ -143,7 +143,8 @@ def test_gateway_serves_a_catalog_model_on_llama_cpp(smollm2_gguf):
     from fleetlm.serve.backends import build_backends
     from fleetlm.serve.protocol import ChatCompletionRequest
 
-    config = parse_config({"models": {"smol": {"catalog": "smollm2-135m-instruct", "max_context": 256}}})
+    config = parse_config({"models": {"smol": {"catalog": "smollm2-135m-instruct", "engine": "llama_cpp",
+                                               "max_context": 256}}})
     backend = build_backends(config)["smol"]
     try:
         assert type(backend).__name__ == "LlamaCppBackend" and backend.llm.model_path == str(smollm2_gguf)

@@ -7,7 +7,7 @@ import yaml
 
 from fleetlm.config import load_config
 from fleetlm.errors import ConfigError
-from fleetlm.fleet import default_config
+from fleetlm.fleet import embedded_config
 from fleetlm.fleet.recipe import RECIPES, build_fleet, params_of, price_of, upsample_cells
 
 
@@ -65,13 +65,13 @@ def test_reuse_keeps_the_trained_models(ci_fleet):
 
 def test_default_config_without_a_fleet_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="fleet fleet build"):
-        default_config(tmp_path)
+        embedded_config(tmp_path)
 
 
 def test_the_shipped_fleet_is_complete_and_small():
     from fleetlm.fleet import FLEET_DIR
 
-    config = default_config()
+    config = embedded_config()
     assert config.router is not None and config.router.name == "auto"
     for name, spec in config.models.items():
         assert (FLEET_DIR / name / "model.safetensors").is_file(), name

@@ -85,15 +85,15 @@ def _config(path, engine: str | None = None, **extra):
     return parse_config({"models": {"g": spec}})
 
 
-def test_engine_field_defaults_to_llama_cpp_and_is_checked(tmp_path):
-    assert _config(tmp_path / "m.gguf").models["g"].engine == "llama_cpp"
+def test_engine_field_defaults_to_auto_and_is_checked(tmp_path):
+    assert _config(tmp_path / "m.gguf").models["g"].engine == "auto"  # measured: tests/test_measure.py
     with pytest.raises(ConfigError, match="engine"):
         _config(tmp_path / "m.gguf", engine="vllm")
 
 
 @pytest.fixture(scope="module")
 def llama_backend(gguf_files):
-    cfg = _config(gguf_files(SHIPPED_TINY_MODEL, "f32"))
+    cfg = _config(gguf_files(SHIPPED_TINY_MODEL, "f32"), engine="llama_cpp")
     backend = build_backends(cfg)["g"]
     assert isinstance(backend, LlamaCppBackend)
     yield cfg, backend

@@ -1,7 +1,9 @@
-"""The embedded fleet: small models the project trains itself and ships, so `fleet` works offline.
+"""The fleet: the default one (installed catalog models, `fleet.default`), how fast each model runs here and
+what that makes it cost (`fleet.measure`), and the embedded toy fleet that backs `fleet demo`.
 
-`default_config()` is the gateway config of the shipped fleet (models, prices, fitted router); the recipe
-that rebuilds it from a seed is `fleetlm.fleet.recipe` (`fleet fleet build`).
+`embedded_config()` is the gateway config of the toy fleet shipped in assets/fleet (small models the project
+trained itself, with a fitted router); the recipe that rebuilds it from a seed is `fleetlm.fleet.recipe`
+(`fleet fleet build`). Nothing defaults to it but `fleet demo` and `fleet fleet info`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from fleetlm.errors import ConfigError
 FLEET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fleet"
 
 
-def default_config(fleet_dir: str | Path = FLEET_DIR) -> FleetConfig:
-    """The shipped fleet's config (paths resolved against its folder)."""
+def embedded_config(fleet_dir: str | Path = FLEET_DIR) -> FleetConfig:
+    """The shipped toy fleet's config (paths resolved against its folder)."""
     path = Path(fleet_dir) / "fleet.yaml"
     if not path.is_file():
         raise ConfigError(f"the embedded fleet is missing ({path}); rebuild it with `fleet fleet build`")

@@ -38,11 +38,11 @@ def info_cmd(
     fleet_dir: Path | None = typer.Option(None, "--dir", help="a built fleet (default: the shipped one)"),
 ) -> None:
     """The fleet's models, sizes, prices and test accuracy."""
-    from fleetlm.fleet import FLEET_DIR, default_config
+    from fleetlm.fleet import FLEET_DIR, embedded_config
     from fleetlm.fleet.recipe import params_of
 
     fleet_dir = fleet_dir or FLEET_DIR
-    config = default_config(fleet_dir)
+    config = embedded_config(fleet_dir)
     accuracy = {}
     if (fleet_dir / "eval.json").is_file():
         accuracy = {m: r["accuracy"] for m, r in json.loads((fleet_dir / "eval.json").read_text()).items()}
@@ -56,5 +56,56 @@ def info_cmd(
         typer.echo(f"router: {r.name} ({r.kind}, floor {r.quality_floor})")
 
 
+def measure_cmd(
+    names: list[str] = typer.Argument(..., help="Installed catalog names, .gguf files, or `all`."),
+    engines: str = typer.Option(",".join(("llama_cpp", "fleetlm")), "--engines",
+                                help="comma-separated: llama_cpp, fleetlm (those that can run the model)"),
+    dtype: str = typer.Option("bf16", "--dtype", help="our engine's width: bf16 | f32 | int8 | int4"),
+    machine_usd_per_hour: float = typer.Option(None, "--machine-usd-per-hour", min=0.0001,
+                                               help="price the measured speed at this hourly machine price"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Time each engine on a model here (single stream, 2 threads): prompt and decode tokens/s, the engine
+    `auto` picks, and the price that follows; saved in $FLEET_HOME/measure, re-measured on every call."""
+    from fleetlm.catalog import list_models
+    from fleetlm.catalog.resolve import resolve_model
+    from fleetlm.config import DEFAULT_MACHINE_USD_PER_HOUR
+    from fleetlm.fleet.measure import ENGINES, choose_engine, engines_for, measure
+
+    wanted = [e.strip() for e in engines.split(",") if e.strip()]
+    unknown = [e for e in wanted if e not in ENGINES]
+    if unknown or not wanted:
+        raise ConfigError(f"--engines: unknown {', '.join(unknown) or '(none given)'}; expected some of "
+                          f"{', '.join(ENGINES)}")
+    if names == ["all"]:
+        paths = [(i.entry.name, i.path) for i in list_models() if i.path is not None]
+    else:
+        paths = []
+        for name in names:
+            ref = resolve_model(name)
+            if ref.kind != "gguf":
+                raise ConfigError(f"{name}: `fleet models measure` times GGUF models (catalog names, .gguf)")
+            paths.append((name, Path(ref.location)))
+    hourly = machine_usd_per_hour or DEFAULT_MACHINE_USD_PER_HOUR
+    typer.echo(f"{'model':<30}{'engine':<11}{'dtype':<6}{'prompt tok/s':>13}{'decode tok/s':>13}"
+               f"{'$/1M in':>10}{'$/1M out':>10}")
+    for name, path in paths:
+        runnable = [e for e in wanted if e in engines_for(path)]
+        if not runnable:
+            typer.echo(f"{name:<30}(none of {', '.join(wanted)} can run it here)")
+            continue
+        for engine in runnable:
+            m = measure(path, engine, dtype, progress=not quiet)
+            price = m.price(hourly)
+            typer.echo(f"{name:<30}{engine:<11}{m.dtype:<6}{m.prompt_tokens_per_second:>13.1f}"
+                       f"{m.decode_tokens_per_second:>13.1f}{price.input:>10.4f}{price.output:>10.4f}")
+        choice = choose_engine(path, dtype, engines=runnable, measure_missing=False)
+        typer.echo(f"{'':<30}auto -> {choice.engine}: {choice.reason}")
+    typer.echo(f"prices: ${hourly}/h / (tok/s x 3600) x 1e6 (prompt and completion apart)")
+
+
 def register(app: typer.Typer) -> None:
+    from fleetlm.catalog.commands import models_app
+
     app.add_typer(fleet_app, name="fleet")
+    models_app.command("measure")(measure_cmd)

@@ -593,7 +593,11 @@ class Gateway:
 
     def models(self) -> ModelList:
         recorded = {n for n, b in self.backends.items() if getattr(b, "recorded", False)}
-        cards = [ModelCard(id=n, owned_by="fleetlm-recorded" if n in recorded else "fleetlm")
+        # a local model's engine (and, for engine auto, the measurements that chose it) rides along as "fleet"
+        engines = {n: {"fleet": info} for n, b in self.backends.items()
+                   if (info := getattr(b, "fleet_info", None))}
+        cards = [ModelCard(id=n, owned_by="fleetlm-recorded" if n in recorded else "fleetlm",
+                           **engines.get(n, {}))
                  for n in self.config.models]
         builtin = [n for n in self.backends if n not in self.config.models]
         cards += [ModelCard(id=n, owned_by="fleetlm-builtin") for n in builtin]

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
+import yaml
 
 from fleetlm.config import FleetConfig, load_config, resolve_storage_url
 from fleetlm.errors import ConfigError
@@ -69,6 +70,21 @@ def usage_report(store: UsageStore, config: FleetConfig | None, since: float | N
     return "\n".join(lines)
 
 
+def startup_summary(config: FleetConfig, costs: dict) -> list[str]:
+    """One line per model: where it runs and what it costs ($ per 1M tokens in/out), and why."""
+    lines = []
+    for name, spec in config.models.items():
+        cost = costs.get(name)
+        where = f"{cost.engine} ({cost.reason})" if cost else spec.kind
+        source = cost.price_source if cost else "set in the config"
+        lines.append(f"  {name}: {where}; ${spec.price.input:.4f} in / ${spec.price.output:.4f} out per 1M "
+                     f"tokens ({source})")
+    if config.router:
+        lines.append(f"  {config.router.name}: router, {config.router.kind}"
+                     + (f" with checks {', '.join(config.router.checks)}" if config.router.checks else ""))
+    return lines
+
+
 def _store(config: FleetConfig | None, db: str | None) -> UsageStore:
     return UsageStore(db or resolve_storage_url(config.storage if config else None))
 
@@ -80,18 +96,33 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", help="address to listen on"),
         port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),
         log_level: str = typer.Option("warning", help="uvicorn log level"),
+        print_config: bool = typer.Option(False, "--print-config",
+                                          help="print the fleet (default: the installed catalog models) as "
+                                               "YAML and exit"),
     ) -> None:
-        """Serve the fleet with OpenAI's API (chat, completions, embeddings, models)."""
+        """Serve the fleet with OpenAI's API (chat, completions, embeddings, models). Without a config (and
+        no ./fleet.yaml): every installed catalog model, each on the engine measured faster here."""
         import uvicorn
 
+        from fleetlm.fleet.measure import price_local_models
         from fleetlm.serve.app import create_app
         from fleetlm.serve.backends import build_backends
 
         cfg = _config(config)
-        if cfg is None:
-            from fleetlm.fleet import default_config
+        if print_config:
+            if cfg is None:
+                from fleetlm.fleet.default import default_config_yaml
 
-            cfg = default_config()  # no config anywhere: the embedded fleet with its fitted router
+                typer.echo(default_config_yaml(), nl=False)
+            else:
+                typer.echo(yaml.safe_dump(cfg.model_dump(exclude_defaults=True), sort_keys=False), nl=False)
+            return
+        if cfg is None:
+            from fleetlm.fleet.default import default_config
+
+            cfg = default_config()  # no config anywhere: the installed catalog models
+        for line in startup_summary(cfg, price_local_models(cfg, log=lambda m: typer.echo(m, err=True))):
+            typer.echo(line, err=True)
         store = UsageStore(cfg.storage_url())
         app_ = create_app(cfg, store, build_backends(cfg))
         typer.echo(

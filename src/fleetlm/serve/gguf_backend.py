@@ -10,6 +10,7 @@ same code as our engine (TokenStreamBackend, Detokenizer, StopStrings), so both 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import warnings
@@ -30,6 +31,8 @@ from fleetlm.serve.backends import Backend, Embeddings, UnavailableBackend, regi
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.local import _DONE, LocalBackend, TokenStreamBackend, _unsupported, drain
 from fleetlm.serve.protocol import EmbeddingRequest
+
+log = logging.getLogger(__name__)
 
 
 class LlamaCppTokenizer(Tokenizer):
@@ -202,14 +205,31 @@ class LlamaCppBackend(TokenStreamBackend):
 
 
 def gguf_backend(name: str, spec: ModelSpec) -> Backend:
-    """The factory for `gguf:` models: llama.cpp, or our engine with `engine: fleetlm`."""
-    if spec.engine == "fleetlm":
-        return LocalBackend.from_spec(name, spec)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:  # its fallbacks answer; `engine: fleetlm` needs no llama.cpp
-        return UnavailableBackend(name, "llama-cpp-python is not installed (pip install llama-cpp-python)")
-    return LlamaCppBackend.from_spec(name, spec)
+    """The factory for `gguf:` models: llama.cpp, our engine with `engine: fleetlm`, or with `engine: auto`
+    whichever decodes faster here (measured once per machine, fleetlm.fleet.measure)."""
+    engine, info = spec.engine, {"engine": spec.engine, "reason": "set in the config"}
+    if engine == "auto":
+        import sys
+
+        from fleetlm.fleet.measure import choose_engine
+
+        path = Path(spec.gguf_file())
+        if not path.is_file():
+            raise ConfigError(f"model {name!r}: GGUF file {path} does not exist")
+        choice = choose_engine(path, spec.dtype, progress=sys.stderr.isatty(), log=log.warning)
+        engine, info = choice.engine, choice.to_json()
+        log.warning("model %s: engine %s (auto: %s)", name, engine, choice.reason)
+    if engine == "fleetlm":
+        backend: Backend = LocalBackend.from_spec(name, spec)
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:  # its fallbacks answer; `engine: fleetlm` needs no llama.cpp
+            return UnavailableBackend(name, "llama-cpp-python is not installed "
+                                            "(pip install llama-cpp-python)")
+        backend = LlamaCppBackend.from_spec(name, spec)
+    backend.fleet_info = info  # type: ignore[attr-defined]  # shown in /v1/models
+    return backend
 
 
 register_kind("gguf", gguf_backend)
