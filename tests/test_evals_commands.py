@@ -120,6 +120,11 @@ def test_gsm8k_and_humaneval_on_the_tiny_local_model(app, tiny_llama, tmp_path):
     if sandbox_available():
         assert result.exit_code == 0, result.output
         assert [r["scores"][name] for r in rows_of(he)] == [0.0, 0.0]  # four random tokens solve nothing
+        complete = ["eval", "--bench", "humaneval", "--model", str(tiny_llama), "--mode", "complete",
+                    "--limit", "1", "--max-tokens", "4", "--out", str(he), "--no-progress"]
+        result = CliRunner().invoke(app, complete)
+        assert result.exit_code == 0, result.output
+        assert rows_of(he)[0]["tokens"][name]["completion"] <= 4
 
 
 def test_splits_never_mix_and_limit_is_deterministic(app, tiny_llama, tmp_path):
