@@ -163,3 +163,15 @@ def test_fleet_models_measure_prints_speeds_choice_and_prices(tiny_gguf, home, m
     assert M.cached(tiny_gguf, "llama_cpp", "f32") is not None
     code, out, err = run_main(monkeypatch, capsys, "models", "measure", str(tiny_gguf), "--engines", "vllm")
     assert code == 2 and err.count("\n") == 1 and "--engines: unknown vllm" in err
+
+
+def test_fleet_models_info_prints_the_measurements_the_choice_and_the_price(tiny_gguf, home, monkeypatch,
+                                                                            capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "models", "info", str(tiny_gguf))
+    assert code == 0 and f"not measured on llama_cpp, fleetlm; run: fleet models measure {tiny_gguf}" in out
+    fake(tiny_gguf, "llama_cpp", decode=20.0, prompt=200.0)
+    fake(tiny_gguf, "fleetlm", decode=30.0, prompt=300.0)
+    code, out, _ = run_main(monkeypatch, capsys, "models", "info", str(tiny_gguf))
+    want = M.price_per_million(30.0, DEFAULT_MACHINE_USD_PER_HOUR)
+    assert code == 0 and "engine auto: fleetlm (faster decode here: fleetlm 30.0 tok/s vs llama_cpp 20" in out
+    assert "fleetlm bf16: prompt 300.0 tok/s, decode 30.0 tok/s" in out and f"${want:.4f} out per 1M" in out

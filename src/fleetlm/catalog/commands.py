@@ -89,6 +89,11 @@ def info_command(name: str = typer.Argument(..., help="A catalog name (or a .ggu
         elif isinstance(value, int):
             value = f"{value:,}"
         typer.echo(f"  {key + ':':18} {value}")
+    from fleetlm.fleet.measure import describe  # speed and price measured here (fleet models measure)
+
+    typer.echo("measured on this machine:")
+    for line in describe(data["installed"] if name in entries() else ref.location, name):
+        typer.echo(f"  {line}")
 
 
 @models_app.command("rm")

@@ -380,3 +380,25 @@ def price_local_models(config: Any, *, measure_missing: bool = True, progress: b
             source = "not measured: no price"
         out[name] = ModelCost(engine, reason, spec.price, source, m)
     return out
+
+
+def describe(path: str | Path, name: str | None = None, dtype: str = "bf16",
+             machine_usd_per_hour: float = DEFAULT_MACHINE_USD_PER_HOUR) -> list[str]:
+    """`fleet models info`'s lines: each cached measurement, the price it gives, and what auto picks."""
+    path = Path(path)
+    name = name or str(path)
+    runnable = engines_for(path)
+    lines = [f"engines here: {', '.join(runnable) or 'none'}"]
+    found = {e: m for e in runnable if (m := cached(path, e, dtype)) is not None}
+    for m in found.values():
+        p = m.price(machine_usd_per_hour)
+        lines.append(f"  {m.summary()} -> ${p.input:.4f} in / ${p.output:.4f} out per 1M tokens")
+    if found:
+        choice = choose_engine(path, dtype, engines=runnable, measure_missing=False)
+        lines.append(f"engine auto: {choice.engine} ({choice.reason})")
+        lines.append(f"price: ${machine_usd_per_hour}/h / (tok/s x 3600) x 1e6, prompt and completion apart "
+                     "(fleet.yaml: machine_usd_per_hour, or a model's own price:)")
+    missing = [e for e in runnable if e not in found]
+    if missing:
+        lines.append(f"not measured on {', '.join(missing)}; run: fleet models measure {name}")
+    return lines
