@@ -302,12 +302,13 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str
 
 
 INT8_KERNELS = ("weight_only", "dynamic", "ours")
+KERNEL_INT4_GROUP = 32  # 5 bits a weight with its float16 scale and offset (Q4_1's layout), 4.5 at 64
 HEAD = "lm_head"  # the vocabulary projection: int8 even in an int4 model on our kernels (as llama.cpp keeps
 # it at Q6_K/Q8_0 in its 4-bit files): its logits pick every token
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Iterable[str] = (),
+def quantize(model: nn.Module, scheme: str, group_size: int | None = None, *, skip: Iterable[str] = (),
              dtype: torch.dtype | None = None, int8_kernel: str = "weight_only",
              kernels: bool = False) -> nn.Module:
     """Replace the model's nn.Linear layers in place with quantized ones; embeddings stay float.
@@ -316,8 +317,12 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 64, *, skip: Itera
     dtype of the quantized layers (default: each layer's current weight dtype). int8_kernel: "weight_only"
     (Int8Linear, activations in `dtype`), "dynamic" (DynamicInt8Linear: int8 activations, f32 in and out) or
     "ours" (KernelInt8Linear). kernels: our own kernels for every layer (KernelInt4Linear / KernelInt8Linear,
-    lm_head in int8 in an int4 model), whatever int8_kernel says.
+    lm_head in int8 in an int4 model), whatever int8_kernel says. group_size (int4): default 64 on PyTorch's
+    kernel, 32 on ours: GGUF's 4-bit files (Q4_1, Q4_K) are asymmetric in groups of 32, which ours then
+    reproduce (on SmolLM2's Q4_1 weights, group 64 changed the greedy answer and group 32 kept f32's).
     """
+    if group_size is None:
+        group_size = KERNEL_INT4_GROUP if kernels else 64
     if int8_kernel not in INT8_KERNELS:
         raise QuantizationError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
     if scheme not in SCHEMES:
