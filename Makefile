@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m fleetlm.engine.kernels  # our CPU kernels, compiled once per machine into the fleet home
 	touch $(STAMP)
 
 setup: $(STAMP) bwrap
