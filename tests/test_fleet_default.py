@@ -21,6 +21,7 @@ from fleetlm.fleet.default import NoModelsInstalled, default_config, default_con
 from fleetlm.model import SHIPPED_TINY_MODEL
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
+from fleetlm.serve.commands import startup_summary
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL
 from fleetlm.serve.gguf_backend import LlamaCppBackend
 from fleetlm.serve.store import UsageStore
@@ -149,6 +150,10 @@ def test_the_default_fleet_over_real_smollm2_answers_through_the_openai_client(
     assert costs["smollm2-135m-instruct"].engine == "llama_cpp"
     price = cfg.models["smollm2-135m-instruct"].price
     assert price.output == pytest.approx(M.price_per_million(40.0, cfg.machine_usd_per_hour), abs=1e-6)
+    summary = startup_summary(cfg, costs)
+    assert summary[0].startswith("  smollm2-135m-instruct: llama_cpp (faster decode here: llama_cpp 40.0")
+    assert f"${price.output:.4f} out per 1M tokens (measured: $0.0844/h" in summary[0]
+    assert summary[1] == "  auto: router, cheapest"
     backends = build_backends(cfg)
     assert isinstance(backends["smollm2-135m-instruct"], LlamaCppBackend)
     store = UsageStore(f"sqlite:///{tmp_path / 'u.db'}")
