@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,7 +39,7 @@ from fleetlm.serve.errors import (
     Unauthorized,
     error_body,
 )
-from fleetlm.serve.failover import first_piece, resilient_stream
+from fleetlm.serve.failover import ClosingStreamingResponse, first_piece, resilient_stream
 from fleetlm.serve.limits import Limits
 from fleetlm.serve.metrics import Metrics
 from fleetlm.serve.metrics import install as install_metrics
@@ -553,17 +553,20 @@ class Gateway:
                         yield piece(pending, pending.index not in seen)
                         seen.add(pending.index)
                     pending = await anext(deltas, None)
-                status, error = 200, None
+                # the status changes only once the record is written: a client gone by now cancels the
+                # write before it starts (anyio checks first), and then the finally below must log it
                 await self.log(call, 200, *usage)
+                status, error = 200, None
                 if req.include_usage():
                     yield event([], Usage.of(*usage))
                 if call.failovers:  # the switch to a fallback, in a final chunk's metadata
                     yield event([], fleet={"failover": call.failovers, "model": call.model_used})
                 yield "data: [DONE]\n\n"
             except BackendError as exc:
-                status, error = 502, exc.message
+                error = exc.message
                 usage = call.tally.finish(self, call) if call.tally is not None else usage
                 await self.log(call, 502, *usage, error=exc.message)
+                status = 502
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, None, exc.code))}\n\n"
             finally:
                 if status == 499:  # cancelled mid-stream: no await works here any more, so log in place
@@ -575,7 +578,7 @@ class Gateway:
 
         headers = call.headers()
         headers["cache-control"] = "no-cache"
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return ClosingStreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     async def _embeddings(self, req: EmbeddingRequest, chain: list[str], call: _Call) -> Response:
         emb = await self.first_success(chain, call, lambda b: b.embed(req))

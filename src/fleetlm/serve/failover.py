@@ -23,6 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
 from fleetlm.serve.backends import Delta
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.limits import prompt_token_bound
@@ -182,3 +186,18 @@ def resilient_stream(
         yield Delta(usage=tally.finish(gateway, call))
 
     return run()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body when the client goes away. Starlette's stops iterating and
+    leaves the generator to the garbage collector, so its `finally` (which writes the usage record of an
+    abandoned stream) ran late or never; here it runs at once, shielded from the cancellation."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
