@@ -149,3 +149,54 @@ def test_abandoned_stream_pays_for_the_tokens_produced(tmp_path):
     (row,) = store.requests()
     assert row["status"] == 499 and 3 <= row["completion_tokens"] < 8
     assert row["cost_usd"] > 0
+
+
+def test_abandoned_streams_over_real_sockets_all_leave_a_record(tmp_path):
+    """uvicorn + httpx on loopback: 12 clients walk away after 2 pieces of a fast stream; every request
+    still has its usage record, priced for what was produced (not $0)."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from fake_openai import UpstreamServer, free_port
+    from fleetlm.serve.backends import build_backends
+
+    with UpstreamServer() as up:
+        price = {"input": 1.0, "output": 2.0}
+        cfg = parse_config({"models": {"echo": {"remote": up.base_url, "price": price}}})
+        store = UsageStore(f"sqlite:///{tmp_path / 'r.db'}")
+        app = create_app(cfg, store, build_backends(cfg))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        text = " ".join(f"w{i}" for i in range(40))
+        body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": text}]}
+
+        async def walk_away(client):
+            async with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: {")
+                    if seen == 2:
+                        break
+
+        async def main():
+            async with httpx.AsyncClient(timeout=20) as client:
+                await asyncio.gather(*(walk_away(client) for _ in range(12)))
+
+        try:
+            asyncio.run(main())
+            deadline = time.monotonic() + 10
+            while len(store.requests()) < 12 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+    rows = store.requests()
+    assert len(rows) == 12
+    assert all(r["completion_tokens"] >= 1 and r["cost_usd"] > 0 for r in rows)
