@@ -159,3 +159,35 @@ def test_constrained_rows_follow_their_constraint_beside_free_rows(engine):
     assert tokens[:5] == c.seen[:5] and set(tokens[:5]) <= set(allowed)
     assert tokens[5] == engine.tokenizer.eos_token_ids[0] and got[0][-1].finish_reason == "stop"
     assert [e.token_id for e in got[1]] == [e.token_id for e in alone(engine, free)]
+
+
+def test_compiled_bucketed_decode_gives_the_eager_tokens(engine):
+    """The gateway's fast path: the batcher decodes through the compiled step, batch sizes padded to buckets
+    (3 active rows run as 4, then fewer as rows finish), and every request gets its eager greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    from fleetlm.engine.compiled import CompiledDecodeStep
+
+    torch._dynamo.reset()
+    requests = reqs()[:5]
+    eager = run_all(Batcher(engine.model, engine.tokenizer, max_batch=4), requests)
+    step = CompiledDecodeStep()
+    b = Batcher(engine.model, engine.tokenizer, max_batch=4, decode_fn=step, initial_length=64)
+    assert b.warm_up((1, 2)) > 0 and step.compile_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    got = run_all(b, requests)
+    for h in range(len(requests)):
+        assert [e.token_id for e in got[h]] == [e.token_id for e in eager[h]]
+    assert b.peak_batch == 4
+    # batch 2 and its bucket-4 padding: at most one more graph (none where the batch dimension is dynamic)
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+def test_warm_up_refuses_a_busy_batcher(engine):
+    from fleetlm.engine.compiled import CompiledDecodeStep
+
+    b = Batcher(engine.model, engine.tokenizer, max_batch=2, decode_fn=CompiledDecodeStep())
+    b.add(GenerationRequest(prompt="Hi", max_tokens=2))
+    with pytest.raises(GenerationError, match="idle"):
+        b.warm_up((1,))
+    assert Batcher(engine.model, engine.tokenizer).warm_up() == 0.0  # eager: nothing to compile

@@ -2,6 +2,7 @@
 batched, all three families), seeded sampling is reproducible, stop strings, chat, dtypes."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -193,3 +194,29 @@ def test_compiled_decode_step_matches_eager_and_does_not_recompile(tiny_llama, d
     graphs = counters["stats"]["unique_graphs"]
     assert compiled._collect(same_length(2, 9)) == eager._collect(same_length(2, 9))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_cache_lives_in_the_fleet_home(tmp_path, monkeypatch):
+    from fleetlm.engine.compiled import COMPILE_CACHE, compile_cache_dir, use_compile_cache
+
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert compile_cache_dir() == tmp_path / COMPILE_CACHE
+    assert use_compile_cache() == tmp_path / COMPILE_CACHE and (tmp_path / COMPILE_CACHE).is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / COMPILE_CACHE)  # where Inductor looks
+
+
+def test_batch_buckets_are_powers_of_two_within_the_cache():
+    from fleetlm.engine.compiled import batch_bucket
+
+    assert [batch_bucket(b, 16) for b in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert batch_bucket(3, 3) == 3 and batch_bucket(6, 7) == 7  # never past the cache's rows
+
+
+def test_compiling_happens_at_load_and_is_reported_apart(tiny_llama):
+    engine = Engine.load(tiny_llama, dtype="f32", compile=True)
+    assert engine.compile_seconds > 0  # compiled at load (warm_up), not in the first request
+    start = time.perf_counter()
+    events = list(engine.generate(GenerationRequest(prompt=PROMPTS[0], max_tokens=4, ignore_eos=True)))
+    assert len(events) == 4 and time.perf_counter() - start < engine.compile_seconds
+    assert Engine.load(tiny_llama, dtype="f32").compile_seconds == 0.0

@@ -201,3 +201,44 @@ def test_completions_take_token_id_prompts():
     assert [c.text for c in two.choices] == [text.choices[0].text] * 2
     with pytest.raises(ValueError):
         CompletionRequest(model="tiny", prompt=[[]])
+
+
+def test_a_compiled_backend_compiles_before_serving_and_answers_as_eager(reference):
+    """The fast path: an engine loaded with compile=True is warmed in the backend's constructor (before the
+    gateway would listen) on the batcher's own cache, then concurrent requests decode through it."""
+    from torch._dynamo.utils import counters
+
+    from fleetlm.engine.compiled import CompiledDecodeStep
+
+    engine = Engine.load(SHIPPED_TINY_MODEL, dtype="f32", compile=True, warm=False)
+    assert isinstance(engine._decode, CompiledDecodeStep) and engine.compile_seconds == 0
+    compiled = LocalBackend("tiny", engine, max_batch=4, warm_batches=(1, 2))
+    try:
+        assert compiled.compile_seconds > 0 and compiled.batcher.decode_fn is engine._decode
+        graphs = counters["stats"]["unique_graphs"]
+        prompts = ["The fleet", "Hi", "Numbers: 0 1 2"]
+
+        async def go():
+            return await asyncio.gather(*[compiled.complete(
+                CompletionRequest(model="tiny", prompt=p, max_tokens=5, temperature=0)) for p in prompts])
+
+        for p, r in zip(prompts, asyncio.run(go()), strict=True):
+            assert r.choices[0].text == _alone(reference, p, 5)
+        assert counters["stats"]["unique_graphs"] - graphs <= 1  # at most the bucket of 4 (3 rows, padded)
+    finally:
+        asyncio.run(compiled.aclose())
+
+
+def test_the_gateway_compiles_big_models_only(tmp_path, monkeypatch):
+    from fleetlm.serve.local import COMPILE_MIN_BYTES, wants_compile
+
+    small, big = tmp_path / "small.gguf", tmp_path / "big.gguf"
+    small.write_bytes(b"0" * 10)
+    with open(big, "wb") as f:
+        f.truncate(COMPILE_MIN_BYTES)  # sparse: no disk used
+    monkeypatch.delenv("FLEET_COMPILE", raising=False)
+    assert not wants_compile(small) and wants_compile(big) and not wants_compile(SHIPPED_TINY_MODEL)
+    monkeypatch.setenv("FLEET_COMPILE", "1")
+    assert wants_compile(small)
+    monkeypatch.setenv("FLEET_COMPILE", "0")
+    assert not wants_compile(big)

@@ -38,6 +38,7 @@ from fleetlm.engine.sampling import SamplingParams, make_generator, sample
 
 # The cache starts this long (or as long as the first request needs) and doubles when a request needs more.
 INITIAL_CACHE_LENGTH = 256
+DecodeFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -64,11 +65,18 @@ class Batcher:
     """The continuous-batching scheduler over one model: add() requests, call step() until not busy."""
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, max_batch: int = 32,
-                 context: int | None = None) -> None:
+                 context: int | None = None, decode_fn: DecodeFn | None = None,
+                 initial_length: int | None = None) -> None:
+        """decode_fn: the engine's decode step (model, tokens [n, 1], positions [n, 1]) -> logits [n, V] over
+        cache rows 0..n-1, e.g. the compiled step (engine/compiled.py); None: the model's eager forward.
+        initial_length: cache slots per row at the first allocation (default INITIAL_CACHE_LENGTH; a compiled
+        step recompiles when the cache is reallocated, so a compiled batcher starts with room)."""
         if max_batch < 1:
             raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.context = int(context or model.config.max_position_embeddings)
+        self.decode_fn = decode_fn
+        self.initial_length = initial_length
         self.device = next(model.parameters()).device
         self.capacity = 0  # cache length (slots per row); 0 until the first request arrives
         self._cache: nn.Module | None = None  # the first layer's cache as we set it up (to spot a takeover)
@@ -167,11 +175,13 @@ class Batcher:
         if not self._owns_cache():
             raise GenerationError("the model's KV cache was replaced while requests were decoding")
         n = len(self.active)
-        tokens = torch.tensor([[s.pending] for s in self.active])
-        pos = torch.tensor([[s.pos] for s in self.active])
-        kv_len = max(s.pos for s in self.active) + 1
-        logits = self.model(tokens.to(self.device), pos.to(self.device), cache_rows=slice(0, n),
-                            kv_len=kv_len)[:, -1].float()
+        tokens = torch.tensor([[s.pending] for s in self.active]).to(self.device)
+        pos = torch.tensor([[s.pos] for s in self.active]).to(self.device)
+        if self.decode_fn is not None:  # rows are packed: the active rows are cache rows 0..n-1
+            logits = self.decode_fn(self.model, tokens, pos)
+        else:
+            kv_len = max(s.pos for s in self.active) + 1
+            logits = self.model(tokens, pos, cache_rows=slice(0, n), kv_len=kv_len)[:, -1].float()
         for s in self.active:
             s.pos += 1
         self.decode_steps += 1
@@ -218,9 +228,23 @@ class Batcher:
             cache.k_cache[dst, :, :length].copy_(cache.k_cache[src, :, :length])
             cache.v_cache[dst, :, :length].copy_(cache.v_cache[src, :, :length])
 
+    @torch.inference_mode()
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 2)) -> float:
+        """Allocate the cache and compile decode_fn for these batch sizes before any request (it must be idle:
+        the warm-up writes cache rows); returns the seconds spent (0 without a compiled decode_fn)."""
+        warm = getattr(self.decode_fn, "warm_up", None)
+        if warm is None:
+            return 0.0
+        if self.busy:
+            raise GenerationError("warm_up needs an idle batcher")
+        if not self.capacity or not self._owns_cache():
+            self.capacity = 0
+            self._grow(1)
+        return warm(self.model, tuple(min(b, self.max_batch) for b in batch_sizes))
+
     def _grow(self, need: int) -> None:
         """(Re)allocate the cache to hold `need` slots per row, keeping what the active rows hold."""
-        length = min(self.context, max(need, INITIAL_CACHE_LENGTH, 2 * self.capacity))
+        length = min(self.context, max(need, self.initial_length or INITIAL_CACHE_LENGTH, 2 * self.capacity))
         old = [(layer.self_attn.kv_cache.k_cache, layer.self_attn.kv_cache.v_cache)
                for layer in self.model.layers] if self.capacity and self.active else []
         self.model.setup_caches(self.max_batch, length)

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from fleetlm.engine.generate import (
+    CACHE_BLOCK,
     GenerationError,
     GenerationRequest,
     GenerationStats,
     TokenEvent,
     TokenizerLike,
     decode_one_token,
+    ensure_caches,
     generate,
 )
 from fleetlm.errors import FleetError
@@ -53,8 +55,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "bf16", name: str | None = None,
-             compile: bool = False) -> Engine:
+             compile: bool = False, warm: bool = True) -> Engine:
         """Load an HF-layout checkpoint directory or a `.gguf` file; dtype is one of bf16, f32, int8, int4.
+        compile: decode through the compiled step, compiled here for one row unless warm=False (a caller that
+        sets up its own caches, such as the gateway's batcher, warms it on those).
 
         A GGUF file's tensors are dequantized to the float width first; int8/int4 then round them again.
         """
@@ -69,7 +73,31 @@ class Engine:
         else:
             model, tokenizer = load_checkpoint(path, dtype=torch_dtype_of(dtype)), Tokenizer.from_dir(path)
         model = prepare_weights(model, dtype, compile=compile)
-        return cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
+        engine = cls(model, tokenizer, name=name or path.name, dtype=dtype, compile=compile)
+        if compile and warm:
+            engine.warm_up()  # compile now, not inside the first request's tokens/s
+        return engine
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the decode step in warm_up (0 for an eager engine)."""
+        return float(getattr(self._decode, "compile_seconds", 0.0))
+
+    def warm_up(self, batch: int = 1, length: int = CACHE_BLOCK) -> float:
+        """Compile the decode step for `batch` rows on caches of `length` slots (later calls up to that size
+        reuse them); returns the seconds it took (0 when the step is not compiled)."""
+        warm = getattr(self._decode, "warm_up", None)
+        if warm is None:
+            return 0.0
+        ensure_caches(self.model, batch, length)
+        if self.num_threads:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.num_threads)
+        try:
+            return warm(self.model, (batch,))
+        finally:
+            if self.num_threads:
+                torch.set_num_threads(previous)
 
     def generate(self, requests: GenerationRequest | Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
         """Stream TokenEvents for one request or a batch (events carry the request's index in the batch)."""
@@ -191,26 +219,11 @@ def _int8_kernel() -> str:
 
 
 def compile_decode_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """decode_one_token compiled by Inductor, gpt-fast's main trick: the ~35 small ops of each layer (norms,
-    RoPE, cache writes, SiLU, residuals) fuse into a few C++ kernels, and with freezing the weights become
-    constants that Inductor prepacks for oneDNN itself. The first calls compile (about a minute for a 24-layer
-    model on 2 cores); the position is a dynamic shape, so later steps reuse the same code."""
-    import torch._inductor.config as inductor_config
+    """decode_one_token compiled by Inductor (engine/compiled.py: freezing, cpp_wrapper, artifacts cached in
+    the fleet home, batch sizes in buckets). The first calls compile; Engine.load(compile=True) makes them."""
+    from fleetlm.engine.compiled import CompiledDecodeStep
 
-    compiled = torch.compile(decode_one_token, dynamic=True)
-
-    def step(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # What depends on tensor values is read here, in eager mode, so the compiled step is one graph
-        # (one guard check per step, not one per graph break).
-        kv_len = int(input_pos.max()) + 1
-        unmasked = model.sees_all(input_pos, kv_len) if hasattr(model, "sees_all") else None
-        # Compiling happens at the first calls, so the options are switched on around each call; as
-        # torch.compile options they were not applied (plain aten::mm, 68 ms a step instead of 50).
-        # cpp_wrapper: the graph's ~170 kernel calls made from C++, not Python (bf16: 48-52 vs 55-57 ms).
-        with inductor_config.patch(freezing=True, cpp_wrapper=True):
-            return compiled(model, token, input_pos, kv_len, unmasked)
-
-    return step
+    return CompiledDecodeStep()
 
 
 def prepare_weights(model: nn.Module, dtype: str, compile: bool = False) -> nn.Module:

@@ -8,7 +8,9 @@ batch in flight to end.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ import torch
 from fleetlm.config import ModelSpec
 from fleetlm.engine import Engine, GenerationError, GenerationRequest, TokenEvent
 from fleetlm.engine.batcher import Batcher
+from fleetlm.engine.compiled import compile_cache_dir
 from fleetlm.engine.constrain import ConstraintError, GrammarConstraint
 from fleetlm.errors import FleetError
 from fleetlm.model.tokenizer import ChatTemplateError
@@ -30,6 +33,11 @@ from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest, Emb
 from fleetlm.serve.tools import ChatPlan, ToolCallStream, ToolError, plan_chat
 
 DEFAULT_MAX_TOKENS = 256
+# The compiled step recompiles when the batcher reallocates its cache, so a compiled batcher starts with this
+# many slots per row (a longer conversation grows it, and pays one recompile).
+SERVE_CACHE_LENGTH = 1024
+WARM_BATCHES = (1, 2)  # one graph for a single stream, one for 2+ rows where the batch dimension is dynamic
+COMPILE_MIN_BYTES = 200_000_000  # SmolLM2-135M (Q4_1, 98 MB) stays eager, Qwen2.5-0.5B (491 MB) compiles
 _DONE = object()
 
 
@@ -227,11 +235,18 @@ class TokenStreamBackend:
 class LocalBackend(TokenStreamBackend):
     """One loaded Engine and the thread that runs it; every public method is safe to call from the app."""
 
-    def __init__(self, name: str, engine: Engine, max_batch: int = 32):
+    def __init__(self, name: str, engine: Engine, max_batch: int = 32,
+                 warm_batches: tuple[int, ...] = WARM_BATCHES):
+        """An engine loaded with compile=True decodes every batch through its compiled step, compiled here for
+        warm_batches (before the gateway listens: no request waits on the compiler)."""
         self.name, self.engine, self.max_batch = name, engine, max_batch
         self.tokenizer = engine.tokenizer
         self.context = int(engine.model.config.max_position_embeddings)
-        self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context)
+        compiled = getattr(engine._decode, "warm_up", None) is not None
+        self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context,
+                               decode_fn=engine._decode if compiled else None,
+                               initial_length=min(self.context, SERVE_CACHE_LENGTH) if compiled else None)
+        self.compile_seconds = self._warm_up(warm_batches) if compiled else 0.0
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
         self._threads_before: int | None = None  # torch's thread count while the engine is busy
@@ -241,9 +256,25 @@ class LocalBackend(TokenStreamBackend):
     @classmethod
     def from_spec(cls, name: str, spec: ModelSpec) -> LocalBackend:
         if spec.kind == "gguf":  # a GGUF file (or catalog model) served by our own engine (engine: fleetlm)
-            return cls(name, load_gguf_engine(spec.gguf_file(), dtype=spec.dtype, name=name))
-        assert spec.path is not None
-        return cls(name, Engine.load(spec.path, dtype=spec.dtype, name=name))
+            location = spec.gguf_file()
+        else:
+            assert spec.path is not None
+            location = spec.path
+        compile = wants_compile(location)  # the batcher warms the compiled step on its own caches
+        return cls(name, Engine.load(location, dtype=spec.dtype, name=name, compile=compile, warm=False))
+
+    def _warm_up(self, batch_sizes: tuple[int, ...]) -> float:
+        threads = self.engine.num_threads
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            seconds = self.batcher.warm_up(batch_sizes)
+        finally:
+            torch.set_num_threads(previous)
+        print(f"fleetlm: {self.name}: decode step compiled for batches {list(batch_sizes)} in {seconds:.1f} "
+              f"s (artifacts cached in {compile_cache_dir()})", file=sys.stderr, flush=True)
+        return seconds
 
     # ------------------------------------------------------------ the worker thread
 
@@ -350,6 +381,18 @@ class LocalBackend(TokenStreamBackend):
 
     def _shut_down(self) -> BackendError:
         return BackendError(f"{self.name}: the model has been shut down", retryable=False)
+
+
+def wants_compile(location: str | Path) -> bool:
+    """Whether the gateway serves this model through the compiled decode step: FLEET_COMPILE=1 always, =0
+    never; unset, when its weight files hold COMPILE_MIN_BYTES or more (compiling costs a minute or more at
+    start-up the first time, less later: the artifacts are cached; tiny models gain little from it)."""
+    flag = os.environ.get("FLEET_COMPILE", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    path = Path(location)
+    files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    return sum(f.stat().st_size for f in files) >= COMPILE_MIN_BYTES
 
 
 def load_gguf_engine(path: str | Path, dtype: str = "f32", name: str | None = None) -> Engine:
