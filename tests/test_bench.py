@@ -19,6 +19,7 @@ from fleetlm.bench.decode import (
     run_benchmark,
     weight_bytes_per_token,
 )
+from fleetlm.engine.engine import our_kernels
 from fleetlm.engine.quant import dynamic_int8_available
 
 
@@ -57,7 +58,8 @@ def test_benchmark_table_has_a_row_per_width(tmp_path: Path) -> None:
     assert lines[0].startswith("decode benchmark:") and "memory read bandwidth" in lines[1]
     assert [ln.split()[:2] for ln in lines[3:6]] == [["fleetlm", w] for w in ("bf16", "int8", "int4")]
     assert "profile of one decode step, fleetlm int8" in table
-    int8_kernel = "quantized::linear_dynamic" if dynamic_int8_available() else "_weight_int8pack_mm"
+    int8_kernel = ("fleetlm_kernels::linear_int8" if our_kernels() else
+                   "quantized::linear_dynamic" if dynamic_int8_available() else "_weight_int8pack_mm")
     assert int8_kernel in table
     data = json.loads(result.to_json())
     assert len(data["rows"]) == 3 and data["bandwidth_gbs"] > 0
@@ -105,3 +107,37 @@ def test_cli_json(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert [r["width"] for r in data["rows"]] == ["bf16", "int8"]
+
+
+def test_serve_needs_a_real_model(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="--serve"):
+        run_benchmark(_opts(tmp_path, serve=True), progress=False)
+
+
+def test_a_url_is_not_a_benchmark_model() -> None:
+    from fleetlm.bench.real import RealModelError, resolve_gguf
+
+    with pytest.raises(RealModelError, match="GGUF"):
+        resolve_gguf("http://127.0.0.1:9/v1")
+
+
+def test_real_model_rows_llama_cpp_on_its_file_and_a_file_made_from_it(smollm2_gguf, tmp_path, monkeypatch):
+    """The real-model path on SmolLM2 (Q4_1): ours at int4, llama.cpp on the catalog file and on a Q4_0 file
+    made from it (cached in the fleet home), and the ratios between them."""
+    pytest.importorskip("llama_cpp")
+    from fleetlm.bench.real import derived_dir
+
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+    result = run_benchmark(_opts(tmp_path, model=str(smollm2_gguf), widths=("int4",), llama_cpp=True,
+                                 agreement_tokens=0, new_tokens=4), progress=False)
+    assert [(r.runner, r.width, r.detail) for r in result.rows] == [
+        ("fleetlm", "int4", ""), ("llama.cpp", "catalog", "Q4_1"), ("llama.cpp", "int4", "Q4_0")]
+    ours, catalog, q4_0 = result.rows
+    assert all(r.tokens_per_second > 0 and r.decode_tokens == 3 for r in result.rows)
+    assert ours.vs_llama_cpp == pytest.approx(ours.tokens_per_second / q4_0.tokens_per_second)
+    assert ours.vs_catalog == pytest.approx(ours.tokens_per_second / catalog.tokens_per_second)
+    assert ours.ms_per_token == pytest.approx(1000 / ours.tokens_per_second)
+    assert (derived_dir() / f"{smollm2_gguf.stem}.Q4_0.gguf").is_file()
+    assert result.prompt_tokens > 10  # the chat template around the user message
+    table = format_table(result)
+    assert "SmolLM2" in table and "catalog (Q4_1)" in table and "vs catalog" in table

@@ -15,6 +15,7 @@ from fleetlm.bench.decode import (
     BenchShape,
     format_table,
 )
+from fleetlm.bench.real import DEFAULT_CHAT
 
 
 def decode_command(
@@ -32,6 +33,13 @@ def decode_command(
     engine_modes: str = typer.Option(",".join(ENGINE_MODES), help="Our engine's modes: eager,compiled "
                                      "(compiled: decode step through torch.compile, compiled in warm-up)."),
     tiny: bool = typer.Option(False, help="A tiny model shape (smoke test), not the 415M one."),
+    model: str | None = typer.Option(None, "--model", help="A real GGUF model (catalog name or .gguf path) "
+                                     "instead of the random checkpoint; llama.cpp then runs on its own file "
+                                     "and on BF16/Q8_0/Q4_0 files made from it (cached in the fleet home)."),
+    chat: str = typer.Option(DEFAULT_CHAT, help="The user message of a real model's chat prompt."),
+    serve: bool = typer.Option(False, help="Also time one streamed request per width through `fleet serve` "
+                               "(engine: fleetlm), client-side; needs --model."),
+    serve_widths: str = typer.Option("", help="Widths the gateway serves with --serve (default: --widths)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
     """Decode tokens/s of fleetlm vs transformers vs llama.cpp, and as a share of memory bandwidth."""
@@ -42,7 +50,9 @@ def decode_command(
                         widths=tuple(w.strip() for w in widths.split(",") if w.strip()),
                         transformers=not no_transformers, llama_cpp=not no_llama_cpp, threads=threads,
                         bandwidth_mb=bandwidth_mb, agreement_tokens=agreement_tokens, profile=profile,
-                        engine_modes=tuple(m.strip() for m in engine_modes.split(",") if m.strip()))
+                        engine_modes=tuple(m.strip() for m in engine_modes.split(",") if m.strip()),
+                        model=model, chat=chat, serve=serve,
+                        serve_widths=tuple(w.strip() for w in serve_widths.split(",") if w.strip()))
     result = run_benchmark(opts, progress=not as_json)
     typer.echo(result.to_json() if as_json else format_table(result))
 

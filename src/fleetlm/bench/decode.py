@@ -1,8 +1,11 @@
-"""Decode benchmark: our engine vs transformers vs llama.cpp, single stream, on the same random weights.
+"""Decode benchmark: our engine vs transformers vs llama.cpp, single stream, on the same weights.
 
-Each runner is timed the same way: a warm-up generation, then one greedy generation of `new_tokens`
-after a `prompt_tokens` prompt; decode tokens/s counts the tokens after the first (the first comes from
-prefill) over the time between the first and the last. Bytes read per token (all weights but the input
+Two sources: a random-weight Llama of a given shape (default), or a real GGUF model (`--model NAME|PATH`:
+the catalog file, llama.cpp files of other widths made from it, transformers loading the same file, and
+optionally the gateway itself, `--serve`). Each runner is timed the same way: a warm-up generation, then one
+greedy generation of `new_tokens` after the same prompt; decode tokens/s counts the tokens after the first
+(the first comes from prefill) over the time between the first and the last. Compiling our decode step
+happens at load and is reported apart ("compile s"). Bytes read per token (all weights but the input
 embedding table) times tokens/s over the measured read bandwidth gives the share of bandwidth used.
 """
 
@@ -20,6 +23,7 @@ from torch import nn
 
 from fleetlm.bench.agreement import top1_agreement
 from fleetlm.bench.bandwidth import read_bandwidth
+from fleetlm.bench.real import DEFAULT_CHAT
 from fleetlm.engine.packed import packed_bytes
 from fleetlm.errors import FleetError
 
@@ -64,8 +68,12 @@ class BenchOptions:
     bandwidth_mb: int = 1024
     agreement_tokens: int = 256  # 0 skips the top-1 agreement of int8/int4 with bf16
     profile: bool = False
-    # "eager" and/or "compiled" (the decode step through torch.compile: compiling is part of the warm-up)
+    # "eager" and/or "compiled" (the decode step through torch.compile, compiled at load: "compile s")
     engine_modes: tuple[str, ...] = ENGINE_MODES
+    model: str | None = None  # a real GGUF model (catalog name or .gguf path) instead of the random one
+    chat: str = DEFAULT_CHAT  # the user message of a real model's prompt (through its chat template)
+    serve: bool = False  # also time one streamed request through `fleet serve` per width (real model)
+    serve_widths: tuple[str, ...] = ()  # the widths the gateway serves in that run (default: widths)
 
 
 @dataclass
@@ -80,6 +88,12 @@ class BenchRow:
     top1_agreement: float | None = None
     detail: str = ""
     warmup_seconds: float = 0.0
+    compile_seconds: float = 0.0  # compiling our decode step at load (never inside tokens_per_second)
+    vs_catalog: float | None = None  # against llama.cpp on the catalog's own file (real models, int4)
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000.0 / self.tokens_per_second if self.tokens_per_second else float("inf")
 
 
 @dataclass
@@ -91,6 +105,7 @@ class BenchResult:
     params: int
     rows: list[BenchRow]
     profiles: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    model: str = ""  # the real model's file, or "" for the random model
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -168,8 +183,8 @@ def profile_decode_step(model: nn.Module, decode: Callable | None = None,
 
     decode = decode or decode_one_token
     ensure_caches(model, 1, 64)  # the caches the engine already has: new ones would recompile a compiled step
-    token = torch.tensor([[11]])
-    with torch.inference_mode():
+    with torch.inference_mode():  # tensors made outside inference mode would recompile a compiled step
+        token = torch.tensor([[11]])
         decode(model, token, torch.tensor([[5]]))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             decode(model, token, torch.tensor([[6]]))
@@ -178,11 +193,13 @@ def profile_decode_step(model: nn.Module, decode: Callable | None = None,
 
 
 def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchResult,
-               reference: list[int] | None, mode: str = "eager") -> tuple[BenchRow, list[int] | None]:
+               reference: list[int] | None, mode: str = "eager",
+               source: Path | None = None) -> tuple[BenchRow, list[int] | None]:
     from fleetlm.engine import Engine
     from fleetlm.engine.generate import GenerationRequest
 
-    engine = Engine.load(opts.model_dir, dtype=width, compile=mode == "compiled")
+    # compile=True compiles at load (Engine.warm_up): reported apart as compile_seconds
+    engine = Engine.load(source or opts.model_dir, dtype=width, compile=mode == "compiled")
     nbytes = weight_bytes_per_token(engine.model)
 
     def timed(n: int) -> tuple[list[int], list[float]]:
@@ -201,7 +218,8 @@ def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchR
     tokens, times = timed(max(opts.new_tokens, extra))
     times = times[:opts.new_tokens]
     runner = "fleetlm" if mode == "eager" else f"fleetlm {mode}"
-    row = BenchRow(runner, width, _rate(times), nbytes, len(times) - 1, warmup_seconds=warmup)
+    row = BenchRow(runner, width, _rate(times), nbytes, len(times) - 1, warmup_seconds=warmup,
+                   compile_seconds=engine.compile_seconds)
     if opts.agreement_tokens:
         if width == "bf16":
             reference = tokens[:opts.agreement_tokens]
@@ -212,7 +230,7 @@ def run_engine(opts: BenchOptions, width: str, prompt: list[int], result: BenchR
     return row, reference
 
 
-def run_transformers(opts: BenchOptions, prompt: list[int]) -> BenchRow:
+def run_transformers(opts: BenchOptions, prompt: list[int], source: Path | None = None) -> BenchRow:
     try:
         from transformers import AutoModelForCausalLM
         from transformers.generation.streamers import BaseStreamer
@@ -233,7 +251,11 @@ def run_transformers(opts: BenchOptions, prompt: list[int]) -> BenchRow:
         def end(self) -> None:
             pass
 
-    model = AutoModelForCausalLM.from_pretrained(opts.model_dir, torch_dtype=torch.bfloat16).eval()
+    if source is not None and source.suffix == ".gguf":  # transformers dequantizes the GGUF file itself
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                     torch_dtype=torch.bfloat16).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(opts.model_dir, torch_dtype=torch.bfloat16).eval()
     embed = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embed
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # shared tensors count once
@@ -249,7 +271,8 @@ def run_transformers(opts: BenchOptions, prompt: list[int]) -> BenchRow:
 
     timed(opts.warmup_tokens)
     s = timed(opts.new_tokens)
-    return BenchRow("transformers", "bf16", _rate(s.times), nbytes, len(s.times) - 1)
+    return BenchRow("transformers", "bf16", _rate(s.times), nbytes, len(s.times) - 1,
+                    detail="from GGUF" if source is not None else "")
 
 
 def llama_cpp_files(opts: BenchOptions) -> dict[str, Path]:
@@ -269,14 +292,15 @@ def llama_cpp_files(opts: BenchOptions) -> dict[str, Path]:
     return files
 
 
-def run_llama_cpp(opts: BenchOptions, width: str, path: Path, prompt: list[int]) -> BenchRow:
+def run_llama_cpp(opts: BenchOptions, width: str, path: Path, prompt: list[int],
+                  detail: str | None = None) -> BenchRow:
     try:
         from llama_cpp import Llama
     except ImportError as exc:
         raise BenchError("llama-cpp-python is not installed (pip install llama-cpp-python)") from exc
     threads = opts.threads or torch.get_num_threads()
-    llm = Llama(model_path=str(path), n_ctx=opts.prompt_tokens + opts.new_tokens + 16, n_threads=threads,
-                n_threads_batch=threads, n_batch=opts.prompt_tokens, verbose=False, seed=0)
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + opts.new_tokens + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=len(prompt), verbose=False, seed=0)
 
     def timed(n: int) -> list[float]:
         llm.reset()
@@ -290,18 +314,13 @@ def run_llama_cpp(opts: BenchOptions, width: str, path: Path, prompt: list[int])
     timed(opts.warmup_tokens)
     times = timed(opts.new_tokens)
     row = BenchRow("llama.cpp", width, _rate(times), gguf_bytes_per_token(path), len(times) - 1,
-                   detail=LLAMA_CPP_TYPES[width].upper())
+                   detail=detail or LLAMA_CPP_TYPES[width].upper())
     llm.close()
     return row
 
 
-def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
-    """Build (or reuse) the checkpoint, measure bandwidth, then time every runner at every width."""
-    from tqdm import tqdm
-
-    from fleetlm.model import read_config
-
-    for w in opts.widths:
+def _check(opts: BenchOptions) -> None:
+    for w in (*opts.widths, *opts.serve_widths):
         if w not in WIDTHS:
             raise BenchError(f"unknown width {w!r}: choose from {', '.join(WIDTHS)}")
     for m in opts.engine_modes:
@@ -309,6 +328,18 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
             raise BenchError(f"unknown engine mode {m!r}: choose from {', '.join(ENGINE_MODES)}")
     if opts.new_tokens < 2 or opts.prompt_tokens < 1:
         raise BenchError("need new_tokens >= 2 and prompt_tokens >= 1")
+    if opts.serve and opts.model is None:
+        raise BenchError("--serve times the gateway on a real model: give --model NAME|PATH")
+
+
+def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
+    """Measure bandwidth, then time every runner at every width: on the random checkpoint (built or reused),
+    or on a real GGUF model (opts.model) with llama.cpp on its own file and on files made from it."""
+    from tqdm import tqdm
+
+    from fleetlm.model import Transformer
+
+    _check(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     threads = torch.get_num_threads()
@@ -316,9 +347,20 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
     result = BenchResult(0.0, threads, opts.prompt_tokens, opts.new_tokens, 0, [])
     state: dict[str, object] = {}
 
-    build_checkpoint(opts.model_dir, opts.shape)
-    cfg = read_config(opts.model_dir)
-    prompt = _prompt(opts.prompt_tokens, cfg.vocab_size)
+    source: Path | None = None
+    if opts.model is not None:
+        from fleetlm.bench.real import chat_prompt_ids, gguf_config, resolve_gguf
+
+        source = resolve_gguf(opts.model)
+        cfg = gguf_config(source)
+        prompt = chat_prompt_ids(source, opts.chat)
+        result.model, result.prompt_tokens = str(source), len(prompt)
+    else:
+        from fleetlm.model import read_config
+
+        build_checkpoint(opts.model_dir, opts.shape)
+        cfg = read_config(opts.model_dir)
+        prompt = _prompt(opts.prompt_tokens, cfg.vocab_size)
 
     def bandwidth() -> None:
         result.bandwidth_gbs = read_bandwidth(opts.bandwidth_mb, threads=threads)
@@ -330,21 +372,18 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
             for w in sorted(opts.widths, key=WIDTHS.index):
                 def engine_step(w: str = w, mode: str = mode) -> None:
                     ref = state.get(f"reference {mode}")
-                    row, ref = run_engine(opts, w, prompt, result, ref, mode)  # type: ignore[arg-type]
+                    row, ref = run_engine(opts, w, prompt, result, ref, mode, source)  # type: ignore[arg-type]
                     state[f"reference {mode}"] = ref
                     result.rows.append(row)
                 steps.append((f"fleetlm {mode} {w}", engine_step))
     if opts.transformers and "bf16" in opts.widths:
-        steps.append(("transformers bf16", lambda: result.rows.append(run_transformers(opts, prompt))))
+        def transformers_step() -> None:
+            result.rows.append(run_transformers(opts, prompt, source))
+        steps.append(("transformers bf16", transformers_step))
     if opts.llama_cpp:
-        def gguf_step() -> None:
-            state["gguf"] = llama_cpp_files(opts)
-        steps.append(("GGUF export", gguf_step))
-        for w in opts.widths:
-            def llama_step(w: str = w) -> None:
-                files: dict[str, Path] = state["gguf"]  # type: ignore[assignment]
-                result.rows.append(run_llama_cpp(opts, w, files[w], prompt))
-            steps.append((f"llama.cpp {w}", llama_step))
+        steps += _llama_cpp_steps(opts, prompt, result, state, source)
+    if opts.serve and source is not None:
+        steps.append(("fleet serve", lambda: result.rows.extend(_serve_rows(opts, source, threads, result))))
 
     bar = tqdm(steps, desc="bench", disable=not progress, unit="step")
     for name, step in bar:
@@ -352,38 +391,93 @@ def run_benchmark(opts: BenchOptions, progress: bool = True) -> BenchResult:
         step()
     bar.close()
 
-    from fleetlm.model import Transformer
-
     with torch.device("meta"):
         result.params = sum(p.numel() for p in Transformer(cfg).parameters())
+    _ratios(result)
+    return result
+
+
+def _llama_cpp_steps(opts: BenchOptions, prompt: list[int], result: BenchResult, state: dict,
+                     source: Path | None) -> list[tuple[str, Callable[[], None]]]:
+    """llama.cpp at each width: on GGUF exports of the random checkpoint, or on the real model's own file and
+    on llama.cpp's requantizations of it (BF16, Q8_0, Q4_0: the same weights at our widths)."""
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if source is None:
+        def gguf_step() -> None:
+            state["gguf"] = llama_cpp_files(opts)
+        steps.append(("GGUF export", gguf_step))
+    else:
+        from fleetlm.bench.real import DERIVED_TYPES, derived_file, gguf_file_type
+
+        def catalog_step() -> None:
+            kind = gguf_file_type(source)
+            result.rows.append(run_llama_cpp(opts, "catalog", source, prompt, detail=kind))
+        steps.append(("llama.cpp catalog file", catalog_step))
+
+        def derive_step() -> None:
+            state["gguf"] = {w: derived_file(source, w) for w in opts.widths}
+        steps.append((f"llama.cpp files {'/'.join(DERIVED_TYPES[w] for w in opts.widths)}", derive_step))
+    for w in opts.widths:
+        def llama_step(w: str = w) -> None:
+            files: dict[str, Path] = state["gguf"]  # type: ignore[assignment]
+            result.rows.append(run_llama_cpp(opts, w, files[w], prompt))
+        steps.append((f"llama.cpp {w}", llama_step))
+    return steps
+
+
+def _serve_rows(opts: BenchOptions, source: Path, threads: int, result: BenchResult) -> list[BenchRow]:
+    """One row per width: single-stream decode tokens/s through `fleet serve`, measured by the client."""
+    from fleetlm.bench.real import serve_rates
+
+    widths = tuple(sorted(opts.serve_widths or opts.widths, key=WIDTHS.index))
+    rates = serve_rates(source, widths, opts.chat, opts.new_tokens, threads)
+    ours = {r.width: r.bytes_per_token for r in result.rows if r.runner.startswith("fleetlm")}
+    return [BenchRow("fleet serve", w, rate, ours.get(w, 0), tokens - 1, detail="gateway",
+                     warmup_seconds=startup) for w, (rate, tokens, startup) in rates.items()]
+
+
+def _ratios(result: BenchResult) -> None:
+    """Each row against llama.cpp at the same width (and int4 against the catalog's own file), and its share
+    of the measured read bandwidth."""
     ref = {r.width: r.tokens_per_second for r in result.rows if r.runner == "llama.cpp"}
     for r in result.rows:
-        if ref.get(r.width):
+        if r.runner != "llama.cpp" and ref.get(r.width):
             r.vs_llama_cpp = r.tokens_per_second / ref[r.width]
-        if result.bandwidth_gbs:
+        if r.runner != "llama.cpp" and r.width == "int4" and ref.get("catalog"):
+            r.vs_catalog = r.tokens_per_second / ref["catalog"]
+        if result.bandwidth_gbs and r.bytes_per_token:
             r.bandwidth_share = r.bytes_per_token * r.tokens_per_second / (result.bandwidth_gbs * 1e9)
-    return result
 
 
 def format_table(result: BenchResult) -> str:
     """The human-readable report: one line per runner and width, then the profiles if any."""
     runner_width = max([14, *(len(r.runner) + 2 for r in result.rows)]) if result.rows else 14
-    lines = [f"decode benchmark: {result.params / 1e6:.0f}M params, prompt {result.prompt_tokens} tokens, "
-             f"{result.new_tokens} new tokens, single stream, {result.threads} threads",
-             f"memory read bandwidth: {result.bandwidth_gbs:.1f} GB/s",
-             f"{'runner':<{runner_width}}{'width':<13}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}"
-             f"{'of bandwidth':>14}{'top-1 agree':>13}{'warm-up s':>11}"]
+    kind_width = max([13, *(len(r.width) + len(r.detail) + 4 for r in result.rows)])
+    source = f"{Path(result.model).name}, " if result.model else ""
+    lines = [f"decode benchmark: {source}{result.params / 1e6:.0f}M params, prompt {result.prompt_tokens} "
+             f"tokens, {result.new_tokens} new tokens, single stream, {result.threads} threads",
+             f"memory read bandwidth (read-only pass): {result.bandwidth_gbs:.1f} GB/s",
+             f"{'runner':<{runner_width}}{'width':<{kind_width}}{'tok/s':>8}{'ms/tok':>8}{'vs llama.cpp':>14}"
+             f"{'vs catalog':>12}{'MB/token':>10}{'of bandwidth':>14}{'top-1 agree':>13}{'compile s':>11}"]
     for r in result.rows:
         vs = f"{r.vs_llama_cpp:.2f}x" if r.vs_llama_cpp is not None else "-"
+        vs_cat = f"{r.vs_catalog:.2f}x" if r.vs_catalog is not None else "-"
         share = f"{100 * r.bandwidth_share:.0f}%" if r.bandwidth_share is not None else "-"
         agree = f"{100 * r.top1_agreement:.1f}%" if r.top1_agreement is not None else "-"
         width = f"{r.width}" + (f" ({r.detail})" if r.detail else "")
-        lines.append(f"{r.runner:<{runner_width}}{width:<13}{r.tokens_per_second:>8.1f}{vs:>14}"
-                     f"{r.bytes_per_token / 1e6:>10.0f}{share:>14}{agree:>13}{r.warmup_seconds:>11.1f}")
+        ms = f"{r.ms_per_token:.1f}" if r.tokens_per_second else "-"
+        compiled = f"{r.compile_seconds:.1f}" if r.compile_seconds else "-"
+        lines.append(f"{r.runner:<{runner_width}}{width:<{kind_width}}{r.tokens_per_second:>8.1f}{ms:>8}"
+                     f"{vs:>14}{vs_cat:>12}{r.bytes_per_token / 1e6:>10.0f}{share:>14}{agree:>13}"
+                     f"{compiled:>11}")
     hf = next((r.tokens_per_second for r in result.rows if r.runner == "transformers"), 0.0)
     for r in result.rows:
         if hf and r.runner.startswith("fleetlm") and r.width == "bf16":
             lines.append(f"{r.runner} bf16 vs transformers bf16: {r.tokens_per_second / hf:.2f}x")
+    for r in result.rows:
+        if r.runner == "fleet serve":
+            lines.append(f"fleet serve {r.width}: the gateway was ready {r.warmup_seconds:.0f} s after start "
+                         "(loading and compiling every width)")
     for name, ops in result.profiles.items():
         lines.append(f"profile of one decode step, {name} (self CPU ms):")
         lines.extend(f"  {ms:8.2f}  {op}" for op, ms in ops)
