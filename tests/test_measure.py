@@ -175,3 +175,13 @@ def test_fleet_models_info_prints_the_measurements_the_choice_and_the_price(tiny
     want = M.price_per_million(30.0, DEFAULT_MACHINE_USD_PER_HOUR)
     assert code == 0 and "engine auto: fleetlm (faster decode here: fleetlm 30.0 tok/s vs llama_cpp 20" in out
     assert "fleetlm bf16: prompt 300.0 tok/s, decode 30.0 tok/s" in out and f"${want:.4f} out per 1M" in out
+
+
+def test_a_model_the_gateway_compiles_is_measured_compiled(tiny_gguf, home, monkeypatch):
+    eager = M.cache_path(tiny_gguf, "fleetlm", "bf16")
+    monkeypatch.setattr(M, "serves_compiled", lambda path: True)
+    compiled = M.cache_path(tiny_gguf, "fleetlm", "bf16")
+    assert eager.name.endswith(f"-fleetlm-bf16-{M.machine_id()}.json")
+    assert compiled.name.endswith(f"-fleetlm-bf16-compiled-{M.machine_id()}.json")
+    llama = M.cache_path(tiny_gguf, "llama_cpp", "bf16")
+    assert llama.name.endswith(f"-llama_cpp-gguf-{M.machine_id()}.json")

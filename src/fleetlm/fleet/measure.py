@@ -118,10 +118,26 @@ def model_key(path: str | Path) -> str:
     return f"{path.stem if path.is_file() else path.name}-{size}"
 
 
-def cache_path(path: str | Path, engine: str, dtype: str) -> Path:
+def serves_compiled(path: str | Path) -> bool:
+    """Whether the gateway runs this model on our engine through the compiled decode step (serve/local.py
+    decides; the measurement must time what will be served)."""
+    try:
+        from fleetlm.serve.local import wants_compile
+    except ImportError:  # a gateway that never compiles
+        return False
+    return bool(wants_compile(path))
+
+
+def _mode(engine: str, dtype: str, path: str | Path) -> str:
     # llama.cpp runs the file's own quantization: its dtype is always "gguf"
-    dtype = "gguf" if engine == "llama_cpp" else dtype
-    return fleet_home() / "measure" / f"{model_key(path)}-{engine}-{dtype}-{machine_id()}.json"
+    if engine == "llama_cpp":
+        return "gguf"
+    return f"{dtype}-compiled" if serves_compiled(path) else dtype
+
+
+def cache_path(path: str | Path, engine: str, dtype: str) -> Path:
+    name = f"{model_key(path)}-{engine}-{_mode(engine, dtype, path)}-{machine_id()}.json"
+    return fleet_home() / "measure" / name
 
 
 def cached(path: str | Path, engine: str, dtype: str) -> Measurement | None:
@@ -215,8 +231,8 @@ def _time_fleetlm(path: Path, dtype: str, threads: int, step: Callable[[], None]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
-        engine = Engine.load(path, dtype=dtype)
+        start = time.perf_counter()  # a compiled step is compiled (or read from its cache) inside load
+        engine = Engine.load(path, dtype=dtype, compile=serves_compiled(path))
         load = time.perf_counter() - start
         step()
         vocab = int(engine.model.config.vocab_size)
@@ -267,8 +283,7 @@ def measure(path: str | Path, engine: str, dtype: str = "bf16", *, threads: int 
     finally:
         bar.close()
     m = Measurement(
-        model=path.name, model_key=model_key(path), engine=engine,
-        dtype="gguf" if engine == "llama_cpp" else dtype,
+        model=path.name, model_key=model_key(path), engine=engine, dtype=_mode(engine, dtype, path),
         prompt_tokens_per_second=round(max(r[0] for r in runs), 2),
         decode_tokens_per_second=round(max(r[1] for r in runs), 2),
         prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, threads=threads, load_seconds=round(load, 2),
