@@ -32,11 +32,11 @@ def redis_url():
 
 
 @pytest.fixture(params=["local", "redis"])
-def counters(request, redis_url):
+def counters(request):
     if request.param == "local":
         yield LocalCounters()
     else:
-        c = RedisCounters(redis_url, prefix=f"t{uuid.uuid4().hex}:")
+        c = RedisCounters(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex}:")
         yield c
         c.close()
 
@@ -154,3 +154,17 @@ def test_two_gateways_share_one_budget_and_rpm(tmp_path, redis_url):
         codes = [c.post("/v1/chat/completions", content=body, headers=auth).json()["error"]["code"]
                  for c in (a, b)]
         assert codes == ["insufficient_quota", "rate_limit_exceeded"]  # the 6th in a minute, over both
+
+
+def test_keys_create_takes_tpm(tmp_path):
+    from typer.testing import CliRunner
+
+    from fleetlm.cli import app
+
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    result = CliRunner().invoke(app, ["keys", "create", "--tpm", "500", "--rpm", "9", "--db", db])
+    assert result.exit_code == 0 and "tpm 500" in result.output
+    (key,) = UsageStore(db).keys()
+    assert key.tpm == 500 and key.rpm == 9
+    listed = CliRunner().invoke(app, ["keys", "list", "--db", db])
+    assert "tpm=500" in listed.output

@@ -151,15 +151,16 @@ def register(app: typer.Typer) -> None:
     def keys_create(
         budget_usd: float = typer.Option(None, "--budget-usd", min=0, help="spend limit in dollars"),
         rpm: int = typer.Option(None, "--rpm", min=1, help="requests per minute"),
+        tpm: int = typer.Option(None, "--tpm", min=1, help="tokens (prompt + completion) per minute"),
         name: str = typer.Option(None, help="a label"),
         config: Path = typer.Option(None, "--config", "-c", help="fleet.yaml, for storage"),
         db: str = typer.Option(None, help="storage URL"),
     ) -> None:
         """Create a key; the secret is printed once (only its hash is stored)."""
-        key, secret = _store(_config(config), db).create_key(name, budget_usd, rpm)
+        key, secret = _store(_config(config), db).create_key(name, budget_usd, rpm, tpm)
         typer.echo(
             f"key id {key.key_id}  budget {budget_usd if budget_usd is not None else 'unlimited'}  "
-            f"rpm {rpm if rpm is not None else 'unlimited'}",
+            f"rpm {rpm if rpm is not None else 'unlimited'}  tpm {tpm if tpm is not None else 'unlimited'}",
             err=True,
         )
         typer.echo(secret)
@@ -173,7 +174,7 @@ def register(app: typer.Typer) -> None:
         store = _store(_config(config), db)
         for k in store.keys():
             typer.echo(
-                f"{k.key_id}  {k.name or '-'}  budget={k.budget_usd}  rpm={k.rpm}  "
+                f"{k.key_id}  {k.name or '-'}  budget={k.budget_usd}  rpm={k.rpm}  tpm={k.tpm}  "
                 f"spent={store.spend(k.key_id):.6f}{'  revoked' if k.revoked else ''}"
             )
 
