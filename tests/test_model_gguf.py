@@ -13,6 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from fleetlm.model.gguf import (  # noqa: E402 - needs gguf
     LOAD_TYPES,
+    GGUFFile,
     GGUFLoadError,
     _dequantized,
     load_gguf,
@@ -135,11 +136,26 @@ def test_bf16_load_is_the_f32_load_rounded_once(tmp_path):
 def test_dequantizing_in_row_chunks_equals_the_whole_tensor(tmp_path):
     path = tmp_path / "q5_0.gguf"
     write_gguf(path, "Q5_0")
-    reader = gguf.GGUFReader(str(path))
-    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    t = next(t for t in GGUFFile(path).tensors if t.name == "token_embd.weight")
     whole = _dequantized(t, torch.float32)
     assert torch.equal(_dequantized(t, torch.float32, rows_per_chunk=7), whole)  # 262 rows: a ragged end
     assert torch.equal(_dequantized(t, torch.bfloat16, rows_per_chunk=7), whole.to(torch.bfloat16))
+
+
+def test_our_reader_reads_what_the_gguf_package_reads(tmp_path):
+    path = tmp_path / "q4_1.gguf"
+    write_gguf(path, "Q4_1", arch="llama")
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    assert ours.metadata.keys() == {k for k in theirs.fields if not k.startswith("GGUF.")}
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF."):
+            expect = field.contents()
+            assert ours.meta(key) == pytest.approx(expect) if isinstance(expect, float) else expect, key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == int(b.tensor_type) and a.shape == tuple(int(d) for d in b.shape)
+        as_bytes = [np.asarray(x.data).view(np.uint8).ravel() for x in (a, b)]
+        assert np.array_equal(*as_bytes), a.name
 
 
 def test_the_catalog_file_types_are_all_loadable():

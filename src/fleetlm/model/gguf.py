@@ -10,6 +10,8 @@ Facts from llama.cpp that shape this file (no code copied):
 from __future__ import annotations
 
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,15 @@ PRE_REGEX = {
 # Pre-tokenizers whose only split before GPT-2's own regex is one digit at a time (llama.cpp gives StarCoder,
 # SmolLM and a few others the regexes \p{N}, then GPT-2's).
 SINGLE_DIGIT_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
-# Control tokens that llama.cpp also treats as end of generation, beside the file's eos/eot ids.
-END_OF_GENERATION = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "</s>",
-                     "<end_of_turn>", "<|eom_id|>")
+# llama.cpp ends generation on the file's eos/eot ids, on tokens spelled like these (whatever their type:
+# the llama.cpp of llama-cpp-python 0.3.36 stops at Qwen2.5's plain-text "</s>" too) ...
+END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+                     "<end_of_utterance>", "</s>")
+# ... and on the first token found of each fill-in-the-middle kind (padding, repository, file separator).
+FIM_END_OF_GENERATION = (("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+                         ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+                         ("<|file_sep|>",))
 # GGUF architecture -> ours (Mistral GGUFs say "llama"; their sliding window is not in the file).
 LOAD_ARCH = {"llama": "llama", "qwen2": "qwen2"}
 # Tensor types we dequantize (all through gguf.quants): what llama.cpp's usual file types are made of
@@ -63,9 +71,119 @@ class GGUFLoadError(FleetError):
     """A GGUF file our engine cannot load (unknown architecture, tokenizer or tensor type, bad file)."""
 
 
-def _meta(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+# ----------------------------------------------------------------------------------------------------
+# reading the file: the gguf package's GGUFReader makes a numpy view per array element, which took 17 s
+# for Qwen2.5's 152k tokens and 151k merges on a loaded 2-core machine; this reader parses the same
+# layout (GGUF v2/v3, little-endian) with struct and keeps the tensors as views of one memory map.
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+            12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: its shape in ggml order (fastest dimension first) and its bytes."""
+
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]
+    data: np.ndarray  # float32/float16 elements for F32/F16, else one row of raw blocks per row
+
+
+class GGUFFile:
+    """A GGUF file's metadata (key -> value) and tensors, read once; the tensor data stays memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._pos = 0
+        try:
+            self._map = np.memmap(self.path, mode="r")
+            self._buf = memoryview(self._map)
+            self.metadata, self.tensors = self._parse()
+        except (OSError, struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+            raise GGUFLoadError(f"{self.path} is not a readable GGUF file ({exc})") from None
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def _take(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self._buf, self._pos)[0]
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._take("<Q")
+        if self._pos + n > len(self._buf):
+            raise ValueError("a string runs past the end of the file")
+        text = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8")
+        self._pos += n
+        return text
+
+    def _value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            item, count = self._take("<I"), self._take("<Q")
+            if item == _STRING:
+                return [self._string() for _ in range(count)]
+            if item in _NUMPY:
+                dtype = np.dtype(_NUMPY[item])
+                end = self._pos + count * dtype.itemsize
+                if end > len(self._buf):
+                    raise ValueError("an array runs past the end of the file")
+                values = np.frombuffer(self._buf[self._pos : end], dtype=dtype).tolist()
+                self._pos = end
+                return values
+            return [self._value(item) for _ in range(count)]  # arrays of arrays
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self._take(_SCALARS[kind])
+
+    def _parse(self) -> tuple[dict[str, Any], list[GGUFTensor]]:
+        import gguf
+
+        if bytes(self._buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        self._pos = 4
+        version = self._take("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (this reader knows versions 2 and 3, little-endian)")
+        n_tensors, n_kv = self._take("<Q"), self._take("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = self._string()
+            metadata[key] = self._value(self._take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = tuple(self._take("<Q") for _ in range(self._take("<I")))
+            infos.append((name, dims, self._take("<I"), self._take("<Q")))
+        align = int(metadata.get("general.alignment", 32))
+        start = -(-self._pos // align) * align
+        tensors = []
+        for name, dims, kind, offset in infos:
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                raise ValueError(f"tensor {name} has unknown type {kind}") from None
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            rows = int(np.prod(dims[1:], dtype=np.int64))
+            row_bytes = dims[0] // block * size
+            begin = start + offset
+            if begin + rows * row_bytes > len(self._map):
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            raw = self._map[begin : begin + rows * row_bytes].reshape(rows, row_bytes)
+            if qtype.name in ("F32", "F16"):
+                raw = raw.view(np.float32 if qtype.name == "F32" else np.float16)
+            tensors.append(GGUFTensor(name, kind, dims, raw.reshape(*reversed(dims[1:]), raw.shape[-1])))
+        return metadata, tensors
+
+
+def _meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.meta(key, default)
 
 
 def unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -74,7 +192,7 @@ def unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_model_config(reader: Any) -> ModelConfig:
+def gguf_model_config(reader: GGUFFile) -> ModelConfig:
     """Our ModelConfig from a GGUF file's metadata and tensor shapes."""
     arch = _meta(reader, "general.architecture")
     if arch not in LOAD_ARCH:
@@ -137,7 +255,7 @@ def _our_tensor_name(name: str) -> str | None:
     raise GGUFLoadError(f"GGUF tensor {name!r} has no place in our decoder")
 
 
-def _dequantized(t: Any, dtype: torch.dtype, rows_per_chunk: int | None = None) -> torch.Tensor:
+def _dequantized(t: GGUFTensor, dtype: torch.dtype, rows_per_chunk: int | None = None) -> torch.Tensor:
     """A GGUF tensor in numpy order at `dtype`: llama.cpp's dequantization (the gguf package's), done a
     few rows at a time into the output, so a tensor never exists in float32 whole unless `dtype` is float32
     (the 1.5B model's embedding is 0.9 GB in float32)."""
@@ -146,7 +264,7 @@ def _dequantized(t: Any, dtype: torch.dtype, rows_per_chunk: int | None = None) 
     qtype = gguf.GGMLQuantizationType(t.tensor_type)
     if qtype.name not in LOAD_TYPES:
         raise GGUFLoadError(f"tensor {t.name} is {qtype.name}; loadable types: {', '.join(LOAD_TYPES)}")
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = tuple(reversed(t.shape))
     raw = np.asarray(t.data)
     if qtype.name in ("F32", "F16"):  # numpy reads these as they are: torch converts them at memory speed
         return torch.from_numpy(np.array(raw).reshape(shape)).to(dtype)  # a copy: the file is mmapped
@@ -163,7 +281,7 @@ def _dequantized(t: Any, dtype: torch.dtype, rows_per_chunk: int | None = None) 
     return out.reshape(shape)
 
 
-def gguf_tokenizer(reader: Any) -> Any:
+def gguf_tokenizer(reader: GGUFFile) -> Any:
     """Our Tokenizer (a `tokenizers` byte-level BPE + the chat template) from a GGUF file's vocabulary."""
     import gguf
     from tokenizers import AddedToken, decoders, models, processors
@@ -180,7 +298,9 @@ def gguf_tokenizer(reader: Any) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in (_meta(reader, "tokenizer.ggml.merges") or [])]
     pre = _meta(reader, "tokenizer.ggml.pre", "gpt-2")
     tt = gguf.TokenType
-    vocab = {tok: i for i, tok in enumerate(tokens) if types[i] != tt.UNUSED}
+    # Every id has a token, unused padding ones too ([PAD151665]...: no merge makes them, but the model can
+    # emit them); a spelling that repeats keeps its first id.
+    vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}
     backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
@@ -200,11 +320,18 @@ def gguf_tokenizer(reader: Any) -> Any:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     config = {"bos_token": bos, "eos_token": eos, "pad_token": token("padding"),
               "unk_token": token("unknown")}
-    eog = [i for i, t in enumerate(tokens) if types[i] == tt.CONTROL and t in END_OF_GENERATION]
-    eot = _meta(reader, "tokenizer.ggml.eot_token_id")
-    extra = ([] if eot is None else [int(eot)]) + eog
     return Tokenizer(backend, {k: v for k, v in config.items() if v is not None},
-                     _meta(reader, "tokenizer.chat_template"), extra)
+                     _meta(reader, "tokenizer.chat_template"), _end_of_generation(reader, tokens))
+
+
+def _end_of_generation(reader: GGUFFile, tokens: list[str]) -> list[int]:
+    """The ids llama.cpp stops generating at, beside eos (it picks them by their spelling)."""
+    ids = {tok: i for i, tok in reversed(list(enumerate(tokens)))}  # the first id of a repeated spelling
+    fim = [next(ids[t] for t in kind if t in ids) for kind in FIM_END_OF_GENERATION
+           if any(t in ids for t in kind)]
+    named = [i for i, t in enumerate(tokens) if t in END_OF_GENERATION]
+    declared = [_meta(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")]
+    return fim + named + [int(i) for i in declared if i is not None]
 
 
 def _pre_tokenizer(pre: str) -> Any:
@@ -231,17 +358,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
     The inverse of export_gguf: q/k rows go back to rotate-half order (llama), rope_freqs becomes the
     decoder's inverse frequencies, and the vocabulary becomes a `tokenizers` BPE with its chat template.
     """
-    import gguf
-
     from fleetlm.model.decoder import Transformer, rope_inv_freq
 
     path = Path(path)
     if not path.is_file():
         raise GGUFLoadError(f"GGUF file {path} does not exist")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise GGUFLoadError(f"{path} is not a readable GGUF file ({exc})") from None
+    reader = GGUFFile(path)
     cfg = gguf_model_config(reader)
     tokenizer = gguf_tokenizer(reader)
     with torch.device("meta"):
