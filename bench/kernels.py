@@ -26,7 +26,7 @@ SHAPES = {  # name: (hidden, intermediate, heads, kv heads, head_dim, vocab)
     "0.5b": (896, 4864, 14, 2, 64, 151936),
     "1.5b": (1536, 8960, 12, 2, 128, 151936),
 }
-STREAM_BYTES = 128 << 20  # weights cycled per op: 4x the 32 MB last-level cache here
+STREAM_BYTES = 64 << 20  # weights cycled per op: twice the 32 MB last-level cache here
 
 
 def linears(model: str) -> dict[str, tuple[int, int]]:
@@ -105,9 +105,9 @@ def main() -> None:
         k, n = shapes[name]
         for width in args.widths:
             ours, ours_bytes = make(f"ours {width}", k, n, 1)
-            copies = max(1, min(64, STREAM_BYTES // max(ours_bytes, 1)))
+            copies = max(1, min(16, STREAM_BYTES // max(ours_bytes, 1)))
             ours, _ = make(f"ours {width}", k, n, copies)
-            theirs, their_bytes = (make(f"torch {width}", k, n, max(1, min(64, STREAM_BYTES // ours_bytes)))
+            theirs, their_bytes = (make(f"torch {width}", k, n, max(1, min(16, STREAM_BYTES // ours_bytes)))
                                    if have_torch[width] else ([], 0))
             for m in args.m:
                 x = torch.randn(m, k)
