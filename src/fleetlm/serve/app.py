@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
+from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
 from fleetlm.serve.errors import (
     APIError,
@@ -664,6 +665,7 @@ def create_app(
     app = FastAPI(title="fleetlm gateway", version="0.1.0", on_shutdown=[close_backends])
     app.state.gateway = gw
     install_metrics(app, gw.metrics)  # GET /metrics, in-flight requests
+    install_dashboard(app, gw)  # GET /dashboard: spend, traffic share, latency, recent requests
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
     defs: dict[str, Any] = {}
