@@ -151,6 +151,7 @@ class Stack:
         self.config = tmp / "fleet.yaml"
         self.config.write_text(json.dumps(cfg))  # JSON is YAML
         self.gateways: list[str] = []
+        self.gateway_pids: list[int] = []
 
     def _spawn(self, cmd: list[str], ready: str) -> None:
         proc = subprocess.Popen(cmd, cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -165,6 +166,7 @@ class Stack:
         self._spawn([fleet, "serve", "--config", str(self.config), "--port", str(port)],
                     f"http://127.0.0.1:{port}/health")
         self.gateways.append(f"http://127.0.0.1:{port}/v1")
+        self.gateway_pids.append(self.procs[-1].pid)
         return self.gateways[-1]
 
     def close(self) -> None:
@@ -186,6 +188,13 @@ def chat_body(model: str, *, stream: bool = False, user: str | None = None, **kw
     if user:
         body["user"] = user
     return body
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: with the machine shared, the gateway's CPU per
+    request is the figure that does not depend on what else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -233,6 +242,14 @@ async def budget_race(stack: Stack, client: httpx.AsyncClient) -> None:
 
 
 async def read_stream(client: httpx.AsyncClient, url: str, body: dict, stop_after: int | None = None) -> dict:
+    try:
+        return await _read_stream(client, url, body, stop_after)
+    except httpx.HTTPError as exc:  # e.g. a pooled connection the server had closed: counted, not hidden
+        return {"pieces": 0, "text": "", "usage": None, "error": f"transport: {exc!r}", "done": False,
+                "fleet": None, "transport_error": True}
+
+
+async def _read_stream(client: httpx.AsyncClient, url: str, body: dict, stop_after: int | None) -> dict:
     pieces, text, usage, error, done, fleet = 0, "", None, None, False, None
     async with client.stream("POST", f"{url}/chat/completions", json=body) as r:
         async for line in r.aiter_lines():
@@ -296,11 +313,15 @@ async def stream_cost(stack: Stack, client: httpx.AsyncClient) -> None:
           f"received = tokens the upstream sent (prompt 4), {cost_ok} with cost = recomputed cost to the "
           f"token; {len(cut)} abandoned after 3 pieces: {len(logged)} logged (status {statuses}), "
           f"{vs_sent} with completion tokens = what the upstream sent, {vs_client} = what the client read, "
-          f"{zero} at $0; {logged_rows} usage rows for the 100 requests")
+          f"{zero} at $0; {logged_rows} usage rows for the 100 requests; "
+          f"{sum(bool(g.get('transport_error')) for g in got)} client-side transport errors")
     if logged:
         diffs = [r["completion_tokens"] - 3 for r in logged]
+        behind = [sent[r["user"]] - r["completion_tokens"] for r in logged if r["user"] in sent]
         print(f"  abandoned: recorded completion tokens minus the 3 the client read: min {min(diffs)}, "
-              f"max {max(diffs)}; prompt recorded {sorted({r['prompt_tokens'] for r in logged})} "
+              f"max {max(diffs)}; the upstream's sent count minus the recorded: min {min(behind)}, max "
+              f"{max(behind)} (pieces still in the sockets when the gateway stopped reading); prompt "
+              f"recorded {sorted({r['prompt_tokens'] for r in logged})} "
               f"(the upstream reports usage at the end only, so it is the byte bound)")
 
 
@@ -322,7 +343,8 @@ async def failover(stack: Stack, client: httpx.AsyncClient) -> None:
     logged = sum("failover drop30->echo" in (r["route_reason"] or "") for r in rows)
     print(f"failover: 100 streams, the upstream dropped {dropped} mid-answer: {ok}/100 complete and "
           f"uninterrupted (exact text, [DONE], no error event); {switched} carry the switch in their final "
-          f"chunk, {logged} in the usage log")
+          f"chunk, {logged} in the usage log; {sum(bool(g.get('transport_error')) for g in got)} client-side "
+          "transport errors")
 
 
 async def scale(stack: Stack, client: httpx.AsyncClient, replicas: int, n: int, conc: int) -> None:
@@ -334,11 +356,14 @@ async def scale(stack: Stack, client: httpx.AsyncClient, replicas: int, n: int, 
             g = await read_stream(client, urls[i % len(urls)], chat_body("echo", stream=True))
             return g["pieces"] if g["done"] else 0
 
+    cpu0 = sum(cpu_s(p) for p in stack.gateway_pids[:replicas])
     t0 = time.perf_counter()
     toks = await asyncio.gather(*(one(i) for i in range(n)))
     dt = time.perf_counter() - t0
+    cpu = sum(cpu_s(p) for p in stack.gateway_pids[:replicas]) - cpu0
     print(f"scale: {replicas} replica(s), {conc} concurrent streaming clients, {n} requests: "
-          f"{n / dt:.0f} req/s, {sum(toks) / dt:.0f} tokens/s, {sum(t == 0 for t in toks)} failed")
+          f"{n / dt:.0f} req/s, {sum(toks) / dt:.0f} tokens/s, {sum(t == 0 for t in toks)} failed; "
+          f"gateway CPU {cpu / n * 1000:.2f} ms per streamed request")
 
 
 async def overhead(stack: Stack, client: httpx.AsyncClient, conc: int, rounds: int) -> None:
@@ -350,13 +375,16 @@ async def overhead(stack: Stack, client: httpx.AsyncClient, conc: int, rounds: i
         r.raise_for_status()
         return (time.perf_counter() - t0) * 1000
 
-    direct, via = [], []
+    direct, via, cpu = [], [], 0.0
     for _ in range(rounds):  # interleaved: each round runs `conc` at once against one target, then the other
         direct += await asyncio.gather(*(timed(stack.upstream) for _ in range(conc)))
+        cpu0 = cpu_s(stack.gateway_pids[0])
         via += await asyncio.gather(*(timed(stack.gateways[0]) for _ in range(conc)))
+        cpu += cpu_s(stack.gateway_pids[0]) - cpu0
     print(f"overhead at {conc:>3} concurrent ({len(via)} requests each): direct p50 {pct(direct, .5):.2f} ms "
           f"p99 {pct(direct, .99):.2f} ms; gateway p50 {pct(via, .5):.2f} ms p99 {pct(via, .99):.2f} ms; "
-          f"added p50 {pct(via, .5) - pct(direct, .5):.2f} ms, p99 {pct(via, .99) - pct(direct, .99):.2f} ms")
+          f"added p50 {pct(via, .5) - pct(direct, .5):.2f} ms, p99 {pct(via, .99) - pct(direct, .99):.2f} "
+          f"ms; gateway CPU {cpu / len(via) * 1000:.2f} ms per request")
 
 
 async def run(args: argparse.Namespace) -> None:
