@@ -2,7 +2,7 @@
 
 One span per request, `{operation} {model}` (e.g. `chat auto`) with gen_ai.operation.name,
 gen_ai.request.model, gen_ai.response.model, gen_ai.usage.input_tokens / output_tokens,
-gen_ai.request.max_tokens, gen_ai.response.id and our fleet.* attributes (route, cost, fallbacks); a routed
+gen_ai.response.id and our fleet.* attributes (route, cost, fallbacks); a routed
 request gets a child span `fleet.router` holding the decision. Spans are written when the request's usage
 record is (start and end times given explicitly), so no context has to travel through the request's code.
 
@@ -48,7 +48,7 @@ class Tracing:
                               "is not installed") from None
         return cls(OTLPSpanExporter())
 
-    def record(self, record: RequestRecord, call: Any, request: Any | None = None) -> None:
+    def record(self, record: RequestRecord, call: Any) -> None:
         if self.tracer is None:
             return
         from opentelemetry import trace
@@ -73,9 +73,6 @@ class Tracing:
             attrs["gen_ai.response.model"] = record.model_used
         if record.fallbacks:
             attrs["fleet.fallbacks"] = list(record.fallbacks)
-        max_tokens = getattr(call, "max_tokens", None)
-        if max_tokens is not None:
-            attrs["gen_ai.request.max_tokens"] = max_tokens
         if record.key_id:
             attrs["fleet.key_id"] = record.key_id
         span = self.tracer.start_span(f"{op} {record.model_requested}", kind=trace.SpanKind.SERVER,
