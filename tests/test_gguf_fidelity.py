@@ -269,6 +269,16 @@ PASSAGE = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on the shared 2-core machine (load average 14) two OpenMP threads waiting on each other
+    made the greedy test take 380 s against 83 s on one thread; a 135M model gains little from a second."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _model_path(name: str, smollm2_gguf: Path) -> Path:
     if name == "smollm2":
         return smollm2_gguf
@@ -412,5 +422,5 @@ def test_top1_agreement_with_llama_cpp_on_256_teacher_forced_tokens(engine, smol
         llm.close()
     ours = engine.model(torch.tensor([ids]))[0]
     agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
-    # measured 98.0% on bench/fidelity.py's 512 tokens: llama.cpp rounds activations to 8 bits
+    # measured 98.1% (252 of 257): llama.cpp rounds activations to 8 bits in its quantized matmuls
     assert agreement >= 0.93, agreement
