@@ -168,3 +168,42 @@ def test_keys_create_takes_tpm(tmp_path):
     assert key.tpm == 500 and key.rpm == 9
     listed = CliRunner().invoke(app, ["keys", "list", "--db", db])
     assert "tpm=500" in listed.output
+
+
+@needs_redis
+def test_budget_race_on_postgresql_and_redis(redis_url):
+    """The replicated setup: two gateways on one PostgreSQL and one Redis, 40 requests at once against a
+    budget for 10, twice: the spend never exceeds the budget by more than one request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_store import _pg_cluster
+
+    pg = _pg_cluster()
+    url = next(pg)
+    try:
+        cfg = parse_config({**CONFIG, "counters": redis_url})
+        stores = [UsageStore(url), UsageStore(url)]
+        key, secret = stores[0].create_key("pg-race", budget_usd=10 * 0.002)  # cheap: 1000 x $1 + 500 x $2
+        # the prompt's byte bound must cover the 1000 prompt tokens the scripted backend reports
+        body = json.dumps({"model": "cheap", "max_tokens": 500,
+                           "messages": [{"role": "user", "content": "x" * 1000}]})
+        apps = [create_app(cfg, s, {"cheap": Scripted("cheap"), "big": Scripted("big")}) for s in stores]
+        with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+            def send(i):
+                client = (a, b)[i % 2]
+                return client.post("/v1/chat/completions", content=body,
+                                   headers={"authorization": f"Bearer {secret}"}).status_code
+
+            for _ in range(2):  # two waves: the second runs after the first has settled
+                with ThreadPoolExecutor(20) as pool:
+                    codes = list(pool.map(send, range(40)))
+                assert set(codes) <= {200, 429} and 200 in codes, codes
+        spend = stores[0].spend(key.key_id)
+        answered = sum(r["status"] == 200 for r in stores[0].requests())
+        assert spend == pytest.approx(answered * 0.002)
+        # requests refused while others held the budget may leave some of it unspent, never overspent
+        assert spend <= 0.02 + 0.002 + 1e-12
+        for s in stores:
+            s.close()
+    finally:
+        pg.close()
