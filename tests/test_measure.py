@@ -183,5 +183,8 @@ def test_a_model_the_gateway_compiles_is_measured_compiled(tiny_gguf, home, monk
     compiled = M.cache_path(tiny_gguf, "fleetlm", "bf16")
     assert eager.name.endswith(f"-fleetlm-bf16-{M.machine_id()}.json")
     assert compiled.name.endswith(f"-fleetlm-bf16-compiled-{M.machine_id()}.json")
+    saved = fake(tiny_gguf, "fleetlm", decode=9.0, dtype=M._mode("fleetlm", "bf16", tiny_gguf))
+    assert saved.dtype == "bf16-compiled" and M.cached(tiny_gguf, "fleetlm", "bf16") == saved
+    assert [p.name for p in (home / "measure").iterdir()] == [compiled.name]
     llama = M.cache_path(tiny_gguf, "llama_cpp", "bf16")
     assert llama.name.endswith(f"-llama_cpp-gguf-{M.machine_id()}.json")

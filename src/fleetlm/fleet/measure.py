@@ -135,9 +135,12 @@ def _mode(engine: str, dtype: str, path: str | Path) -> str:
     return f"{dtype}-compiled" if serves_compiled(path) else dtype
 
 
+def _cache_file(path: str | Path, engine: str, mode: str) -> Path:
+    return fleet_home() / "measure" / f"{model_key(path)}-{engine}-{mode}-{machine_id()}.json"
+
+
 def cache_path(path: str | Path, engine: str, dtype: str) -> Path:
-    name = f"{model_key(path)}-{engine}-{_mode(engine, dtype, path)}-{machine_id()}.json"
-    return fleet_home() / "measure" / name
+    return _cache_file(path, engine, _mode(engine, dtype, path))
 
 
 def cached(path: str | Path, engine: str, dtype: str) -> Measurement | None:
@@ -150,7 +153,7 @@ def cached(path: str | Path, engine: str, dtype: str) -> Measurement | None:
 
 
 def save(m: Measurement, path: str | Path) -> Path:
-    out = cache_path(path, m.engine, m.dtype)
+    out = _cache_file(path, m.engine, m.dtype)  # m.dtype is the mode already ("gguf", "bf16-compiled")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(m), indent=1), encoding="utf-8")
