@@ -7,6 +7,7 @@ bandwidth (a sum over a 1 GB buffer). Each op cycles through copies of its weigh
 last-level cache, so weights come from memory as they do in a decode step.
 
     nice -n 5 .venv/bin/python bench/kernels.py --model 0.5b --threads 2 [--m 1 4 16] [--seconds 0.3]
+    nice -n 5 .venv/bin/python bench/kernels.py --decode qwen2.5-coder-0.5b-instruct --threads 1
 """
 
 from __future__ import annotations
@@ -82,6 +83,29 @@ def make(kind: str, k: int, n: int, copies: int) -> tuple[list, int]:
     return calls, nbytes
 
 
+def decode(model: str, widths: list[str], threads: int, tokens: int) -> None:
+    """Eager decode tok/s through Engine.load, our kernels (FLEET_KERNELS=1) next to PyTorch's (=0)."""
+    import os
+
+    from fleetlm.catalog import installed_path
+    from fleetlm.engine import Engine, GenerationRequest
+
+    path = installed_path(model) or model
+    question = [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}]
+    request = GenerationRequest(messages=question, max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for width in widths:
+        for flag in ("1", "0"):
+            os.environ["FLEET_KERNELS"] = flag
+            engine = Engine.load(path, dtype=width)
+            engine.num_threads = threads
+            list(engine.generate(GenerationRequest(prompt="hi", max_tokens=4)))  # warm-up
+            text = engine.tokenizer.decode([e.token_id for e in engine.generate(request)])
+            print(f"{width:5} FLEET_KERNELS={flag}: {engine.last_stats.decode_tokens_per_second:6.2f} tok/s "
+                  f"({threads} threads)  {text[:50]!r}", flush=True)
+            del engine
+    os.environ.pop("FLEET_KERNELS")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(SHAPES), default="0.5b")
@@ -90,8 +114,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.3, help="timing per op and implementation")
     p.add_argument("--widths", nargs="+", default=["bf16", "int8", "int4"])
     p.add_argument("--ops", nargs="+", default=None, help="subset of qkv o gate_up down lm_head")
+    p.add_argument("--decode", metavar="MODEL", help="instead: eager decode tok/s of a catalog model or GGUF")
+    p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.decode:
+        return decode(args.decode, args.widths, args.threads, args.tokens)
     if not kernels.available():
         raise SystemExit("our kernels are not available here (see the warning above)")
     bw = read_bandwidth(threads=args.threads)
