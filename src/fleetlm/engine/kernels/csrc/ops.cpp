@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -47,11 +48,10 @@ const IsaKernels& kernels() {
 // Tiles per parallel task: at least ~32 KB of weights, so a small layer does not pay for thread wake-ups.
 int64_t grain(int64_t tile_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(tile_bytes, 1)); }
 
+// The activations of one call, quantized: one scratch allocation (a tensor per part cost ~1 us each).
 struct Quantized {
-  at::Tensor q, d, sq, sf;
-  QuantizedRows view() const {
-    return {q.data_ptr<int8_t>(), d.data_ptr<float>(), sq.data_ptr<int32_t>(), sf.data_ptr<float>(), q.size(1)};
-  }
+  at::Tensor buffer;  // [q: M*kp int8][d: M*nb float][sq: M*nb int32][sf: M*nb float]
+  QuantizedRows rows;
 };
 
 Quantized quantize(const at::Tensor& x, int64_t kp) {
@@ -59,18 +59,21 @@ Quantized quantize(const at::Tensor& x, int64_t kp) {
   TORCH_CHECK(kp % QBLOCK == 0 && x.size(1) <= kp, "fleetlm_kernels: K=", x.size(1), " does not fit kp=", kp);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t m = xf.size(0), k = xf.size(1), nb = kp / QBLOCK;
-  Quantized out{at::empty({m, kp}, xf.options().dtype(at::kChar)), at::empty({m, nb}, xf.options()),
-                at::empty({m, nb}, xf.options().dtype(at::kInt)), at::empty({m, nb}, xf.options())};
+  at::Tensor buffer = at::empty({m * kp + 3 * m * nb * 4}, xf.options().dtype(at::kChar));
+  int8_t* q = buffer.data_ptr<int8_t>();
+  float* d = reinterpret_cast<float*>(q + m * kp);  // kp is a multiple of 32: aligned for floats
+  int32_t* sq = reinterpret_cast<int32_t*>(d + m * nb);
+  float* sf = reinterpret_cast<float*>(sq + m * nb);
   const IsaKernels& isa = kernels();
   const float* src = xf.data_ptr<float>();
-  int8_t* q = out.q.data_ptr<int8_t>();
-  float* d = out.d.data_ptr<float>();
-  int32_t* sq = out.sq.data_ptr<int32_t>();
-  float* sf = out.sf.data_ptr<float>();
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    isa.quantize_rows(src + r0 * k, r1 - r0, k, kp, q + r0 * kp, d + r0 * nb, sq + r0 * nb, sf + r0 * nb);
-  });
-  return out;
+  if (m < 16) {
+    isa.quantize_rows(src, m, k, kp, q, d, sq, sf);  // no parallel region for a decode step's few rows
+  } else {
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      isa.quantize_rows(src + r0 * k, r1 - r0, k, kp, q + r0 * kp, d + r0 * nb, sq + r0 * nb, sf + r0 * nb);
+    });
+  }
+  return {buffer, {q, d, sq, sf, kp}};
 }
 
 const float* bias_ptr(const std::optional<at::Tensor>& bias, at::Tensor& holder, int64_t n) {
@@ -88,8 +91,16 @@ void check_weight(const at::Tensor& w, at::ScalarType dtype, int64_t n, const ch
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows_op(const at::Tensor& x, int64_t kp) {
-  Quantized q = quantize(x, kp);
-  return {q.q, q.d, q.sq, q.sf};
+  const Quantized q = quantize(x, kp);
+  const int64_t m = x.size(0), nb = kp / QBLOCK;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor codes = at::empty({m, kp}, x.options().dtype(at::kChar)), d = at::empty({m, nb}, f32),
+             sq = at::empty({m, nb}, x.options().dtype(at::kInt)), sf = at::empty({m, nb}, f32);
+  std::memcpy(codes.data_ptr(), q.rows.q, m * kp);
+  std::memcpy(d.data_ptr(), q.rows.d, m * nb * 4);
+  std::memcpy(sq.data_ptr(), q.rows.sq, m * nb * 4);
+  std::memcpy(sf.data_ptr(), q.rows.sf, m * nb * 4);
+  return {codes, d, sq, sf};
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
@@ -101,7 +112,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                   scales.numel() == w.size(0) * (kp / group) * 32,
               "linear_int4: scales must be contiguous float16 [tiles, K/group, 2, 16]");
   const Quantized q = quantize(x, kp);
-  const QuantizedRows rows = q.view();
+  const QuantizedRows& rows = q.rows;
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat)), bias_f;
   const float* b = bias_ptr(bias, bias_f, n);
@@ -124,7 +135,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                   scales.numel() == w.size(0) * (kp / QBLOCK) * 16,
               "linear_int8: scales must be contiguous float16 [tiles, K/32, 16]");
   const Quantized q = quantize(x, kp);
-  const QuantizedRows rows = q.view();
+  const QuantizedRows& rows = q.rows;
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat)), bias_f;
   const float* b = bias_ptr(bias, bias_f, n);
