@@ -12,6 +12,10 @@ last-level cache, so weights come from memory as they do in a decode step.
 
 from __future__ import annotations
 
+import fleetlm  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+
+# isort: split
+
 import argparse
 import time
 
