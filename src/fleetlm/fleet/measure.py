@@ -252,6 +252,12 @@ def _time_fleetlm(path: Path, dtype: str, threads: int, step: Callable[[], None]
         return load, _repeat(run, step)
     finally:
         torch.set_num_threads(previous)
+        # let go of what a compiled step may still hold (dynamo's caches keep its graphs and frozen weights)
+        # before the next model is measured in this process: a three-model run was OOM-killed here
+        import gc
+
+        torch._dynamo.reset()
+        gc.collect()
 
 
 def _repeat(run: Callable[[int, int], tuple[float, float]], step: Callable[[], None]) -> list[tuple]:
