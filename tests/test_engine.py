@@ -204,6 +204,12 @@ def test_compile_cache_lives_in_the_fleet_home(tmp_path, monkeypatch):
     assert compile_cache_dir() == tmp_path / COMPILE_CACHE
     assert use_compile_cache() == tmp_path / COMPILE_CACHE and (tmp_path / COMPILE_CACHE).is_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / COMPILE_CACHE)  # where Inductor looks
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what Inductor sets at first use
+    assert compile_cache_dir() == tmp_path / COMPILE_CACHE
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's choice wins
+    assert compile_cache_dir() == tmp_path / "mine"
 
 
 def test_batch_buckets_are_powers_of_two_within_the_cache():

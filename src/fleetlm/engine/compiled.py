@@ -29,8 +29,11 @@ COMPILE_CACHE = "compile-cache"
 
 def compile_cache_dir() -> Path:
     """Where Inductor keeps its artifacts: `$TORCHINDUCTOR_CACHE_DIR` if set, else the fleet home's cache."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if given:
+    # Inductor writes its default (a temp dir) into the variable at first use: that one is not a choice
+    if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()):
         return Path(given)
     from fleetlm.catalog import fleet_home
 
