@@ -13,8 +13,8 @@ import typer
 
 from fleetlm.errors import FleetError
 
-CAPABILITIES = ("catalog", "model", "engine", "compress", "bench", "tasks", "evals", "train", "route", "serve", "fleet",
-                "demo")
+CAPABILITIES = ("catalog", "model", "engine", "compress", "bench", "tasks", "evals", "train", "route",
+                "serve", "fleet", "demo")
 
 app = typer.Typer(
     name="fleet",
