@@ -5,26 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sys
 
 import pytest
 
 from catalog_fixtures import tiny_gguf_bytes, use_fake_index
-from fleetlm import catalog, cli
+from cli_runner import run_main
+from fleetlm import catalog
 from fleetlm.config import parse_config
 from fleetlm.errors import ConfigError
-
-
-def run_main(monkeypatch, capsys, *args):
-    """The real entry point (fleetlm.cli.main) in-process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["fleet", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

@@ -8,22 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetlm import cli
+from cli_runner import run_main
 from fleetlm.engine import Engine
 
 FLEET = Path(sys.executable).with_name("fleet")
-
-
-def run_main(monkeypatch, capsys, *args):
-    """Run the real entry point (fleetlm.cli.main) in-process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["fleet", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_generate_streams_greedy_text_and_speeds(monkeypatch, capsys, tiny_llama):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 
 import openai
 import pytest
@@ -13,7 +12,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from catalog_fixtures import tiny_gguf_bytes
-from fleetlm import cli
+from cli_runner import run_main
 from fleetlm.catalog import CatalogEntry, Package
 from fleetlm.compress.gguf import export_gguf
 from fleetlm.fleet import measure as M
@@ -94,17 +93,6 @@ def test_two_installed_models_make_a_checks_cascade_smallest_first(fake_home, ch
     data = yaml.safe_load(default_config_yaml())
     assert data["models"]["small"] == {"catalog": "small", "engine": "auto"}
     assert data["router"]["models"] == ["small", "big"]
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["fleet", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_fleet_serve_with_nothing_installed_fails_with_one_line(fake_home, monkeypatch, capsys):

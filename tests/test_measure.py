@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 from catalog_fixtures import tiny_gguf_bytes
-from fleetlm import cli
+from cli_runner import run_main
 from fleetlm.compress.gguf import export_gguf
 from fleetlm.config import DEFAULT_MACHINE_USD_PER_HOUR, parse_config
 from fleetlm.fleet import measure as M
@@ -141,17 +140,6 @@ def test_engine_is_checked_and_defaults_to_auto(tiny_gguf):
         parse_config({"models": {"g": {"gguf": str(tiny_gguf), "engine": "vllm"}}})
     with pytest.raises(Exception, match="machine_usd_per_hour"):
         parse_config({"machine_usd_per_hour": 0, "models": {"g": {"gguf": str(tiny_gguf)}}})
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["fleet", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_fleet_models_measure_prints_speeds_choice_and_prices(tiny_gguf, home, monkeypatch, capsys):
