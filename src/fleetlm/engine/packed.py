@@ -46,34 +46,53 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
-class KernelBf16Linear(nn.Module):
-    """y = x @ W.T + b with bf16 W in tiles of 16 rows for our kernel `fleetlm_kernels::linear_bf16`
-    (vdpbf16ps on AVX512-BF16, shift-and-FMA on AVX2); output in x's dtype. A plain buffer, unlike
-    PackedLinear's opaque tensor, so torch.compile traces it and state_dict holds it. Without the extension,
-    forward runs the pure-PyTorch reference."""
+class KernelLinear(nn.Module):
+    """What our kernels' linears share: the shapes, an f32 bias buffer, and the choice between the compiled
+    op (`_kernel`) and its pure-PyTorch reference (`_reference`) when the extension could not be built."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         from fleetlm.engine import kernels
 
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", kernels.pack_bf16(linear.weight))
         self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
         self.use_kernel = kernels.available()
 
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel:
-            y = torch.ops.fleetlm_kernels.linear_bf16.default(x2, self.weight, self.bias, self.out_features)
-        else:
-            from fleetlm.engine.kernels import reference_linear_bf16
-
-            y = reference_linear_bf16(x2, self.weight, self.bias, self.out_features)
+        y = self._kernel(x2) if self.use_kernel else self._reference(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+class KernelBf16Linear(KernelLinear):
+    """y = x @ W.T + b with bf16 W in tiles of 16 rows for our kernel `fleetlm_kernels::linear_bf16`
+    (vdpbf16ps on AVX512-BF16, shift-and-FMA on AVX2); output in x's dtype. A plain buffer, unlike
+    PackedLinear's opaque tensor, so torch.compile traces it and state_dict holds it. Without the extension,
+    forward runs the pure-PyTorch reference."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        from fleetlm.engine import kernels
+
+        self.register_buffer("weight", kernels.pack_bf16(linear.weight))
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fleetlm_kernels.linear_bf16.default(x2, self.weight, self.bias, self.out_features)
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        from fleetlm.engine.kernels import reference_linear_bf16
+
+        return reference_linear_bf16(x2, self.weight, self.bias, self.out_features)
 
 
 @torch.no_grad()

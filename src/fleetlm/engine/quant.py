@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fleetlm.engine.packed import KernelLinear
 from fleetlm.errors import FleetError
 
 __all__ = ["SCHEMES", "DynamicInt8Linear", "Int4Linear", "Int8Linear", "KernelInt4Linear", "KernelInt8Linear",
@@ -223,71 +224,56 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-class KernelInt4Linear(nn.Module):
+class KernelInt4Linear(KernelLinear):
     """4-bit weights (asymmetric, one float16 scale and offset per group of input columns) on our own kernel
     `fleetlm_kernels::linear_int4` (engine/kernels): activations quantized to int8 per block of 32 at each
     call, VNNI dot products, f32 sums; output in x's dtype. The packed tensors are plain buffers (state_dict
     works). Without the extension, forward runs the kernel's pure-PyTorch reference (same numbers, slow)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
-        super().__init__()
+        super().__init__(linear)
         from fleetlm.engine import kernels
 
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = group_size
         weight, scales = kernels.pack_int4(linear.weight, group_size)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
-        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
-        self.use_kernel = kernels.available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel:
-            y = torch.ops.fleetlm_kernels.linear_int4.default(x2, self.weight, self.scales, self.bias,
-                                                              self.out_features, self.group_size)
-        else:
-            from fleetlm.engine.kernels import reference_linear_int4
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fleetlm_kernels.linear_int4.default(x2, self.weight, self.scales, self.bias,
+                                                             self.out_features, self.group_size)
 
-            y = reference_linear_int4(x2, self.weight, self.scales, self.bias, self.out_features,
-                                      self.group_size)
-        return y.view(*x.shape[:-1], self.out_features)
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        from fleetlm.engine.kernels import reference_linear_int4
+
+        return reference_linear_int4(x2, self.weight, self.scales, self.bias, self.out_features,
+                                     self.group_size)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
-class KernelInt8Linear(nn.Module):
+class KernelInt8Linear(KernelLinear):
     """int8 weights with one float16 scale per block of 32 input columns (GGUF's Q8_0) on our own kernel
     `fleetlm_kernels::linear_int8`: int8 activations per block of 32, VNNI dot products, output in x's dtype.
     Each row's activations have their own scales, so a batched row never depends on its neighbours."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        super().__init__(linear)
         from fleetlm.engine import kernels
 
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scales = kernels.pack_int8(linear.weight)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
-        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
-        self.use_kernel = kernels.available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel:
-            y = torch.ops.fleetlm_kernels.linear_int8.default(x2, self.weight, self.scales, self.bias,
-                                                              self.out_features)
-        else:
-            from fleetlm.engine.kernels import reference_linear_int8
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fleetlm_kernels.linear_int8.default(x2, self.weight, self.scales, self.bias,
+                                                             self.out_features)
 
-            y = reference_linear_int8(x2, self.weight, self.scales, self.bias, self.out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        from fleetlm.engine.kernels import reference_linear_int8
 
-    def extra_repr(self) -> str:
-        bias = self.bias is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+        return reference_linear_int8(x2, self.weight, self.scales, self.bias, self.out_features)
 
 
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
