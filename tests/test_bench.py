@@ -92,7 +92,9 @@ def test_compiled_engine_gets_its_own_row_with_its_warm_up_time(tmp_path: Path) 
     eager, compiled = result.rows
     assert (eager.runner, compiled.runner) == ("fleetlm", "fleetlm compiled")
     assert compiled.tokens_per_second > 0 and compiled.decode_tokens == 4
-    assert compiled.warmup_seconds > eager.warmup_seconds  # the compile happens in the warm-up
+    # the compile happens at load (Engine.warm_up), reported apart; a warm Inductor cache can make the
+    # compiled warm-up shorter than eager's, so the warm-up times are not compared
+    assert compiled.compile_seconds > 0 and eager.compile_seconds == 0
     assert "fleetlm compiled  bf16" in format_table(result)
 
 
