@@ -179,11 +179,20 @@ def test_local_backend_embed_runs_beside_generation(served):
     assert gen.completion_tokens >= 1 and len(emb.vectors) == 3
 
 
-def test_concurrent_callers_share_forwards_and_get_their_own_vectors(minilm):
+def test_concurrent_callers_share_forwards_and_get_their_own_vectors(minilm, monkeypatch):
     import threading
+    import time
 
     texts = [f"question number {i} about the fleet" for i in range(12)]
     alone = {t: minilm._encode_texts([t], True)[0][0] for t in texts}  # reference, no cache involved
+    encode = minilm._encode_texts
+
+    def slow_encode(batch, truncate):
+        time.sleep(0.05)  # a forward long enough for the other callers to queue behind the leader
+        return encode(batch, truncate)
+
+    # Without it a forward of one short text can end before the next thread arrives (seen in CI: 12 of 12).
+    monkeypatch.setattr(minilm, "_encode_texts", slow_encode)
     before = minilm.forwards
     got: dict[str, np.ndarray] = {}
     start = threading.Barrier(len(texts))
