@@ -173,6 +173,10 @@ class FleetConfig(_Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     router: RouterSpec | None = None
     storage: str | None = None
+    log_content: bool = Field(
+        False, description="also store each request's messages and its answer in the usage log (what "
+        "`fleet distill --from-usage` trains on); off by default, since prompts may be private"
+    )
     strongest: str | None = Field(None, description="reference model for savings; default: priciest")
     require_api_key: bool | None = Field(None, description="None: required once any key exists")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)

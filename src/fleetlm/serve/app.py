@@ -103,6 +103,8 @@ class _Call:
     routed_at: float | None = None  # when the router decided (the trace's router span ends there)
     failovers: list[dict] = field(default_factory=list)  # mid-stream switches (serve/failover.py)
     tally: Any = None  # a stream's token counts so far (failover.Tally)
+    prompt: str | None = None  # with log_content: the request's messages as JSON
+    response: str | None = None  # with log_content: the first choice's answer
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -301,6 +303,8 @@ class Gateway:
             user=call.user,
             recorded=call.recorded,
             checks=call.attempts or None,
+            prompt=call.prompt,
+            response=call.response,
         )
 
     async def log(
@@ -334,6 +338,8 @@ class Gateway:
             parsed = parse_request(model_cls, body)
             call.model_requested = parsed.model
             call.user = getattr(parsed, "user", None)
+            if self.config.log_content and endpoint != "embeddings":
+                call.prompt = _logged_prompt(parsed)
             await self.authorize(request, call)
             chain = await self.resolve(parsed.model, parsed, call)
             self.reserve(parsed, chain, call)
@@ -404,6 +410,8 @@ class Gateway:
                     for c in gen.choices
                 ],
             )
+        if self.config.log_content and gen.choices:
+            call.response = gen.choices[0].text or ""
         cost = await self.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
         data = body.model_dump(exclude_none=True)
         extension = {**(gen.fleet or {}), **({"attempts": call.attempts} if call.attempts else {})}
@@ -550,6 +558,8 @@ class Gateway:
                 while pending is not None:
                     if pending.usage is not None:
                         usage = pending.usage
+                    if self.config.log_content and pending.index == 0 and pending.text:
+                        call.response = (call.response or "") + pending.text
                     if pending.text is not None or pending.finish_reason or pending.tool_calls:
                         yield piece(pending, pending.index not in seen)
                         seen.add(pending.index)
@@ -608,6 +618,13 @@ class Gateway:
         if self.config.router is not None:
             cards.append(ModelCard(id=self.config.router.name, owned_by="fleetlm-router"))
         return ModelList(data=cards)
+
+
+def _logged_prompt(req: Any) -> str:
+    """What log_content stores of a request: its messages (chat) or its prompt (completions), as JSON."""
+    if isinstance(req, ChatCompletionRequest):
+        return json.dumps([m.model_dump(exclude_none=True) for m in req.messages])
+    return json.dumps(getattr(req, "prompt", None))
 
 
 def _client_error(exc: BackendError) -> APIError:

@@ -61,6 +61,8 @@ requests_table = Table(
     Column("user", String(200)),
     Column("recorded", Integer, nullable=False, default=0),  # 1: the answer served was recorded (replay)
     Column("checks", Text),  # JSON: a cascade's attempts [{model, kept, checks: [{name, passed, detail}]}]
+    Column("prompt", Text),  # JSON: the request's messages (chat) or prompt (completions); log_content only
+    Column("response", Text),  # the first choice's answer text; log_content only
 )
 
 keys_table = Table(
@@ -98,6 +100,8 @@ class RequestRecord:
     user: str | None = None
     recorded: bool = False
     checks: list[dict] | None = None
+    prompt: str | None = None  # JSON of the messages, when the fleet logs content (log_content)
+    response: str | None = None
     created: float = field(default_factory=time.time)
 
 
@@ -148,7 +152,8 @@ class UsageStore:
         """A usage log written by an older gateway lacks the newer columns: add them (they are nullable or
         have a default), so that old logs keep working."""
         present = {c["name"] for c in inspect(self.engine).get_columns("requests")}
-        added = {"recorded": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT"}
+        added = {"recorded": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT", "prompt": "TEXT",
+                 "response": "TEXT"}
         key_columns = {c["name"] for c in inspect(self.engine).get_columns("api_keys")}
         with self.engine.begin() as conn:
             for name, ddl in added.items():
