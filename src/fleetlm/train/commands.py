@@ -8,6 +8,9 @@ import typer
 
 from fleetlm.errors import ConfigError
 
+FLYWHEEL_DEFAULTS = {"steps": 60, "batch_size": 8, "lr": 1e-4, "seq_len": 192, "warmup_steps": 6,
+                     "eval_interval": 0}
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
@@ -67,11 +70,24 @@ def register(app: typer.Typer) -> None:
         samples_per_prompt: int = typer.Option(1, "--samples-per-prompt"),
         sample_temperature: float = typer.Option(1.0, "--sample-temperature", help="of on-policy samples"),
         teacher_dtype: str = typer.Option("f32", "--teacher-dtype", help="f32 | bf16"),
+        from_usage: str = typer.Option(None, "--from-usage", help="learn from the gateway's usage log "
+                                       "(SQLite file, DB URL or JSONL export; fleet.yaml log_content: "
+                                       "true): the teacher's logged answers of --domain"),
+        domain: str = typer.Option(None, "--domain", help="with --from-usage: the domain (contacts)"),
+        expert: str = typer.Option(None, "--expert-name", help="with --from-usage: the expert's fleet name "
+                                   "(default STUDENT-DOMAIN)"),
+        max_examples: int = typer.Option(None, "--max-examples", help="with --from-usage: train on at most "
+                                         "this many logged answers"),
     ) -> None:
         """Distill a teacher into a small student: sequence-level (seq), token-level KD (kl, rkl, gkd),
-        on-policy GKD (onpolicy, or --on-policy-fraction)."""
+        on-policy GKD (onpolicy, or --on-policy-fraction); or, with --from-usage, the teacher's logged
+        answers of one domain (the flywheel: the expert, its fleet.yaml entry and routing data)."""
         from fleetlm.train.distill import distill, parse_distill_config, train_config
 
+        if from_usage is not None:
+            _from_usage(from_usage, domain, student, teacher_model, expert, config, out, max_examples,
+                        steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len)
+            return
         if not teacher:
             raise ConfigError("give the teacher: --teacher DIR (a checkpoint) or --teacher http://HOST/v1")
         if data is None:
@@ -90,6 +106,39 @@ def register(app: typer.Typer) -> None:
             ev = f"  eval loss {result.eval_loss:.4f}"
         typer.echo(f"{dcfg.method}: step {result.step}  loss {result.train_loss:.4f}{ev}  "
                    f"tokens/s {result.tokens_per_s:,.0f}  -> {result.out_dir}")
+
+    def _from_usage(source: str, domain: str | None, student: Path | None, model: str | None,
+                    expert: str | None, config: Path | None, out: Path | None, max_examples: int | None,
+                    **overrides) -> None:
+        from fleetlm.train.distill import train_config
+        from fleetlm.train.domain import domain_module
+        from fleetlm.train.flywheel import distill_from_usage, student_checkpoint
+
+        if domain is None or student is None:
+            raise ConfigError("--from-usage needs --domain NAME and --student MODEL (a catalog name, a GGUF "
+                              "file or a checkpoint dir)")
+        dom = domain_module(domain)
+        name = expert or f"{Path(str(student)).stem}-{dom.DOMAIN}"
+        out = out or Path("runs") / name
+        # the TrainConfig needs a student dir to validate; the GGUF is dequantized into one beside out/
+        work = out.parent / f"{out.name}-work"
+        init = student_checkpoint(student, work)
+        # a full fine-tune's settings (the loop's defaults suit training from scratch); with a train.yaml its
+        # own settings win over these, and the flags over both
+        merged = {} if config is not None else dict(FLYWHEEL_DEFAULTS)
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        if config is None and "lr" in merged:
+            merged["min_lr"] = merged["lr"] / 10
+        cfg = train_config(config, init, None, out_dir=out, **merged)
+        result = distill_from_usage(source, dom, cfg, student=student, expert=name, model=model,
+                                    max_examples=max_examples)
+        agree = ""
+        if result.dev_agreement is not None:
+            agree = f"  dev agreement with the teacher {result.dev_agreement:.1%} ({result.n_dev} prompts)"
+        typer.echo(f"{name}: {result.n_train} logged answers of {result.teacher}, step {result.train.step}  "
+                   f"loss {result.train.train_loss:.4f}{agree}  -> {result.expert_dir}")
+        typer.echo(f"fleet.yaml entry: {result.expert_dir / 'fleet.yaml'}; refit the router: fleet route fit "
+                   f"--data {result.expert_dir / 'routing.jsonl'} --router knn --out ROUTER_DIR")
 
     lora = typer.Typer(help="LoRA adapters (fleet train with a lora: section trains them).",
                        no_args_is_help=True)
