@@ -169,6 +169,45 @@ class RouterSpec(_Strict):
         return self
 
 
+class Autoscaling(_Strict):
+    """Ray Serve's autoscaling on ongoing requests: from min to max replicas, each aiming at the target."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim at")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
+class Replicas(_Strict):
+    """One Ray Serve deployment (`fleet serve --ray`): a fixed number of replicas or autoscaling, and the
+    share of the cluster each replica holds."""
+
+    num_replicas: int | None = Field(None, ge=1, description="a fixed count; default 1 without autoscaling")
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once; more queue")
+
+    @model_validator(mode="after")
+    def _count_or_autoscaling(self) -> Replicas:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("give num_replicas or autoscaling, not both")
+        return self
+
+
+class RaySpec(_Strict):
+    """`fleet serve --ray`: the gateway's replicas, and each local model's (a deployment per local model)."""
+
+    address: str | None = Field(None, description="a running Ray cluster (auto, host:port); None: start one")
+    gateway: Replicas = Field(default_factory=Replicas)
+    models: dict[str, Replicas] = Field(default_factory=dict, description="model name -> its replicas")
+
+
 class FleetConfig(_Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     router: RouterSpec | None = None
@@ -189,6 +228,7 @@ class FleetConfig(_Strict):
         None, description="redis://host:port/db shared by gateway replicas for budgets and rate limits; "
         "None: $FLEET_REDIS_URL, else counters in this process"
     )
+    ray: RaySpec | None = Field(None, description="replicas when served on Ray Serve (fleet serve --ray)")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
@@ -207,6 +247,12 @@ class FleetConfig(_Strict):
         for ref in [self.strongest, *((self.router.models or []) if self.router else [])]:
             if ref is not None and ref not in seen:
                 raise ValueError(f"unknown model {ref!r}")
+        for name in self.ray.models if self.ray else []:
+            if name not in self.models:
+                raise ValueError(f"ray.models: unknown model {name!r} (give its name, not an alias)")
+            if self.models[name].kind == "remote":
+                raise ValueError(f"ray.models.{name}: a remote model has no deployment (the gateway calls "
+                                 "it)")
         return self
 
     def resolve(self, name: str) -> str | None:
