@@ -265,6 +265,26 @@ def test_a_recorded_frontier_model_as_the_top_of_the_ladder(tmp_path):
     assert row["recorded"] == 1 and row["checks"][1]["recorded"] is True
 
 
+def test_a_recorded_top_rung_without_a_recording_is_left_out(tmp_path):
+    folder = tmp_path / "rec"
+    (folder / "gsm8k").mkdir(parents=True)
+    with (folder / "gsm8k" / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
+        w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
+    client, _, backends = gateway(
+        tmp_path, {"cheap": lambda p, n: BAD_CODE, "strong": lambda p, n: GOOD_CODE},
+        {"checks": ["code", "math"], "models": ["cheap", "strong", "gpt4"]},
+        gpt4={"replay": str(folder), "replay_model": "gpt-4-1106-preview"},
+    )
+    with client:
+        r = chat(client, CODE_PROMPT)  # GPT-4 holds no recording of it: strong is the top rung
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == GOOD_CODE
+    route = r.headers["x-fleet-route"]
+    assert "cheap rejected" in route and route.endswith("strong kept (last, unchecked)")
+    assert "gpt4" not in route and backends["strong"].asked == [1]
+
+
 def test_checks_need_a_cascade_and_no_fitted_path():
     models = {"a": {"remote": "http://h/v1"}}
     with pytest.raises(ConfigError, match="router.checks needs kind cascade"):

@@ -20,7 +20,8 @@ the rule above picks another model (`review`).
 A `cascade` with `checks` (and no path) needs no fitted router either: `models` is a ladder, cheapest first
 (default: every model by price). The first model answers, the checks of route/checks.py that apply to the
 request run on its answer (`check_answer`), and on a failure the next model answers, up to the last, whose
-answer is kept unchecked. The gateway climbs the ladder (`ladder` in the decision's extra).
+answer is kept unchecked. The gateway climbs the ladder (`ladder` in the decision's extra). A recorded
+model (replay) on the ladder is left out for a prompt it holds no recording of.
 """
 
 from __future__ import annotations
@@ -257,16 +258,28 @@ class FleetRouter:
         return applicable_checks(text if text is not None else prompt_text(request), response_format=fmt,
                                  tools=tools, enabled=self.spec.checks or [])
 
+    def _answerable(self, model: str, text: str) -> bool:
+        """False for a recorded model (replay) that holds no recording of this prompt: it could only 404."""
+        spec = self.config.models[model]
+        if spec.kind != "replay":
+            return True
+        from fleetlm.serve.replay import load_recordings
+
+        recordings = load_recordings(str(Path(spec.replay or "").resolve()), spec.replay_model or "")
+        return recordings.lookup(text, spec.replay_match) is not None
+
     def _climb_plan(self, request: Any, text: str) -> RouteDecision:
         assert self.ladder is not None
         checks = self.checks_for(request, text)
-        first, last = self.ladder[0], self.ladder[-1]
-        if not checks or len(self.ladder) == 1:
+        # a recorded top rung (GPT-4 on GSM8K) is climbed to only for the prompts it has an answer for
+        ladder = [m for m in self.ladder if self._answerable(m, text)] or self.ladder
+        first, last = ladder[0], ladder[-1]
+        if not checks or len(ladder) == 1:
             model = last if self.spec.unchecked == "escalate" and checks == [] else first
             why = "no configured check applies" if not checks else "a ladder of one"
             return RouteDecision(model, f"cascade: {why}: {model} answers")
         samples = self.spec.math_samples if checks == ["math"] and getattr(request, "n", 1) == 1 else 1
-        extra = {"ladder": list(self.ladder), "checks": checks, "samples": samples}
+        extra = {"ladder": ladder, "checks": checks, "samples": samples}
         return RouteDecision(first, f"cascade[{','.join(checks)}]: {first} answers first", None, extra)
 
     def check_answer(self, request: Any, gen: Generation, checks: list[str], samples: bool = False
