@@ -172,3 +172,20 @@ def test_a_gguf_student_becomes_a_checkpoint_with_its_chat_template(smollm2_gguf
     tok = Tokenizer.from_dir(out)
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert student_checkpoint(smollm2_gguf, tmp_path) == out  # dequantized once
+
+
+def test_fleet_distill_from_usage_is_one_command(tiny_checkpoint_factory, tmp_path, monkeypatch, capsys):
+    from cli_runner import run_main
+
+    items = domain.generate("train", 8, seed=3) + domain.generate("dev", 2, seed=3)
+    db = serve_traffic(tmp_path / "usage.db", items)
+    student = tiny_checkpoint_factory("llama")
+    code, out, err = run_main(monkeypatch, capsys, "distill", "--from-usage", str(db), "--domain", "contacts",
+                              "--student", str(student), "--out", str(tmp_path / "exp"), "--steps", "2",
+                              "--batch-size", "2", "--seq-len", "160")
+    assert code == 0, err
+    assert "8 logged answers of teacher" in out and "dev agreement" in out
+    assert all((tmp_path / "exp" / name).is_file() for name in ("model.safetensors", "routing.jsonl"))
+    code, _, err = run_main(monkeypatch, capsys, "distill", "--from-usage", str(db), "--domain", "dates",
+                            "--student", str(student))
+    assert code != 0 and "unknown flywheel domain" in err and "Traceback" not in err
