@@ -14,7 +14,7 @@ Phases (each one's outcome is saved in --out and reused on a re-run unless --fre
 Accuracy is exact match of the three fields with the gold; cost is what the gateway charged
 (x-fleet-cost-usd), at prices from measured compute (fleet/measure.py: machine $/h / (tok/s x 3600) x 1e6).
 
-    nice .venv/bin/python bench/flywheel.py --out runs/flywheel
+    nice .venv/bin/python bench/flywheel.py --out runs/flywheel   # its gateways and distill inherit the nice
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Gateway:
         self.path, self.log, self.port = path, log, free_port()
 
     def __enter__(self) -> Gateway:
-        cmd = ["nice", str(FLEET), "serve", "--config", str(self.path), "--port", str(self.port)]
+        cmd = [str(FLEET), "serve", "--config", str(self.path), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.time() + 900  # loading and (once per machine) measuring the models
@@ -102,7 +102,7 @@ def fleet_config(out: Path, expert: dict | None = None, router: Path | None = No
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.call(["nice", *cmd], stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
     return time.perf_counter() - t0

@@ -189,3 +189,10 @@ def test_fleet_distill_from_usage_is_one_command(tiny_checkpoint_factory, tmp_pa
     code, _, err = run_main(monkeypatch, capsys, "distill", "--from-usage", str(db), "--domain", "dates",
                             "--student", str(student))
     assert code != 0 and "unknown flywheel domain" in err and "Traceback" not in err
+
+
+def test_a_conversation_logged_twice_trains_once(tmp_path):
+    items = domain.generate("train", 3, seed=4)
+    db = serve_traffic(tmp_path / "usage.db", items + items[:1])
+    answers, skipped = usage_records(db, domain)
+    assert len(answers) == 3 and skipped["repeated conversation (the latest answer kept)"] == 1

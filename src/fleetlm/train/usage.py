@@ -6,6 +6,8 @@ logged request per line, the columns of the `requests` table). Kept: successful 
 user turn is one of the domain's prompts, answered by `model` when given. The domain's split of each prompt
 decides its use: train rows teach the student, dev rows are kept aside to score the expert against the
 teacher's logged answers (the router's refit data), and test prompts are dropped (they are held out).
+A conversation logged more than once counts once, with its latest answer (a repeated request should not
+weigh more in training than another).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _last_user(messages: list[dict[str, Any]]) -> str:
 def domain_answers(rows: list[dict[str, Any]], domain: ModuleType, model: str | None = None
                    ) -> tuple[list[LoggedAnswer], Counter]:
     """The domain's logged answers and a count of why the other rows were skipped."""
-    kept, skipped = [], Counter()
+    kept: dict[str, LoggedAnswer] = {}  # by conversation and model; a later row replaces an earlier one
+    skipped: Counter = Counter()
     for row in rows:
         if row.get("endpoint") != "chat" or int(row.get("status") or 0) != 200:
             skipped["not a successful chat request"] += 1
@@ -83,9 +86,12 @@ def domain_answers(rows: list[dict[str, Any]], domain: ModuleType, model: str | 
         if split == "test":
             skipped["held-out (test split) prompt"] += 1
             continue
-        kept.append(LoggedAnswer(str(row.get("request_id")), messages, str(row["response"]),
-                                 str(row.get("model_used")), split))
-    return kept, skipped
+        key = json.dumps([messages, row.get("model_used")], sort_keys=True)
+        if key in kept:
+            skipped["repeated conversation (the latest answer kept)"] += 1
+        kept[key] = LoggedAnswer(str(row.get("request_id")), messages, str(row["response"]),
+                                 str(row.get("model_used")), split)
+    return list(kept.values()), skipped
 
 
 def usage_records(source: str | Path, domain: ModuleType, model: str | None = None
