@@ -1,4 +1,4 @@
-"""`fleet fleet build`: rebuild the embedded fleet from a seed; `fleet fleet info`: what is shipped."""
+"""`fleet fleet build|info`: the embedded toy fleet; `fleet fleet record`: the real fleet's outcomes."""
 
 from __future__ import annotations
 
@@ -54,6 +54,33 @@ def info_cmd(
     if config.router:
         r = config.router
         typer.echo(f"router: {r.name} ({r.kind}, floor {r.quality_floor})")
+
+
+@fleet_app.command("record")
+def record_cmd(
+    out: Path = typer.Option(..., "--out", help="routing-data JSONL (.jsonl.gz to gzip it)"),
+    models: str | None = typer.Option(None, "--models", help="comma-separated (default: every installed "
+                                                             "catalog chat model)"),
+    benches: str = typer.Option("humaneval,gsm8k,tasks", "--benches", help="comma-separated"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="test items per bench (default: all)"),
+    train_limit: int = typer.Option(40, "--train-limit", min=0,
+                                    help="train items per bench, drawn with --seed"),
+    seed: int = typer.Option(0, "--seed"),
+    batch: int = typer.Option(16, "--batch", min=1, help="requests decoded together (continuous batching)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for our engine"),
+    data: str | None = typer.Option(None, "--gsm8k-data", help="a RouteLLM-style gsm8k folder"),
+) -> None:
+    """Record every local model's outcomes on HumanEval, GSM8K and the task suite (resumable), merged with
+    the replayed models' recorded GSM8K outcomes and the cascade checks' verdicts."""
+    from fleetlm.fleet.default import chat_models
+    from fleetlm.fleet.record import RecordPlan, record
+
+    names = ([m.strip() for m in models.split(",") if m.strip()] if models
+             else [n for n, _ in sorted(chat_models(), key=lambda m: m[1])])
+    plan = RecordPlan(models=names, benches=[b.strip() for b in benches.split(",") if b.strip()],
+                      test_limit=limit, train_limit=train_limit, seed=seed, batch=batch, threads=threads,
+                      gsm8k_data=data)
+    record(plan, out, log=typer.echo)
 
 
 def measure_cmd(
