@@ -1,40 +1,252 @@
-"""`fleet demo` end to end on the reduced fleet: a real gateway process, the OpenAI client, the reports."""
+"""`fleet demo`: its fleet, held-out items, rounds, figures and reports, and one run end to end on a tiny
+fleet built here (two tiny random checkpoints and a recorded GPT-4 on a three-question GSM8K folder)."""
 
+import asyncio
+import csv
+import gzip
+import hashlib
 import json
-import subprocess
-import sys
 
-from fleetlm.demo.run import ModelResult, summary_lines
+import pytest
+import yaml
+
+from cli_runner import run_main
+from fleetlm.demo import fleet as demo_fleet
+from fleetlm.demo import items as demo_items
+from fleetlm.demo.report import build_report, cell_stats, live_figures, write_html, write_plot
+from fleetlm.demo.run import Answer, demo, send_rounds
+from fleetlm.evals.harness import split_of
+
+GPT4 = "gpt-4-1106-preview@recorded"
+LOCAL = {"smollm2-135m-instruct": {"catalog": "smollm2-135m-instruct", "engine": "auto"},
+         "qwen2.5-coder-1.5b-instruct": {"catalog": "qwen2.5-coder-1.5b-instruct", "engine": "auto"}}
 
 
-def test_demo_runs_every_model_and_the_router_and_writes_its_reports(ci_fleet, tmp_path):
-    fleet_dir, _ = ci_fleet
-    out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetlm", "demo", "--config", str(fleet_dir / "fleet.yaml"), "--n", "2",
-         "--out", str(out), "--concurrency", "4"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((out / "results.json").read_text())
-    names = [r["model"] for r in report["results"]]
-    assert names[-1] == "auto" and set(names[:-1]) == {"ci-nano", "ci-small", "ci-arith"}
-    for r in report["results"]:
-        # the ci fleet's three domains, as its build.json says
-        assert r["n"] == report["records"] == 2 * 3 and r["errors"] == 0
-        assert set(r["by_domain"]) == {"arithmetic", "strings", "classification"}
-        assert r["cost_usd"] > 0 and r["mean_latency_ms"] > 0
-    auto = report["results"][-1]
-    assert sum(auto["routed_to"].values()) == auto["n"]
-    assert set(auto["routed_to"]) <= {"ci-nano", "ci-small", "ci-arith"}
+def default_data():
+    return {"models": {k: dict(v) for k, v in LOCAL.items()},
+            "router": {"name": "auto", "kind": "cascade", "checks": ["code", "math"], "models": list(LOCAL)}}
+
+
+def test_the_demo_fleet_is_the_default_one_with_recorded_gpt4_atop_the_ladder(monkeypatch, tmp_path):
+    monkeypatch.setattr("fleetlm.fleet.default.default_config_data", default_data)
+    data = demo_fleet.demo_config_data(tmp_path)
+    assert data["models"][GPT4] == {"replay": str(tmp_path), "replay_model": "gpt-4-1106-preview"}
+    assert data["router"]["models"] == [*LOCAL, GPT4]
+    assert {k: v for k, v in data["models"].items() if k != GPT4} == LOCAL  # the default fleet, unchanged
+    # no recordings here: exactly the default fleet
+    assert demo_fleet.demo_config_data(None) == default_data()
+    written = yaml.safe_load(demo_fleet.write_demo_config(tmp_path, tmp_path).read_text())
+    assert written == data
+
+
+def test_recorded_models_are_asked_only_their_benchmark():
+    models = ["small", "big", GPT4]
+    assert demo_fleet.models_for("gsm8k", models, [GPT4]) == models
+    assert demo_fleet.models_for("humaneval", models, [GPT4]) == ["small", "big"]
+
+
+def test_task_items_are_held_out_and_interleave_the_domains():
+    bench = demo_items.load_bench("tasks", seed=3)
+    assert bench.items and all(split_of(it.id) == "test" for it in bench.items)
+    domains = [it.domain for it in bench.items]
+    first = domains[:len(set(domains))]
+    assert len(set(first)) == len(first)  # one of each domain before any repeats
+    assert [it.id for it in demo_items.load_bench("tasks", seed=3).items] == [it.id for it in bench.items]
+
+
+def gsm8k_question(k: int) -> str:
+    return f"Tom has {k} apples and buys 4 more. How many apples does he have?"
+
+
+def item_id(k: int) -> str:
+    return "gsm8k-" + hashlib.sha256(gsm8k_question(k).encode()).hexdigest()[:12]
+
+
+def held_out_ks(n: int = 3) -> list[int]:
+    """k of the first questions whose GSM8K item id falls in the test split."""
+    return [k for k in range(200) if split_of(item_id(k)) == "test"][:n]
+
+
+def make_gsm8k(root):
+    """A RouteLLM-style folder: three test-split questions (GPT-4 right) and one train-split one."""
+    folder = root / "gsm8k"
+    folder.mkdir(parents=True)
+    train = next(k for k in range(200, 400) if split_of(item_id(k)) == "train")
+    with (folder / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
+        for k in [*held_out_ks(), train]:
+            w.writerow([gsm8k_question(k), "True", f"{k} + 4 = {k + 4}\n#### {k + 4}"])
+    return folder
+
+
+def test_gsm8k_items_are_the_test_split_of_the_folder(tmp_path):
+    bench = demo_items.load_bench("gsm8k", seed=0, gsm8k_data=make_gsm8k(tmp_path))
+    assert sorted(it.data["gold"] for it in bench.items) == sorted(str(k + 4) for k in held_out_ks())
+    benches, notes = demo_items.load_benches(["gsm8k"], 0, tmp_path / "nowhere")
+    assert benches == [] and notes[0].startswith("gsm8k left out: no GSM8K data")
+
+
+def answer(model, score, cost, by=None, bench="gsm8k", latency=1.0, **kw):
+    return Answer(bench, model, f"i{score}{cost}", "math", 0, score=score, cost_usd=cost, latency_s=latency,
+                  answered_by=by or model, **kw)
+
+
+def live_answers():
+    return [answer("small", 0, 1e-5), answer("small", 1, 1e-5),
+            answer(GPT4, 1, 1e-3, recorded=True), answer(GPT4, 1, 1e-3, recorded=True),
+            answer("auto", 1, 1e-5, by="small"),
+            answer("auto", 1, 5e-4, by=GPT4, recorded=True,
+                   route="router:cascade[math]: small rejected > gpt4 kept")]
+
+
+def test_live_figures_put_auto_against_the_recorded_reference_and_count_its_routes():
+    live = live_figures(live_answers(), {"gsm8k": ["small", GPT4]}, [GPT4], "auto")["gsm8k"]
+    assert live["reference"] == GPT4 and live["n"] == 2
+    assert live["models"]["small"]["accuracy"] == 0.5
+    assert live["models"]["auto"]["answered_by"] == {"small": 1, GPT4: 1}
+    assert live["auto_vs_reference"]["accuracy"] == pytest.approx(1.0)
+    assert live["auto_vs_reference"]["cost"] == pytest.approx(5.1e-4 / 2e-3)
+    assert [r["answered_by"] for r in live["routes"]] == ["small", GPT4]
+    stats = cell_stats([answer("x", 1, 1.0, latency=2.0), answer("x", 0, 0.0, error="404 no recording")])
+    assert stats["errors"] == 1 and stats["accuracy"] == 0.5 and stats["median_latency_s"] == 2.0
+
+
+def outcome_rows():
+    """Recorded outcomes: two test and one train GSM8K row (small right once, its check catches the miss)."""
+    def row(i, split, small, small_passed):
+        return {"id": f"q{i}", "bench": "gsm8k", "split": split, "domain": "math", "prompt": f"q{i}",
+                "scores": {"small": float(small), GPT4: 1.0},
+                "tokens": {m: {"prompt": 100, "completion": 100} for m in ("small", GPT4)},
+                "checks": {"small": [{"name": "math", "passed": small_passed, "detail": ""}], GPT4: []}}
+    return [row(0, "test", 1, True), row(1, "test", 0, False), row(2, "train", 0, True)]
+
+
+def write_outcomes(tmp_path, rows, prices):
+    path = tmp_path / "outcomes.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "outcomes.meta.json").write_text(json.dumps({"prices_usd_per_1m": prices}))
+    return path
+
+
+def test_the_report_puts_the_recorded_held_out_figures_beside_the_live_ones(tmp_path):
+    path = write_outcomes(tmp_path, outcome_rows(), {"small": [1.0, 1.0], GPT4: [10.0, 30.0]})
+    # the live gateway's price of `small` replaces the recording's
+    report = build_report(live_answers(), ["small", GPT4], router="auto", recorded=[GPT4], rounds=1, seed=0,
+                          notes=[], prices={"small": (2.0, 2.0), GPT4: (10.0, 30.0)}, outcomes=path)
+    rec = report["recorded"]["benches"]["gsm8k"]
+    assert rec["n"] == 2 and rec["reference"] == GPT4  # the test split only
+    assert rec["models"]["small"]["cost_per_item_usd"] == pytest.approx(200 * 2.0 / 1e6)
+    assert rec["auto"]["accuracy"] == 1.0 and rec["auto"]["share"] == {"small": 0.5, GPT4: 0.5}
+    text = "\n".join(report["summary"])
+    assert "gsm8k: auto keeps 100% of gpt-4-1106-preview@recorded's accuracy at 26% of its cost" in text
+    assert "recorded held-out: auto keeps 100.0% of" in text and "(recorded answers)" in text
+    page = write_html(report, tmp_path / "r.html", "p.png").read_text()
+    assert "Recorded held-out figures (test split, n=2" in page and "small rejected &gt; gpt4 kept" in page
+    assert write_plot(report, tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no outcomes to read: the live figures stand alone, and the report says why
+    bare = build_report(live_answers(), ["small", GPT4], router="auto", recorded=[GPT4], rounds=1, seed=0,
+                        notes=[], prices={}, outcomes=tmp_path / "none.jsonl")
+    assert bare["recorded"] is None and bare["recorded_note"].startswith("no recorded held-out figures")
+    assert write_plot(bare, tmp_path / "bare.png").is_file()
+
+
+class FakeRaw:
+    def __init__(self, text, headers):
+        self.headers, self._text = headers, text
+
+    def parse(self):
+        class Msg:
+            content = self._text
+
+        class Choice:
+            message = Msg()
+
+        class Resp:
+            choices = [Choice()]
+            model = "m"
+            usage = None
+        return Resp()
+
+
+class FakeClient:
+    """Answers every request after `seconds`, with the gold answer of the task-suite item."""
+
+    def __init__(self, seconds):
+        self.seconds, self.asked = seconds, []
+        client = self
+
+        class Raw:
+            async def create(self, model, messages, **kw):
+                client.asked.append(model)
+                await asyncio.sleep(client.seconds)
+                return FakeRaw("x", {"x-fleet-model": model, "x-fleet-cost-usd": "0.001"})
+
+        class Completions:
+            with_raw_response = Raw()
+
+        class Chat:
+            completions = Completions()
+
+        self.chat = Chat()
+
+
+def test_rounds_go_on_while_the_last_one_still_fits_the_budget():
+    bench = demo_items.load_bench("tasks", seed=0)
+    client = FakeClient(0.3)
+    answers, rounds = asyncio.run(send_rounds(client, [bench], lambda b: ["a", "b"], chunk=1, budget_s=1.65,
+                                              log=lambda _: None))
+    # a round: 4 task items to each of 2 models, at once per model: 0.6 s; a third would end past 1.65 s
+    assert rounds == 2 and len(answers) == 2 * 2 * 4
+    assert [a.round for a in answers if a.model == "a"] == [0] * 4 + [1] * 4
+    assert {a.item for a in answers if a.model == "a"} == {a.item for a in answers if a.model == "b"}
+    assert all(a.cost_usd == 0.001 and a.answered_by == a.model for a in answers)
+    one, n = asyncio.run(send_rounds(FakeClient(0.0), [bench], lambda b: ["a"], chunk=1, budget_s=100,
+                                     max_rounds=1, log=lambda _: None))
+    assert n == 1 and len(one) == 4
+
+
+def test_fleet_demo_rejects_an_unknown_benchmark(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "demo", "--benches", "gsm8k,mmlu")
+    assert code == 2 and "unknown mmlu" in err
+
+
+def test_the_demo_end_to_end_on_a_tiny_fleet(tmp_path, tiny_checkpoint_factory):
+    """A real gateway process, the OpenAI client, a tiny local cascade topped by recorded GPT-4."""
+    tiny = tiny_checkpoint_factory("llama", max_position_embeddings=2048)
+    data = make_gsm8k(tmp_path / "routellm")
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": {"tiny-a": {"path": str(tiny), "dtype": "f32", "price": {"input": 0.1, "output": 0.2}},
+                   "tiny-b": {"path": str(tiny), "dtype": "f32", "price": {"input": 0.3, "output": 0.6}},
+                   GPT4: {"replay": str(data.parent), "replay_model": "gpt-4-1106-preview"}},
+        "router": {"name": "auto", "kind": "cascade", "checks": ["code", "math"],
+                   "models": ["tiny-a", "tiny-b", GPT4]}}))
+    rows = [{**r, "scores": {"tiny-a": r["scores"]["small"], GPT4: 1.0},
+             "tokens": {"tiny-a": r["tokens"]["small"], GPT4: r["tokens"][GPT4]},
+             "checks": {"tiny-a": r["checks"]["small"], GPT4: []}} for r in outcome_rows()]
+    outcomes = write_outcomes(tmp_path, rows, {"tiny-a": [0.1, 0.2], GPT4: [10.0, 30.0]})
+    lines = []
+    report = demo(tmp_path / "out", config, benches=["gsm8k", "tasks"], chunk=1, max_rounds=1,
+                  gsm8k_data=data, outcomes=outcomes, log=lines.append)
+    assert any(line.startswith("gateway up in") for line in lines)
+    gsm8k, tasks = report["live"]["gsm8k"], report["live"]["tasks"]
+    assert list(gsm8k["models"]) == ["tiny-a", "tiny-b", GPT4, "auto"] and gsm8k["reference"] == GPT4
+    assert list(tasks["models"]) == ["tiny-a", "tiny-b", "auto"]  # GPT-4 holds no task-suite recordings
+    for entry in (gsm8k, tasks):
+        for cell in entry["models"].values():
+            assert cell["errors"] == 0 and cell["cost_usd"] > 0 and cell["median_latency_s"] > 0
+    assert gsm8k["models"][GPT4]["accuracy"] == 1.0 and gsm8k["models"][GPT4]["recorded"] == 1
+    assert tasks["models"]["tiny-a"]["n"] == 4 and tasks["models"]["auto"]["answered_by"] == {"tiny-a": 4}
+    # the math check decides how far auto climbs; the route says where it stopped, a recording labelled
+    (route,) = gsm8k["routes"]
+    assert route["route"].startswith("router:cascade[math]: tiny-a ")
+    assert f"{route['answered_by']} kept" in route["route"]
+    assert (route["answered_by"] == GPT4) == ("recorded: gpt-4-1106-preview@recorded" in route["route"])
+    assert report["recorded"]["benches"]["gsm8k"]["n"] == 2
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["answers"]) == 4 + 3 * 4 and saved["rounds"] == 1
     assert (out / "cost_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "<table>" in (out / "report.html").read_text()
-    assert "router 'auto' keeps" in proc.stdout
-
-
-def test_summary_compares_the_router_with_the_strongest():
-    strong = ModelResult("big", n=10, correct=8, cost_usd=1.0, latency_s=[0.1])
-    auto = ModelResult("auto", n=10, correct=8, cost_usd=0.25, latency_s=[0.1])
-    auto.routed_to.update({"small": 7, "big": 3})
-    lines = summary_lines([strong, auto], "big", "auto")
-    assert "small 70%" in lines[2] and "big 30%" in lines[2]
-    assert lines[-1] == "router 'auto' keeps 100.0% of big's accuracy at 25.0% of its cost (saves 75.0%)"
+    assert "Where auto sent each request" in (out / "report.html").read_text()
