@@ -21,7 +21,13 @@ bwrap:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	else echo "warning: bubblewrap is missing and we are not root; sandboxed tests will be skipped" >&2; fi; }
 
-demo: $(STAMP)
+# The demo's fleet: the three catalog models (pulled once, verified), each measured on both engines once per
+# machine (`fleet demo --prepare`, what the gateway's first start would otherwise do), then the demo itself.
+DEMO_MODELS := smollm2-135m-instruct qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct
+
+demo: $(STAMP) bwrap
+	$(BIN)/fleet models pull $(DEMO_MODELS)
+	$(BIN)/fleet demo --prepare
 	$(BIN)/fleet demo
 
 test: $(STAMP) bwrap
