@@ -15,7 +15,7 @@ Each student is then scored on the domain's test split (a split training never s
 its margin over the runner-up and over gold (points), and an exact McNemar test on the paired per-question
 marks are computed here, not written by hand.
 
-    python bench/distill.py [--teacher src/fleetlm/assets/fleet/fleet-base] [--domain conversion]
+    python bench/distill.py --teacher OUT/fleet-base [--domain conversion]   # OUT from fleet fleet build
         [--levels 1,2,3] [--steps 400] [--json OUT] [--png docs/img/distill_methods.png]
     python bench/distill.py --quick    # a tiny teacher trained on the fly (seconds; what the test runs)
 """
@@ -44,7 +44,6 @@ from fleetlm.train.data import IGNORE, load_chat, step_batches
 from fleetlm.train.distill import DATA_FILE, REPORT_FILE, distill, parse_distill_config
 from fleetlm.train.loop import train
 
-DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "src/fleetlm/assets/fleet/fleet-base"  # shipped
 METHODS: dict[str, str] = {
     "gold": "(a) gold answers, plain training",
     "seq": "(b) sequence-level KD (teacher's greedy answers)",
@@ -240,6 +239,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     else:
         teacher, recipe = args.teacher, RECIPES["full"]
         shape = next(s for s in recipe.generalists if s.name == args.student)
+        if teacher is None:
+            raise FleetError("give --teacher DIR (a model of a fleet built by `fleet fleet build --out OUT`, "
+                             "e.g. OUT/fleet-base), or use --quick")
         if not (teacher / "config.json").is_file() or not (teacher / "tokenizer.json").is_file():
             raise FleetError(f"teacher {teacher} is not a checkpoint with its tokenizer (config.json, "
                              f"tokenizer.json); build the fleet first or use --quick")
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER,
+    ap.add_argument("--teacher", type=Path, default=None,
                     help="a checkpoint dir with the fleet's tokenizer")
     ap.add_argument("--student", default="fleet-small", help="a generalist size of the full recipe")
     ap.add_argument("--domain", default="conversion", help="conversion: the domain every size learns")

@@ -1,1 +1,1 @@
-"""`fleet demo`: the gateway on the embedded fleet, measured end to end with the OpenAI client."""
+"""`fleet demo`: the gateway on the real fleet, measured end to end with the OpenAI client."""

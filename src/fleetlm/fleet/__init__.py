@@ -1,9 +1,7 @@
-"""The fleet: the default one (installed catalog models, `fleet.default`), how fast each model runs here and
-what that makes it cost (`fleet.measure`), and the embedded toy fleet that backs `fleet demo`.
-
-`embedded_config()` is the gateway config of the toy fleet shipped in assets/fleet (small models the project
-trained itself, with a fitted router); the recipe that rebuilds it from a seed is `fleetlm.fleet.recipe`
-(`fleet fleet build`). Nothing defaults to it but `fleet demo` and `fleet fleet info`.
+"""The fleet: the default one (installed catalog models, `fleet.default`), how fast each model runs here
+and what that makes it cost (`fleet.measure`), the real fleet's recorded outcomes (`fleet.record`,
+`fleet.outcomes`), and the recipe that trains a tiny toy fleet from a seed on the task suite (`fleet.recipe`,
+`fleet fleet build`; nothing ships such a fleet and nothing defaults to one).
 """
 
 from __future__ import annotations
@@ -13,12 +11,11 @@ from pathlib import Path
 from fleetlm.config import FleetConfig, load_config
 from fleetlm.errors import ConfigError
 
-FLEET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fleet"
 
-
-def embedded_config(fleet_dir: str | Path = FLEET_DIR) -> FleetConfig:
-    """The shipped toy fleet's config (paths resolved against its folder)."""
+def built_config(fleet_dir: str | Path) -> FleetConfig:
+    """The config of a fleet built by `fleet fleet build` (paths resolved against its folder)."""
     path = Path(fleet_dir) / "fleet.yaml"
     if not path.is_file():
-        raise ConfigError(f"the embedded fleet is missing ({path}); rebuild it with `fleet fleet build`")
+        raise ConfigError(f"no built fleet in {fleet_dir} (no fleet.yaml); build one with "
+                          "`fleet fleet build`")
     return load_config(path)

@@ -1,4 +1,5 @@
-"""`fleet fleet build|info`: the embedded toy fleet; `fleet fleet record`: the real fleet's outcomes."""
+"""`fleet fleet build|info`: a tiny toy fleet trained from a seed; `fleet fleet record`: the real fleet's
+outcomes; `fleet models measure`."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import typer
 
 from fleetlm.errors import ConfigError
 
-fleet_app = typer.Typer(help="The embedded fleet: build it from a seed, show what ships.",
+fleet_app = typer.Typer(help="The real fleet's recorded outcomes; a tiny toy fleet built from a seed.",
                         no_args_is_help=True)
 
 
 @fleet_app.command("build")
 def build_cmd(
     out: Path = typer.Option(..., "--out", help="directory to build the fleet in"),
-    recipe: str = typer.Option("full", "--recipe", help="full (the shipped fleet) | ci (a reduced copy)"),
+    recipe: str = typer.Option("full", "--recipe", help="full (27 min here) | ci (a reduced copy)"),
     seed: int = typer.Option(0, "--seed"),
     jobs: int | None = typer.Option(None, "--jobs", help="models trained at once (default: the recipe's)"),
     reuse: bool = typer.Option(False, "--reuse", help="keep the tokenizer and models already built in OUT"),
 ) -> None:
-    """Train the generalists, distill the expert, evaluate, record routing outcomes, fit the router."""
+    """Train a tiny toy fleet on the task suite: generalists, an expert, eval, routing outcomes, a router."""
     from fleetlm.fleet.recipe import RECIPES, build_fleet
 
     if recipe not in RECIPES:
@@ -35,14 +36,13 @@ def build_cmd(
 
 @fleet_app.command("info")
 def info_cmd(
-    fleet_dir: Path | None = typer.Option(None, "--dir", help="a built fleet (default: the shipped one)"),
+    fleet_dir: Path = typer.Option(..., "--dir", help="a fleet built by `fleet fleet build`"),
 ) -> None:
-    """The fleet's models, sizes, prices and test accuracy."""
-    from fleetlm.fleet import FLEET_DIR, embedded_config
+    """A built toy fleet's models, sizes, prices and test accuracy."""
+    from fleetlm.fleet import built_config
     from fleetlm.fleet.recipe import params_of
 
-    fleet_dir = fleet_dir or FLEET_DIR
-    config = embedded_config(fleet_dir)
+    config = built_config(fleet_dir)
     accuracy = {}
     if (fleet_dir / "eval.json").is_file():
         accuracy = {m: r["accuracy"] for m, r in json.loads((fleet_dir / "eval.json").read_text()).items()}

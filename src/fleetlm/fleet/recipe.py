@@ -1,8 +1,9 @@
-"""The recipe that builds the embedded fleet from a seed: data, tokenizer, generalists, expert, eval, router.
+"""The recipe that trains a tiny toy fleet from a seed: data, tokenizer, generalists, expert, eval, router.
 
 Every step uses the project's own code (task suite, BPE, training loop, distillation, evaluator, routers),
-so `fleet fleet build` is both how the shipped models were made and an end-to-end check of that code; CI
-runs the `ci` recipe, a scaled-down copy of `full` that keeps every step.
+so `fleet fleet build` is an end-to-end check of that code (and the benches' training shapes come from it);
+CI runs the `ci` recipe, a scaled-down copy of `full` that keeps every step. No fleet built by it ships with
+the package: the real fleet is the catalog's models (fleet/default.py).
 
 Layout of the output directory:
     data/{train,route,test}.jsonl   training records (gold answers), routing (dev split), test split
@@ -325,7 +326,7 @@ def write_fleet_yaml(out: Path, models: list[str], recipe: Recipe) -> Path:
                    "quality_floor": recipe.quality_floor, "floor_scope": "traffic"},
     }
     path = out / "fleet.yaml"
-    path.write_text(f"# The embedded fleet, built by `fleet fleet build --recipe {recipe.name} "
+    path.write_text(f"# A toy fleet, built by `fleet fleet build --recipe {recipe.name} "
                     f"--seed {recipe.seed}`.\n" + yaml.safe_dump(config, sort_keys=False))
     return path
 
