@@ -99,6 +99,8 @@ def register(app: typer.Typer) -> None:
         print_config: bool = typer.Option(False, "--print-config",
                                           help="print the fleet (default: the installed catalog models) as "
                                                "YAML and exit"),
+        on_ray: bool = typer.Option(False, "--ray", help="serve on Ray Serve: the gateway and each local "
+                                    "model as deployments (replicas: the ray: section of fleet.yaml)"),
     ) -> None:
         """Serve the fleet with OpenAI's API (chat, completions, embeddings, models). Without a config (and
         no ./fleet.yaml): every installed catalog model, each on the engine measured faster here."""
@@ -123,6 +125,11 @@ def register(app: typer.Typer) -> None:
             cfg = default_config()  # no config anywhere: the installed catalog models
         for line in startup_summary(cfg, price_local_models(cfg, log=lambda m: typer.echo(m, err=True))):
             typer.echo(line, err=True)
+        if on_ray:
+            from fleetlm.serve.ray_app import run
+
+            run(cfg, host, port)
+            return
         store = UsageStore(cfg.storage_url())
         app_ = create_app(cfg, store, build_backends(cfg))
         typer.echo(
