@@ -21,14 +21,17 @@ import asyncio
 import os
 import re
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
+with warnings.catch_warnings():  # Ray Serve's own pydantic models use Field options pydantic deprecated
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ray import serve
+    from ray.exceptions import RayTaskError
+    from ray.serve import Application
+    from ray.serve.handle import DeploymentHandle
 
 from fleetlm.config import FleetConfig, Replicas, load_config, parse_config
 from fleetlm.errors import ConfigError
@@ -246,8 +249,12 @@ class GatewayServer:
 def build_app(config: FleetConfig) -> Application:
     """The Serve application: a deployment per local model (its `ray.models` entry, else one replica) and the
     gateway's (its `ray.gateway` entry), bound to their handles."""
+    from fleetlm.serve.store import UsageStore
+
     ray_spec = config.ray
     data = portable_config(config)
+    # the schema is made here, once: gateway replicas creating it together on a new SQLite file collide
+    UsageStore(data["storage"]).close()
     models = {}
     for name, spec in config.models.items():
         if spec.kind == "remote":
@@ -275,4 +282,7 @@ def run(config: FleetConfig, host: str, port: int) -> None:
     serve.start(http_options={"host": host, "port": port})
     print(f"fleet gateway on Ray Serve: deploying to http://{host}:{port}/v1 (Ctrl-C stops it)",
           file=sys.stderr, flush=True)
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)  # a cluster of ours goes with this process; a joined one keeps running
