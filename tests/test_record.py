@@ -81,7 +81,7 @@ def test_record_merges_local_and_replayed_outcomes_with_check_verdicts_and_resum
             assert r["tokens"]["gpt-4-1106-preview@recorded"]["completion"] > 0
         meta = json.loads(meta_path(out).read_text())
         assert meta["prices_usd_per_1m"]["gpt-4-1106-preview@recorded"]["output"] == 30.0
-        assert meta["plan"]["train_limit"] == 3
+        assert meta["runs"][-1]["train_limit"] == 3
         # a second run finds everything in the raw log: no model is loaded, nothing is asked again
         again = record(plan, out, log=lambda _: None, runner_factory=factory)
         assert again["written"] == 0 and len(runners) == 2  # one per phase in the first run
@@ -92,6 +92,14 @@ def test_record_merges_local_and_replayed_outcomes_with_check_verdicts_and_resum
         assert len(done_keys(raw)) == len(lines) - 1
         third = record(plan, out, log=lambda _: None, runner_factory=factory)
         assert third["written"] == 1 and third["rows"] == len(rows)
+        assert len(json.loads(meta_path(out).read_text())["runs"]) == 3
+        # a later run on another bench merges the whole raw log: GSM8K rows keep the replayed models
+        record(RecordPlan(models=["m1"], benches=["tasks"], test_limit=1, train_limit=0, tasks_per_domain=5,
+                          gsm8k_data=str(routellm)), out, log=lambda _: None, runner_factory=factory)
+        merged = read_jsonl_any(out)
+        gsm = [r for r in merged if r["bench"] == "gsm8k"]
+        assert len(gsm) == len(rows) and len(merged) == len(rows) + 1
+        assert all("gpt-4-1106-preview@recorded" in r["scores"] for r in gsm)
 
 
 def test_task_records_keep_only_items_both_split_schemes_agree_on():

@@ -69,17 +69,21 @@ def record_cmd(
     batch: int = typer.Option(16, "--batch", min=1, help="requests decoded together (continuous batching)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for our engine"),
     data: str | None = typer.Option(None, "--gsm8k-data", help="a RouteLLM-style gsm8k folder"),
+    merge_only: bool = typer.Option(False, "--merge-only", help="only re-merge OUT's raw log into OUT"),
 ) -> None:
     """Record every local model's outcomes on HumanEval, GSM8K and the task suite (resumable), merged with
     the replayed models' recorded GSM8K outcomes and the cascade checks' verdicts."""
     from fleetlm.fleet.default import chat_models
-    from fleetlm.fleet.record import RecordPlan, record
+    from fleetlm.fleet.record import RecordPlan, finish, record
 
     names = ([m.strip() for m in models.split(",") if m.strip()] if models
              else [n for n, _ in sorted(chat_models(), key=lambda m: m[1])])
     plan = RecordPlan(models=names, benches=[b.strip() for b in benches.split(",") if b.strip()],
                       test_limit=limit, train_limit=train_limit, seed=seed, batch=batch, threads=threads,
                       gsm8k_data=data)
+    if merge_only:
+        typer.echo(f"{len(finish(out, plan))} rows in {out}")
+        return
     record(plan, out, log=typer.echo)
 
 

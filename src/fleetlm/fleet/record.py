@@ -355,21 +355,57 @@ def _commit() -> str | None:
         return None
 
 
-def write_meta(out: Path, plan: RecordPlan, locations: dict[str, str], counts: dict[str, Any]) -> Path:
+def write_meta(out: Path, plan: RecordPlan, models: Sequence[str], counts: dict[str, Any]) -> Path:
+    """OUT.meta.json: every run's plan so far (a resumed or extended recording keeps its history), the
+    engine, each model's price and the rows per bench and split."""
     from fleetlm.config import recorded_list_price
 
+    path = meta_path(out)
+    runs: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            runs = list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+        except (OSError, ValueError, AttributeError):
+            runs = []
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    runs.append({**asdict(plan), "finished_at": now})
+    locations = {}
+    for m in models:
+        try:
+            locations.update(resolve_locations([m]))
+        except RecordError:
+            locations[m] = m
     prices = {m: local_price(loc, plan.dtype) for m, loc in locations.items()}
     for column, name in REPLAYED:
         p = recorded_list_price(column)
         prices[name] = {"input": p.input if p else None, "output": p.output if p else None,
                         "source": "list price (config.RECORDED_LIST_PRICES)"}
-    meta = {"plan": asdict(plan), "engine": "fleetlm (continuous batching, eager)",
-            "prices_usd_per_1m": prices,
+    meta = {"runs": runs, "engine": "fleetlm (continuous batching, eager)", "prices_usd_per_1m": prices,
             "replayed": [name for _, name in REPLAYED], "counts": counts, "commit": _commit(),
-            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = meta_path(out)
+            "written_at": now}
     path.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def finish(out: Path, plan: RecordPlan) -> list[dict[str, Any]]:
+    """Merge all of RAW (every run so far) with the replayed models' outcomes on its GSM8K items into OUT,
+    and write OUT.meta.json."""
+    raw_rows = read_jsonl_any(raw_path(out)) if raw_path(out).is_file() else []
+    gsm_ids = {r["id"] for r in raw_rows if r["bench"] == "gsm8k"}
+    replayed: dict[str, dict[str, dict[str, Any]]] = {}
+    if gsm_ids:
+        from fleetlm.evals import gsm8k
+
+        items = [it for it in gsm8k.load(plan.gsm8k_data)[0] if it.id in gsm_ids]
+        replayed = replayed_outcomes(items, plan.gsm8k_data)
+    rows = merge(raw_rows, replayed)
+    write_rows(rows, out)
+    benches = sorted({r["bench"] for r in rows})
+    counts = {b: {s: sum(r["bench"] == b and r["split"] == s for r in rows) for s in ("train", "test")}
+              for b in benches}
+    models = list(dict.fromkeys(r["model"] for r in raw_rows))
+    write_meta(out, plan, models, counts)
+    return rows
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
@@ -420,12 +456,7 @@ def record(plan: RecordPlan, out: Path, *, log: Callable[[str], None] = print,
                 for b, bench in benches.items():
                     written += record_model(runner, model, bench, todo[b], sink, log)
             del runner
-    gsm_items = [it for _, it in items.get("gsm8k", [])]
-    replayed = replayed_outcomes(gsm_items, plan.gsm8k_data) if gsm_items else {}
-    rows = merge(read_jsonl_any(raw), replayed)
-    write_rows(rows, out)
-    counts = {b: {s: sum(r["bench"] == b and r["split"] == s for r in rows) for s in ("train", "test")}
-              for b in benches}
-    write_meta(out, plan, locations, counts)
+    rows = finish(out, plan)
+    counts = json.loads(meta_path(out).read_text(encoding="utf-8"))["counts"]
     log(f"recorded {written} new answers; {len(rows)} rows in {out} (raw log {raw})")
     return {"written": written, "rows": len(rows), "counts": counts}
