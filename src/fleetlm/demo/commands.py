@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
         benches: str = typer.Option("humaneval,gsm8k,tasks", "--benches", help="comma-separated"),
         budget_s: float = typer.Option(None, "--budget-s", min=1,
                                        help="seconds of requests: no round starts that would end past it "
-                                            "(default 360)"),
+                                            "(default 420)"),
         chunk: int = typer.Option(None, "--chunk", min=1,
-                                  help="items of each benchmark per round, sent at once (default 2; the task "
+                                  help="items of each benchmark per round, sent at once (default 1; the task "
                                        "suite 4x)"),
         rounds: int = typer.Option(None, "--rounds", min=1, help="at most this many rounds"),
         seed: int = typer.Option(0, "--seed", help="order of the held-out items"),

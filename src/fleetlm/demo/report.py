@@ -136,7 +136,8 @@ def build_report(answers: list[Any], models: list[str], *, router: str | None, r
     by_bench = {b: models_for(b, models, recorded) for b in benches}
     figures, note = recorded_figures(prices, outcomes)
     report: dict[str, Any] = {
-        "router": router, "recorded_models": recorded, "rounds": rounds, "seed": seed, "notes": notes,
+        "router": router, "models": models, "recorded_models": recorded, "rounds": rounds, "seed": seed,
+        "notes": notes,
         "prices_usd_per_1m": {m: list(p) for m, p in prices.items()},
         "live": live_figures(answers, by_bench, recorded, router), "recorded": figures, "recorded_note": note,
     }
@@ -192,15 +193,17 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if rec and col == 0:
             ax.legend(fontsize=7, loc="lower right")
-        _route_bars(bar, entry, rec, router)
+        _route_bars(bar, entry, rec, router, report.get("models") or [])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def _route_bars(ax: Any, entry: dict[str, Any], rec: dict[str, Any] | None, router: str | None) -> None:
-    """Share of `auto`'s answers per model: live, and on the recorded held-out items."""
+def _route_bars(ax: Any, entry: dict[str, Any], rec: dict[str, Any] | None, router: str | None,
+                order: list[str]) -> None:
+    """Share of `auto`'s answers per model: live, and on the recorded held-out items (one color per model,
+    the same in every benchmark's panel)."""
     auto = entry["models"].get(router or "", {})
     rows = []
     if auto.get("answered_by"):
@@ -208,20 +211,23 @@ def _route_bars(ax: Any, entry: dict[str, Any], rec: dict[str, Any] | None, rout
         rows.append(("live", {m: c / n for m, c in auto["answered_by"].items()}))
     if rec:
         rows.append(("recorded", rec["auto"]["share"]))
-    models = list(dict.fromkeys(m for _, share in rows for m in share))
-    colors = matplotlib_colors(len(models))
+    models = list(dict.fromkeys([*order, *(m for _, share in rows for m in share)]))
+    colors = dict(zip(models, matplotlib_colors(len(models)), strict=True))
+    shown = [m for m in models if any(share.get(m) for _, share in rows)]
     for y, (_, share) in enumerate(rows):
         left = 0.0
-        for m, color in zip(models, colors, strict=True):
+        for m in shown:
             w = share.get(m, 0.0)
             if w:
-                first = y == 0 or m not in rows[0][1]
-                ax.barh(y, w, left=left, color=color, label=short_name(m) if first else None)
+                ax.barh(y, w, left=left, height=0.6, color=colors[m])
                 left += w
+    for m in shown:  # one legend entry per model
+        ax.barh(0, 0, color=colors[m], label=short_name(m))
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_ylim(-0.6, max(1, len(rows)) - 0.4)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"share of {router}'s answers")
-    if models:
+    if shown:
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
 
 

@@ -31,8 +31,8 @@ from fleetlm.config import FleetConfig, load_config
 from fleetlm.demo.items import BENCHES, DemoBench, load_benches
 from fleetlm.errors import FleetError
 
-DEFAULT_BUDGET_S = 360.0  # for the requests; start-up and the report add about a minute here
-DEFAULT_CHUNK = 2  # items of each benchmark per round (requests in flight to one model)
+DEFAULT_BUDGET_S = 420.0  # for the requests; start-up and the report add about a minute here
+DEFAULT_CHUNK = 1  # items of each benchmark per round (requests in flight to one model)
 TASKS_PER_CHUNK = 4  # task-suite items are short answers: several times as many per round
 START_TIMEOUT_S = 900.0  # a first start may measure each model's engines (minutes on a busy machine)
 REQUEST_TIMEOUT_S = 600.0
