@@ -150,8 +150,8 @@ def report(results: list[dict], killed: dict, victim: str, store) -> None:
         print(f"  failed: {r['status']} started {r['start'] - at:+.2f} s, ended {r['end'] - at:+.2f} s after "
               f"the kill, replica {str(r.get('replica')).split('#')[-1]}: {r.get('body', '')!r}")
     last_start = max((r["start"] for r in failed), default=at)
-    print(f"the last failed request started {last_start - at:+.2f} s after the kill and ended "
-          f"{last_fail - at:+.2f} s after it; "
+    print((f"the last failed request started {last_start - at:+.2f} s after the kill and ended "
+           f"{last_fail - at:+.2f} s after it; " if failed else "no request failed; ")
           + (f"Serve runs 2 gateway replicas again after {killed['restored'] - at:.1f} s"
              if "restored" in killed else "the replacement replica was not running by the end")
           + (f"; the replacement answered first {newcomer - at:.1f} s after the kill" if newcomer else ""))
