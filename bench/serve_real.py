@@ -462,7 +462,7 @@ def part_one(args: argparse.Namespace, work: Path) -> dict[str, RunStats]:
                 servers.append(launch(peer, cmd, port, "bench", work, threads))
         for s in servers:
             wait_ready(s, args.ready_timeout)
-            print(f"{s.name}: ready after {s.ready_s:.0f} s; warming up ...", flush=True)
+            print(f"{s.name}: ready by {s.ready_s:.0f} s after launch; warming up ...", flush=True)
             warm_up(s, args.streams)
         rounds: dict[str, list[RunStats]] = {s.name: [] for s in servers}
         jobs = tasks(args.streams)
@@ -518,11 +518,11 @@ def part_two(args: argparse.Namespace, work: Path) -> tuple[RunStats, dict[str, 
 
 def row(name: str, st: RunStats) -> str:
     ttft = f"{st.ttft_p50:6.2f}" if st.ttft_p50 is not None else "   n/a"
-    return (f"  {name:<22} {st.tokens_per_s:8.1f} {st.tokens:7d} {st.wall:7.1f} {st.p50:7.2f} {st.p95:7.2f} "
+    return (f"  {name:<28} {st.tokens_per_s:8.1f} {st.tokens:7d} {st.wall:7.1f} {st.p50:7.2f} {st.p95:7.2f} "
             f"{ttft} {st.finished_by_length:5d}/{st.streams:<3d} {st.errors:4d}")
 
 
-HEADER = (f"  {'server':<22} {'tok/s':>8} {'tokens':>7} {'wall s':>7} {'p50 s':>7} {'p95 s':>7} "
+HEADER = (f"  {'server':<28} {'tok/s':>8} {'tokens':>7} {'wall s':>7} {'p50 s':>7} {'p95 s':>7} "
           f"{'ttft50':>6} {'length':>9} {'errs':>4}")
 
 
@@ -534,7 +534,7 @@ def report_one(stats: dict[str, RunStats], args: argparse.Namespace) -> list[str
     if ours is not None:
         for peer, target in (("llama-server", "1.0x"), ("llama-cpp-python", "4x")):
             if peer in stats:
-                lines.append(f"  ours / {peer:<16} {ratio(ours.tokens_per_s, stats[peer].tokens_per_s):>8}"
+                lines.append(f"  ours / {peer:<22} {ratio(ours.tokens_per_s, stats[peer].tokens_per_s):>8}"
                              f"   (target >= {target})")
     for name, st in stats.items():
         if st.first_errors:
@@ -545,7 +545,8 @@ def report_one(stats: dict[str, RunStats], args: argparse.Namespace) -> list[str
 def report_two(total: RunStats, per_model: dict[str, RunStats], started: float,
                args: argparse.Namespace) -> list[str]:
     lines = [f"(2) default fleet (ready after {started:.0f} s): {total.streams} concurrent streams x "
-             f"{args.fleet_max_tokens} tokens: {total.errors} errors (target 0)", HEADER, row("all", total)]
+             f"{args.fleet_max_tokens} tokens: {total.errors} errors (target 0); a model's tok/s is over the "
+             f"whole run's wall time", HEADER, row("all", total)]
     lines += [row(m, st) for m, st in per_model.items()]
     if total.first_errors:
         lines.append(f"  first errors: {total.first_errors}")
