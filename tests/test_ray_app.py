@@ -75,6 +75,20 @@ def test_fleet_yaml_sets_each_deployments_replicas(tmp_path, tiny_llama, monkeyp
         build({"config": "fleet.yaml", "port": "1"})
 
 
+def test_errors_from_a_handle_become_the_gateways_errors():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from fleetlm.serve.errors import BackendError
+    from fleetlm.serve.ray_app import _backend_error
+
+    own = BackendError("tiny: the prompt is too long", retryable=False, upstream_status=400)
+    crossed = _backend_error("tiny", RayTaskError("call", "traceback", own))
+    assert crossed is own  # the model's error, with its status: a 400 stays the client's
+    died = _backend_error("tiny", ActorDiedError())
+    assert isinstance(died, BackendError) and died.retryable and died.upstream_status is None
+    assert died.message.startswith("tiny: its Ray replica failed: ActorDiedError")
+
+
 # ---------------------------------------------------------------- a real cluster
 
 
@@ -95,12 +109,15 @@ def cluster(tmp_path_factory, tiny_checkpoint_factory):
         mp.setenv("FLEET_COMPILE", "0")
         config = parse_config({
             "models": {"tiny": {"path": str(tiny_checkpoint_factory("llama")), "dtype": "f32",
-                                "price": PRICE}},
+                                "price": PRICE, "fallbacks": ["tiny2"]},
+                       "tiny2": {"path": str(tiny_checkpoint_factory("qwen2")), "dtype": "f32",
+                                 "price": PRICE}},
             "storage": f"sqlite:///{tmp / 'usage.db'}",
             "counters": redis.url,
             "ray": {"gateway": {"num_replicas": 2, "num_cpus": 0.5},
                     "models": {"tiny": {"autoscaling": {"min_replicas": 1, "max_replicas": 2,
-                                                        "target_ongoing_requests": 8}, "num_cpus": 0.5}}},
+                                                        "target_ongoing_requests": 8}, "num_cpus": 0.5},
+                               "tiny2": {"num_cpus": 0.5}}},
         })
         store = UsageStore(config.storage_url())
         _, secret = store.create_key("ray-test", budget_usd=100.0)
@@ -234,3 +251,31 @@ def test_a_killed_gateway_replica_loses_no_usage_record(cluster):
     rows = _rows(store)
     succeeded = [r for r in results if r["ok"]]
     assert all(r["id"] in rows and rows[r["id"]]["status"] == 200 for r in succeeded)  # no lost usage record
+
+
+def test_a_killed_model_replica_fails_over_mid_stream(cluster):
+    """Last: every replica of `tiny` is killed while one of its streams runs; the stream ends on tiny2."""
+    import ray
+
+    url, store, secret = cluster
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{model_deployment_name('tiny')}#"
+    with httpx.Client() as client, client.stream(
+        "POST", f"{url}/v1/chat/completions", timeout=120, headers={"authorization": f"Bearer {secret}"},
+        json={**CHAT, "max_tokens": 400, "stream": True},
+    ) as response:
+        lines = (line[5:].strip() for line in response.iter_lines() if line.startswith("data:"))
+        first = json.loads(next(lines))
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(prefix):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+        rest = list(lines)
+        request_id = response.headers[REQUEST_ID_HEADER]
+    assert first["choices"][0]["delta"]["role"] == "assistant" and rest[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in rest[:-1]]
+    assert not any("error" in c for c in chunks)  # one uninterrupted stream
+    switch = [c["fleet"] for c in chunks if "fleet" in c]
+    assert len(switch) == 1 and switch[0]["model"] == "tiny2", switch
+    assert (switch[0]["failover"][0]["from"], switch[0]["failover"][0]["to"]) == ("tiny", "tiny2")
+    assert "its Ray replica failed" in switch[0]["failover"][0]["error"]
+    row = _rows(store)[request_id]
+    assert (row["status"], row["model_used"], row["fallbacks"]) == (200, "tiny2", "tiny")
