@@ -171,16 +171,17 @@ class FakeRaw:
 
 
 class FakeClient:
-    """Answers every request after `seconds`, with the gold answer of the task-suite item."""
+    """Answers every request at once, but each request moves a fake clock on by `seconds`."""
 
     def __init__(self, seconds):
-        self.seconds, self.asked = seconds, []
+        self.seconds, self.now, self.asked = seconds, 0.0, []
         client = self
 
         class Raw:
             async def create(self, model, messages, **kw):
                 client.asked.append(model)
-                await asyncio.sleep(client.seconds)
+                client.now += client.seconds
+                await asyncio.sleep(0)
                 return FakeRaw("x", {"x-fleet-model": model, "x-fleet-cost-usd": "0.001"})
 
         class Completions:
@@ -191,20 +192,37 @@ class FakeClient:
 
         self.chat = Chat()
 
+    def clock(self):
+        return self.now
+
 
 def test_rounds_go_on_while_the_last_one_still_fits_the_budget():
     bench = demo_items.load_bench("tasks", seed=0)
-    client = FakeClient(0.3)
-    answers, rounds = asyncio.run(send_rounds(client, [bench], lambda b: ["a", "b"], chunk=1, budget_s=1.65,
-                                              log=lambda _: None))
-    # a round: 4 task items to each of 2 models, at once per model: 0.6 s; a third would end past 1.65 s
+    client = FakeClient(0.1)
+    answers, rounds = asyncio.run(send_rounds(client, [bench], lambda b: ["a", "b"], chunk=1, budget_s=1.7,
+                                              log=lambda _: None, clock=client.clock))
+    # a round: 4 task items to each of 2 models, 0.8 s; a third would end at 2.4 s, past 1.7 s
     assert rounds == 2 and len(answers) == 2 * 2 * 4
     assert [a.round for a in answers if a.model == "a"] == [0] * 4 + [1] * 4
     assert {a.item for a in answers if a.model == "a"} == {a.item for a in answers if a.model == "b"}
     assert all(a.cost_usd == 0.001 and a.answered_by == a.model for a in answers)
-    one, n = asyncio.run(send_rounds(FakeClient(0.0), [bench], lambda b: ["a"], chunk=1, budget_s=100,
-                                     max_rounds=1, log=lambda _: None))
+    fast = FakeClient(0.0)
+    one, n = asyncio.run(send_rounds(fast, [bench], lambda b: ["a"], chunk=1, budget_s=100, max_rounds=1,
+                                     log=lambda _: None, clock=fast.clock))
     assert n == 1 and len(one) == 4
+
+
+def test_a_cheap_benchmark_goes_on_after_an_expensive_one_stopped():
+    tasks = demo_items.load_bench("tasks", seed=0)
+    slow = demo_items.DemoBench("slow", tasks.benchmark, tasks.items)
+    client = FakeClient(0.1)
+    answers, rounds = asyncio.run(send_rounds(client, [tasks, slow],
+                                              lambda b: ["a"] if b == "tasks" else list("abcdefghijkl"),
+                                              chunk=1, budget_s=2.5, log=lambda _: None, clock=client.clock))
+    # a round: tasks 4 items x 1 model, 0.4 s; slow 1 item x 12 models, 1.2 s. After round 1 (1.6 s) slow
+    # would end at 2.8 s: it stops; tasks goes on to 2.0 s and 2.4 s, and would end a fourth round at 2.8 s
+    by_bench = {b: sorted({a.round for a in answers if a.bench == b}) for b in ("tasks", "slow")}
+    assert by_bench == {"tasks": [0, 1, 2], "slow": [0]} and rounds == 3
 
 
 def test_fleet_demo_rejects_an_unknown_benchmark(monkeypatch, capsys):

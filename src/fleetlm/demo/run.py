@@ -8,7 +8,8 @@ suite's checker); cost is read from the gateway (`x-fleet-cost-usd`), the answer
 `x-fleet-model` / `x-fleet-route`, latency on the client.
 
 Items go in rounds: each round sends the next few items of every benchmark to every model, so all models see
-the same items; a new round starts only while the last one's duration still fits the time budget. The report
+the same items; a benchmark joins a new round only while its last round's duration still fits in the time
+budget (the cheap task suite goes on after HumanEval and GSM8K have stopped). The report
 (demo/report.py) adds the held-out figures of the recorded outcomes (fleet/outcomes.py) beside the live ones.
 """
 
@@ -153,30 +154,43 @@ def chunk_of(bench: DemoBench, round_: int, chunk: int) -> list[Any]:
 
 async def send_rounds(client: Any, benches: list[DemoBench], models: Callable[[str], list[str]], *,
                       chunk: int, budget_s: float, max_rounds: int | None = None,
-                      log: Callable[[str], None] = print) -> tuple[list[Answer], int]:
-    """Rounds of items through every model of each benchmark, while the budget lasts: (answers, rounds)."""
+                      log: Callable[[str], None] = print,
+                      clock: Callable[[], float] = time.perf_counter) -> tuple[list[Answer], int]:
+    """Rounds of items through every model of each benchmark while the budget lasts: (answers, rounds).
+
+    A benchmark takes part in the next round only while its last round's duration still fits in what is left
+    of the budget, so a cheap benchmark goes on after an expensive one has stopped; every model of a
+    benchmark always gets the same items."""
     answers: list[Answer] = []
-    start, last = time.perf_counter(), 0.0
+    start = clock()
+    last: dict[str, float] = {}  # each benchmark's duration in its last round
+    active = [b.name for b in benches]
     round_ = 0
-    while max_rounds is None or round_ < max_rounds:
-        batches = [(b, chunk_of(b, round_, chunk)) for b in benches]
-        if not any(items for _, items in batches):
-            break
-        elapsed = time.perf_counter() - start
-        if round_ > 0 and elapsed + last > budget_s:
-            log(f"round {round_ + 1} would end past the {budget_s:.0f} s budget ({elapsed:.0f} s spent, the "
-                f"last round took {last:.0f} s): done")
-            break
-        began = time.perf_counter()
-        for bench, items in batches:
+    while active and (max_rounds is None or round_ < max_rounds):
+        ran = False
+        for bench in benches:
+            items = chunk_of(bench, round_, chunk)
+            if bench.name not in active:
+                continue
+            elapsed = clock() - start
+            if not items or elapsed > budget_s or elapsed + last.get(bench.name, 0.0) > budget_s:
+                if items:
+                    log(f"{bench.name}: round {round_ + 1} would end past the {budget_s:.0f} s budget "
+                        f"({elapsed:.0f} s spent, its last round took {last.get(bench.name, 0.0):.0f} s)")
+                active.remove(bench.name)
+                continue
+            began = clock()
             for model in models(bench.name):
-                t0 = time.perf_counter()
+                t0 = clock()
                 got = await asyncio.gather(*(ask(client, model, bench, it, round_) for it in items))
                 answers.extend(got)
                 errors = sum(a.error is not None for a in got)
                 log(f"round {round_ + 1} {bench.name:<9} {model:<32} {sum(a.score for a in got):g}/"
-                    f"{len(got)} correct, {errors} errors, {time.perf_counter() - t0:.0f} s")
-        last = time.perf_counter() - began
+                    f"{len(got)} correct, {errors} errors, {clock() - t0:.0f} s")
+            last[bench.name] = clock() - began
+            ran = True
+        if not ran:
+            break
         round_ += 1
     return answers, round_
 
