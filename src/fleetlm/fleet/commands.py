@@ -87,6 +87,27 @@ def record_cmd(
     record(plan, out, log=typer.echo)
 
 
+@fleet_app.command("fit")
+def fit_cmd(
+    data: Path | None = typer.Option(None, "--data", help="outcomes from `fleet fleet record` (default: the "
+                                                          "shipped ones); only their train rows are read"),
+    out: Path = typer.Option(..., "--out", help="policy JSON to write (the shipped one: "
+                                                "src/fleetlm/assets/outcomes/policy.json)"),
+    floor: float = typer.Option(0.95, "--floor", min=0.0, max=1.0, help="share of the reference's accuracy"),
+) -> None:
+    """Fit auto's policy (ladder; checks or fitted acceptance) per benchmark on the train split."""
+    from fleetlm.fleet.fit import fit_policy, save_policy
+    from fleetlm.fleet.outcomes import load_meta, load_outcomes, model_prices
+
+    rows = load_outcomes(data)
+    policy = fit_policy(rows, model_prices(load_meta(data)), floor)
+    save_policy(policy, out)
+    for bench, spec in policy["benches"].items():
+        typer.echo(f"{bench}: {spec['kind']} cascade {' -> '.join(spec['ladder'])} "
+                   f"(train n={spec['n_train']}, accuracy {spec['train']['accuracy']:.3f})")
+    typer.echo(f"default fleet: {' -> '.join(policy['default']['ladder'])}; saved {out}")
+
+
 def measure_cmd(
     names: list[str] = typer.Argument(..., help="Installed catalog names, .gguf files, or `all`."),
     engines: str = typer.Option(",".join(("llama_cpp", "fleetlm")), "--engines",
