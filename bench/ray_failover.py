@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(results: list[dict], killed: dict, victim: str, store) -> None:
