@@ -183,6 +183,31 @@ def test_compiled_bucketed_decode_gives_the_eager_tokens(engine):
     assert counters["stats"]["unique_graphs"] - graphs <= 1
 
 
+def test_compiled_step_on_our_kernels_serves_every_batch_size_from_one_graph():
+    """bf16 on our kernels (engine/kernels): their linears keep the batch size symbolic, so after the warm-up
+    (1 and 2 rows) batches of 3 and 4 run unpadded on the graph of 2, with the eager greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    from fleetlm.engine import kernels
+    from fleetlm.engine.compiled import CompiledDecodeStep
+
+    if not kernels.available():
+        pytest.skip("our kernels do not build here")
+    torch._dynamo.reset()
+    eng = Engine.load(SHIPPED_TINY_MODEL, dtype="bf16")
+    requests = reqs()[:4]
+    eager = run_all(Batcher(eng.model, eng.tokenizer, max_batch=4), requests)
+    step = CompiledDecodeStep()
+    b = Batcher(eng.model, eng.tokenizer, max_batch=4, decode_fn=step, initial_length=64)
+    b.warm_up((1, 2))
+    assert step.dynamic_batch  # the warm-up's batch of 3 reused the graph of 2
+    graphs = counters["stats"]["unique_graphs"]
+    got = run_all(b, requests)
+    for h in range(len(requests)):
+        assert [e.token_id for e in got[h]] == [e.token_id for e in eager[h]]
+    assert b.peak_batch == 4 and counters["stats"]["unique_graphs"] == graphs
+
+
 def test_warm_up_refuses_a_busy_batcher(engine):
     from fleetlm.engine.compiled import CompiledDecodeStep
 

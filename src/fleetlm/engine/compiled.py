@@ -8,15 +8,20 @@ Three things make it usable where users are (`fleet generate`, the gateway):
   tracing still runs in every process.
 - `warm_up` compiles before the first request (Engine.load, LocalBackend start-up), and the time is reported
   apart, never inside a tokens/s figure.
-- Batch sizes are padded up to a few buckets (1, 2, 4, 8, ...): the batch dimension is marked dynamic where
-  the kernels allow it (then one graph serves 2..max), otherwise each bucket is one graph. Padding rows write
-  only cache slot 0 of free rows, which the next prefill of such a row overwrites.
+- The batch dimension is marked dynamic, so one graph serves every batch of 2..max rows (and one graph a
+  single row). Our kernels' C++ shape functions (engine/kernels) read the batch size as a number, which
+  fixed it: each power-of-two bucket compiled its own graph, minutes each on a real model, in the middle of
+  serving; `symbolic_kernel_shapes` gives those ops shape functions that keep it symbolic. `warm_up` checks
+  that a batch of 3 reuses the graph of 2; where it does not (a kernel that still fixes the size), batch
+  sizes are padded up to power-of-two buckets (1, 2, 4, 8, ...), one graph each. Padding rows write only
+  cache slot 0 of free rows, which the next prefill of such a row overwrites.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +30,7 @@ from torch import nn
 from fleetlm.engine.generate import decode_one_token
 
 COMPILE_CACHE = "compile-cache"
+_shape_library: torch.library.Library | None = None  # kept alive: dropping it would undo the registrations
 
 
 def compile_cache_dir() -> Path:
@@ -52,6 +58,39 @@ def use_compile_cache() -> Path:
     return path
 
 
+def _int4_shape(x, weight, scales, bias, out_features: int, group: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _int8_shape(x, weight, scales, bias, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _bf16_shape(x, weight, bias, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def symbolic_kernel_shapes() -> bool:
+    """Register shape functions (Meta) for our kernels' linear ops that keep x's batch size symbolic, in place
+    of their C++ ones (which specialize it); returns False when the kernels are not loaded. Idempotent."""
+    global _shape_library
+    if _shape_library is not None:
+        return True
+    ops = torch.ops.fleetlm_kernels
+    try:
+        [getattr(ops, name) for name in ("linear_int4", "linear_int8", "linear_bf16")]
+    except (AttributeError, RuntimeError):  # the extension is not loaded (FLEET_KERNELS=0, no compiler)
+        return False
+    library = torch.library.Library("fleetlm_kernels", "IMPL")
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        for name, fn in (("linear_int4", _int4_shape), ("linear_int8", _int8_shape),
+                         ("linear_bf16", _bf16_shape)):
+            library.impl(name, fn, "Meta", allow_override=True)
+    _shape_library = library
+    return True
+
+
 def batch_bucket(batch: int, limit: int) -> int:
     """The smallest power of two >= batch, capped at limit (the cache's rows): the padded batch size."""
     bucket = 1
@@ -65,14 +104,18 @@ class CompiledDecodeStep:
 
     def __init__(self) -> None:
         use_compile_cache()
+        symbolic_kernel_shapes()
         self._compiled = torch.compile(decode_one_token, dynamic=True)
         self.compile_seconds = 0.0  # spent in warm_up
+        # True once warm_up saw a batch of 3 run on the graph of 2: then batches are not padded to buckets
+        self.dynamic_batch = False
 
     def __call__(self, model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
         batch = token.shape[0]
-        rows = batch_bucket(batch, max(batch, int(getattr(model, "max_batch_size", batch))))
+        limit = max(batch, int(getattr(model, "max_batch_size", batch)))
+        rows = batch if self.dynamic_batch else batch_bucket(batch, limit)
         if rows > batch:  # padding rows: token 0 at slot 0 of cache rows nobody uses
             token = torch.cat([token, token.new_zeros(rows - batch, 1)])
             input_pos = torch.cat([input_pos, input_pos.new_zeros(rows - batch, input_pos.shape[1])])
@@ -97,16 +140,32 @@ class CompiledDecodeStep:
         """Compile for these batch sizes on the model's current caches (they must be the ones used later:
         Dynamo guards on the cache tensors); returns the seconds it took, also added to compile_seconds."""
         start = time.perf_counter()
-        device = next(model.parameters()).device
         for batch in batch_sizes:
-            batch = min(batch, int(model.max_batch_size))
-            token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-            # two steps per variant: the first compiles, the second checks that nothing recompiles
-            for step in (1, 2):
-                pos = torch.full((batch, 1), step, dtype=torch.long, device=device)
-                if batch > 1:
-                    pos[0, 0] = 0  # rows at different positions: the masked variant a batch uses
-                self(model, token, pos)
+            self._run_warm(model, min(batch, int(model.max_batch_size)))
+        if 2 in batch_sizes and int(model.max_batch_size) >= 3 and not self.dynamic_batch:
+            self.dynamic_batch = self._batch_is_dynamic(model)
         spent = time.perf_counter() - start
         self.compile_seconds += spent
         return spent
+
+    def _run_warm(self, model: nn.Module, batch: int) -> None:
+        device = next(model.parameters()).device
+        token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # two steps per variant: the first compiles, the second checks that nothing recompiles
+        for step in (1, 2):
+            pos = torch.full((batch, 1), step, dtype=torch.long, device=device)
+            if batch > 1:
+                pos[0, 0] = 0  # rows at different positions: the masked variant a batch uses
+            self(model, token, pos)
+
+    def _batch_is_dynamic(self, model: nn.Module) -> bool:
+        """Run 3 rows unpadded after the graph of 2 exists: no new graph means one graph serves 2..max."""
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        self.dynamic_batch = True
+        try:
+            self._run_warm(model, 3)
+        finally:
+            self.dynamic_batch = False
+        return counters["stats"]["unique_graphs"] == graphs
