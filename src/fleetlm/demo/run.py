@@ -139,7 +139,7 @@ async def ask(client: Any, model: str, bench: DemoBench, item: Any, round_: int)
     answer.score, answer.detail = await asyncio.to_thread(b.score, item, text, False)
     answer.answered_by = raw.headers.get("x-fleet-model") or model
     answer.route = raw.headers.get("x-fleet-route") or ""
-    answer.recorded = "recorded" in answer.route or str(resp.model).endswith("@recorded")
+    answer.recorded = "; recorded: " in answer.route or str(resp.model).endswith("@recorded")
     answer.cost_usd = float(raw.headers.get("x-fleet-cost-usd") or 0.0)
     if resp.usage is not None:
         answer.prompt_tokens = resp.usage.prompt_tokens
