@@ -98,7 +98,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         rec = recorded.get(bench)
         lines.append(f"{bench}: {entry['n']} held-out items live"
                      + (f"; recorded held-out n={rec['n']}" if rec else ""))
-        lines.append(f"  {'model':<34}{'acc':>6}{'$/item':>11}{'med s':>7}{'err':>4}   "
+        lines.append(f"  {'model':<46}{'acc':>6}{'$/item':>11}{'med s':>7}{'err':>4}   "
                      f"{'rec acc':>7}{'rec $/item':>11}")
         for model, c in entry["models"].items():
             r = None
@@ -106,7 +106,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 r = rec["auto"] if model == router else rec["models"].get(model)
             med = c["median_latency_s"]
             tag = " (recorded answers)" if c["recorded"] else ""
-            lines.append(f"  {model + tag:<34}{c['accuracy']:>6.0%}{c['cost_per_item_usd']:>11.2e}"
+            lines.append(f"  {model + tag:<46}{c['accuracy']:>6.0%}{c['cost_per_item_usd']:>11.2e}"
                          f"{'-' if med is None else f'{med:.1f}':>7}{c['errors']:>4}   "
                          + (f"{r['accuracy']:>7.1%}{r['cost_per_item_usd']:>11.2e}" if r else ""))
         auto = entry["models"].get(router)
@@ -119,9 +119,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             lines.append("  " + line)
         if rec:
             a = rec["auto"]
-            lines.append(f"  recorded held-out: {router} keeps {_pct(a['accuracy_vs_reference'])} of "
-                         f"{rec['reference']}'s accuracy at {_pct(a['cost_vs_reference'])} of its cost "
-                         f"(n={rec['n']})")
+            kept, paid = _pct(a["accuracy_vs_reference"]) or "n/a", _pct(a["cost_vs_reference"]) or "n/a"
+            lines.append(f"  recorded held-out: {router} keeps {kept} of {rec['reference']}'s accuracy at "
+                         f"{paid} of its cost (n={rec['n']}; {router} there = {a['policy']})")
     if report.get("recorded_note"):
         lines.append(report["recorded_note"])
     return lines
@@ -173,6 +173,9 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
                 if e["cost_per_item_usd"] > 0:
                     ax.scatter(e["cost_per_item_usd"], e["accuracy"], s=70, facecolors="none",
                                edgecolors="tab:red" if m == router else "tab:blue", zorder=3)
+                    if m not in entry["models"] or m == router:  # live points carry the others' names
+                        ax.annotate(f"{short_name(m or '')} (rec.)", (e["cost_per_item_usd"], e["accuracy"]),
+                                    textcoords="offset points", xytext=(5, 4), fontsize=6, color="grey")
         for m, c in entry["models"].items():
             if c["n"] and c["cost_per_item_usd"] > 0:
                 is_router = m == router
