@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=30, help="dev-split prompts sent to the teacher (router data)")
     ap.add_argument("--test", type=int, default=80, help="held-out items scored at the end")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="redo every phase")
     args = ap.parse_args()
@@ -159,7 +161,7 @@ def main() -> None:
     def distill() -> dict:
         cmd = [str(FLEET), "distill", "--from-usage", str(out / "usage.db"), "--domain", domain.DOMAIN,
                "--student", STUDENT, "--expert-name", EXPERT, "--out", str(out / "expert"),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
         seconds = run(cmd, out / "distill.log")
         report = json.loads((out / "expert" / "flywheel.json").read_text())
         refit = [str(FLEET), "route", "fit", "--data", str(out / "expert" / "routing.jsonl"), "--router",
