@@ -188,3 +188,29 @@ def test_postgresql_storage(pg_url):
         assert {r["model"] for r in store.usage(by="model")} == {"a", "b"}
     finally:
         store.close()
+
+
+def _open_store_after(barrier, url, results):
+    from fleetlm.serve.store import UsageStore
+
+    barrier.wait()
+    try:
+        UsageStore(url).close()
+        results.put("ok")
+    except Exception as exc:  # the failure itself is what the test reports
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_gateways_starting_together_on_a_new_file_all_open_it(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n = 6
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    procs = [ctx.Process(target=_open_store_after, args=(barrier, url, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [results.get(timeout=5) for _ in range(n)] == ["ok"] * n

@@ -31,7 +31,13 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from fleetlm.errors import ConfigError
 
@@ -142,11 +148,23 @@ class UsageStore:
             raise ConfigError(f"storage: cannot use {self.url!r} ({exc})") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            metadata.create_all(self.engine)
-            self._add_new_columns()
-        except OperationalError as exc:
-            raise ConfigError(f"storage: cannot open {self.url!r} ({exc.orig})") from None
+        self._create_schema()
+
+    SCHEMA_TRIES = 3
+
+    def _create_schema(self) -> None:
+        """Tables and new columns, made by whichever process comes first. Two gateways starting on one new
+        file both see the table missing, and the second CREATE fails ("already exists"); a second try sees
+        it, so a failure is retried before it is reported."""
+        for attempt in range(self.SCHEMA_TRIES):
+            try:
+                metadata.create_all(self.engine)
+                self._add_new_columns()
+                return
+            except (OperationalError, ProgrammingError, IntegrityError) as exc:
+                if attempt + 1 == self.SCHEMA_TRIES:
+                    raise ConfigError(f"storage: cannot open {self.url!r} ({exc.orig})") from None
+                time.sleep(0.05 * (attempt + 1))
 
     def _add_new_columns(self) -> None:
         """A usage log written by an older gateway lacks the newer columns: add them (they are nullable or
