@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +47,20 @@ def _gsm8k(data: str | Path | None) -> Benchmark:
 def _tasks(seed: int) -> Benchmark:
     from fleetlm.evals import tasks
     from fleetlm.fleet.record import TASKS_PER_DOMAIN, task_records
-    from fleetlm.tasks.evaluate import prompt_of
-    from fleetlm.tasks.suite import prompt_messages
+    from fleetlm.tasks.suite import write_jsonl
 
-    # the recording's own draw (its default seed), so the items sent are among the recorded test items
+    # the recording's own draw (its default seed) and the harness's items (prompts as `fleet eval` sends
+    # them), so the items sent are among the recorded test items and asked the same way
     records = [r for r in task_records(TASKS_PER_DOMAIN, 0) if r["split"] == "test"]
-    random.Random(seed).shuffle(records)
-    by_domain: dict[str, list[dict]] = {}
-    for r in records:
-        by_domain.setdefault(r["domain"], []).append(r)
+    with tempfile.TemporaryDirectory() as tmp:
+        items = tasks.items(write_jsonl(records, Path(tmp) / "tasks.jsonl"))
+    random.Random(seed).shuffle(items)
+    by_domain: dict[str, list[EvalItem]] = {}
+    for it in items:
+        by_domain.setdefault(it.domain, []).append(it)
     # one domain after another, so that the first few items sent already cover every domain
-    mixed = [r for group in itertools.zip_longest(*by_domain.values()) for r in group if r is not None]
-    items = [EvalItem(id=str(r["id"]), prompt=prompt_of(r), messages=prompt_messages(r), domain=r["domain"],
-                      data={"answer": str(r["answer"]), "check": r.get("check", "text"),
-                            "level": int(r.get("level", 0))})
-             for r in mixed]
-    return tasks.benchmark(items)
+    mixed = [it for group in itertools.zip_longest(*by_domain.values()) for it in group if it is not None]
+    return tasks.benchmark(mixed)
 
 
 def load_bench(name: str, seed: int, gsm8k_data: str | Path | None = None) -> DemoBench:
