@@ -161,3 +161,18 @@ def test_the_default_fleet_over_real_smollm2_answers_through_the_openai_client(
         assert {"smollm2-135m-instruct", "auto", BUILTIN_EMBEDDING_MODEL} <= set(cards)
         fleet = cards["smollm2-135m-instruct"]["fleet"]
         assert fleet["engine"] == "llama_cpp" and "llama_cpp 40.0 tok/s vs fleetlm 30.0" in fleet["reason"]
+
+
+def test_auto_takes_the_fitted_ladder_when_it_was_chosen_among_the_installed_models(fake_home, chat_gguf,
+                                                                                    tmp_path, monkeypatch):
+    import json
+
+    fake_home.install("big", chat_gguf, 2000)
+    fake_home.install("small", chat_gguf, 100)
+    policy = tmp_path / "policy.json"
+    monkeypatch.setattr("fleetlm.fleet.outcomes.POLICY_FILE", policy)
+    policy.write_text(json.dumps({"default": {"ladder": ["big"], "chosen_among": ["small", "big"]}}))
+    assert default_config().router.models == ["big"]  # the fit skipped the small model
+    # a policy fitted on other models says nothing about these: every model, smallest first
+    policy.write_text(json.dumps({"default": {"ladder": ["big"], "chosen_among": ["small", "big", "x"]}}))
+    assert default_config().router.models == ["small", "big"]

@@ -3,10 +3,11 @@
 Every installed catalog model that some engine here can run and that has a chat template (the gemma3 base
 model has none: it is not a chat model) joins with `engine: auto` and no price, so that its engine and its
 price come from measurement (fleetlm.fleet.measure). The gateway adds the MiniLM embedding model by itself.
-`auto` is a cascade with checks over the models, smallest first: the smallest answers, the checks that apply
-(code runs its prompt's examples, math re-checks its arithmetic, JSON and tool calls against their schemas)
-decide whether the next one must answer. It needs no fitted router; fitting one on recorded outcomes is the
-next step.
+`auto` is a cascade with checks: the first model of its ladder answers, the checks that apply (code runs its
+prompt's examples, math re-checks its arithmetic, JSON and tool calls against their schemas) decide whether
+the next one must answer. The ladder is the one fitted on the real fleet's recorded outcomes (train split;
+assets/outcomes/policy.json "default", from `fleet fleet fit`) when every installed model was among those it
+was chosen from; otherwise (a model the fit never saw) every model, smallest first.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def chat_models() -> list[tuple[str, int]]:
     return out
 
 
+def fitted_ladder(installed: list[str]) -> list[str] | None:
+    """The shipped policy's default ladder, when it was chosen among exactly the installed models."""
+    from fleetlm.fleet.outcomes import OutcomesError, load_policy
+
+    try:
+        spec = load_policy().get("default") or {}
+    except OutcomesError:
+        return None
+    ladder, among = spec.get("ladder") or [], spec.get("chosen_among") or []
+    if sorted(among) != sorted(installed) or not ladder or not set(ladder) <= set(installed):
+        return None
+    return list(ladder)
+
+
 def default_config_data() -> dict[str, Any]:
     """The default fleet as fleet.yaml data (what `fleet serve --print-config` prints)."""
     models = sorted(chat_models(), key=lambda m: m[1])
@@ -54,8 +69,9 @@ def default_config_data() -> dict[str, Any]:
                                 f"(NAME: {', '.join(names)}), or give --config fleet.yaml")
     data: dict[str, Any] = {"models": {name: {"catalog": name, "engine": "auto"} for name, _ in models}}
     if len(models) > 1:
+        names = [name for name, _ in models]
         data["router"] = {"name": ROUTER_NAME, "kind": "cascade", "checks": list(DEFAULT_CHECKS),
-                          "models": [name for name, _ in models]}
+                          "models": fitted_ladder(names) or names}
     else:  # one model: `auto` is that model
         data["router"] = {"name": ROUTER_NAME, "kind": "cheapest"}
     return data

@@ -204,7 +204,7 @@ def fit_default_ladder(train: list[dict[str, Any]], prices: Prices, floor: float
         scored.append((ok, cost, worst, lad, per))
     ok = [s for s in scored if s[0]]
     _, cost, worst, lad, per = min(ok, key=lambda s: s[1]) if ok else max(scored, key=lambda s: s[2])
-    return {"ladder": lad, "kind": "checks", "floor": floor, "meets_floor": bool(ok),
+    return {"ladder": lad, "kind": "checks", "floor": floor, "meets_floor": bool(ok), "chosen_among": local,
             "train": {b: _brief(per[b]) for b in benches}}
 
 
