@@ -136,3 +136,38 @@ def test_batch_runner_answers_every_conversation_once_with_its_token_counts(tiny
         assert reply.prompt_tokens == len(ids)
         assert 1 <= reply.completion_tokens <= 5
         assert reply.seconds >= 0
+
+
+def test_a_usage_log_becomes_a_bench_scored_against_the_logged_answers(tmp_path, monkeypatch):
+    from fleetlm.fleet.record import usage_benchmark
+
+    monkeypatch.setattr("fleetlm.fleet.record.resolve_locations", lambda models: {m: m for m in models})
+    def logged(i, question, answer, status=200, endpoint="chat"):
+        return {"request_id": f"r{i}", "endpoint": endpoint, "status": status, "model_used": "big",
+                "prompt": json.dumps([{"role": "user", "content": question}]), "response": answer}
+
+    log = tmp_path / "usage.jsonl"
+    rows = [logged(0, "Tom has 3 apples and buys 4 more. How many apples does he have in total?", "7 apples"),
+            logged(1, "Say hello", "Hello!"),
+            logged(2, "Say hello", "Hello there!"),  # the same conversation again: its latest answer counts
+            logged(3, "Say bye", "Bye", status=500),  # failed requests are not traffic to learn from
+            {**logged(4, "x", "y"), "prompt": None}]  # content not logged
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = usage_benchmark(log)
+    assert sorted(it.domain for it in bench.items) == ["general", "math"]
+    by_domain = {it.domain: it for it in bench.items}
+    assert by_domain["general"].data["reference"] == "Hello there!"
+    assert bench.score(by_domain["math"], "3 + 4 = 7\nThe answer is 7", False)[0] == 1.0
+    assert bench.score(by_domain["math"], "The answer is 8", False)[0] == 0.0
+    assert bench.score(by_domain["general"], "hello   THERE!", False)[0] == 1.0
+    # record takes it as one more bench, each item in the harness's split of its id
+    out = tmp_path / "u.jsonl"
+    summary = record(RecordPlan(models=["m1"], benches=["usage"], train_limit=None, usage_log=str(log)), out,
+                     log=lambda _: None, runner_factory=lambda loc, p: FakeRunner())
+    got = read_jsonl_any(out)
+    assert summary["rows"] == 2 and {r["bench"] for r in got} == {"usage"}
+    assert all(r["split"] == split_of(r["id"]) for r in got)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(logged(9, "x", "y", status=500)) + "\n")
+    with pytest.raises(RecordError, match="log_content"):
+        usage_benchmark(empty)

@@ -70,6 +70,8 @@ def record_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for our engine"),
     data: str | None = typer.Option(None, "--gsm8k-data", help="a RouteLLM-style gsm8k folder"),
     merge_only: bool = typer.Option(False, "--merge-only", help="only re-merge OUT's raw log into OUT"),
+    from_usage: str | None = typer.Option(None, "--from-usage", help="record the prompts of this gateway "
+                                                                     "usage log instead (log_content: true)"),
 ) -> None:
     """Record every local model's outcomes on HumanEval, GSM8K and the task suite (resumable), merged with
     the replayed models' recorded GSM8K outcomes and the cascade checks' verdicts."""
@@ -78,9 +80,10 @@ def record_cmd(
 
     names = ([m.strip() for m in models.split(",") if m.strip()] if models
              else [n for n, _ in sorted(chat_models(), key=lambda m: m[1])])
-    plan = RecordPlan(models=names, benches=[b.strip() for b in benches.split(",") if b.strip()],
+    plan = RecordPlan(models=names, benches=["usage"] if from_usage else
+                      [b.strip() for b in benches.split(",") if b.strip()],
                       test_limit=limit, train_limit=train_limit, seed=seed, batch=batch, threads=threads,
-                      gsm8k_data=data)
+                      gsm8k_data=data, usage_log=from_usage)
     if merge_only:
         typer.echo(f"{len(finish(out, plan))} rows in {out}")
         return
@@ -94,11 +97,23 @@ def fit_cmd(
     out: Path = typer.Option(..., "--out", help="policy JSON to write (the shipped one: "
                                                 "src/fleetlm/assets/outcomes/policy.json)"),
     floor: float = typer.Option(0.95, "--floor", min=0.0, max=1.0, help="share of the reference's accuracy"),
+    from_usage: str | None = typer.Option(None, "--from-usage",
+                                          help="first record every installed model on this usage log's "
+                                               "prompts (beside OUT)"),
 ) -> None:
-    """Fit auto's policy (ladder; checks or fitted acceptance) per benchmark on the train split."""
+    """Fit auto's policy (ladder; checks or fitted acceptance) per benchmark on the train split; with
+    --from-usage, on the user's own logged traffic (recorded first, resumably, beside OUT)."""
     from fleetlm.fleet.fit import fit_policy, save_policy
     from fleetlm.fleet.outcomes import load_meta, load_outcomes, model_prices
 
+    if from_usage:
+        from fleetlm.fleet.default import chat_models
+        from fleetlm.fleet.record import RecordPlan, record
+
+        data = out.with_name(out.stem + ".usage-outcomes.jsonl.gz")
+        names = [n for n, _ in sorted(chat_models(), key=lambda m: m[1])]
+        record(RecordPlan(models=names, benches=["usage"], train_limit=None, usage_log=from_usage), data,
+               log=typer.echo)
     rows = load_outcomes(data)
     policy = fit_policy(rows, model_prices(load_meta(data)), floor)
     save_policy(policy, out)

@@ -31,7 +31,8 @@ from typing import IO, Any
 from fleetlm.errors import FleetError
 from fleetlm.evals.harness import Benchmark, EvalItem, Reply, select, split_of
 
-BENCHES = ("humaneval", "gsm8k", "tasks")
+BENCHES = ("humaneval", "gsm8k", "tasks", "usage")
+USAGE_MAX_TOKENS = 512
 # The recorded frontier models merged into GSM8K rows: (column in the RouteLLM folder, name in the rows).
 REPLAYED = (("gpt-4-1106-preview", "gpt-4-1106-preview@recorded"),
             ("mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral-8x7B-Instruct-v0.1@recorded"))
@@ -48,7 +49,7 @@ class RecordPlan:
     """What one `fleet fleet record` run covers (all of it goes to OUT.meta.json)."""
 
     models: list[str]
-    benches: list[str] = field(default_factory=lambda: list(BENCHES))
+    benches: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "tasks"])
     test_limit: int | None = None   # None: every test item
     train_limit: int | None = 40    # per benchmark; 0: no train items
     seed: int = 0
@@ -56,6 +57,7 @@ class RecordPlan:
     batch: int = DEFAULT_BATCH
     threads: int | None = None
     gsm8k_data: str | None = None
+    usage_log: str | None = None    # the "usage" bench: a gateway usage log (SQLite, URL or JSONL export)
     tasks_per_domain: int = TASKS_PER_DOMAIN
 
 
@@ -90,7 +92,66 @@ def load_benchmark(bench: str, plan: RecordPlan, workdir: Path) -> Benchmark:
 
         path = write_jsonl(task_records(plan.tasks_per_domain, plan.seed), workdir / "tasks.records.jsonl")
         return tasks.benchmark(tasks.items(path))
+    if bench == "usage":
+        if not plan.usage_log:
+            raise RecordError("the usage bench needs a usage log (--from-usage usage.db)")
+        return usage_benchmark(plan.usage_log)
     raise RecordError(f"unknown bench {bench!r}; expected some of {', '.join(BENCHES)}")
+
+
+# ---- a user's own traffic ---------------------------------------------------------------------------
+
+def usage_benchmark(source: str | Path) -> Benchmark:
+    """The logged chat requests of a gateway usage log (fleet.yaml `log_content: true`) as a benchmark: each
+    conversation once (its latest answer), scored against the answer the gateway served. There is no gold
+    answer in a log, so a reply scores 1 when it agrees with the logged one: the same final number where
+    the math check applies, its prompt's examples passed where the code check applies, else the same text
+    (case and spaces aside)."""
+    import hashlib
+
+    from fleetlm.route.checks import applicable_checks
+    from fleetlm.train.usage import read_log
+
+    latest: dict[str, EvalItem] = {}
+    for row in read_log(source):
+        if row.get("endpoint") != "chat" or int(row.get("status") or 0) != 200:
+            continue
+        if row.get("prompt") is None or row.get("response") is None:
+            continue
+        try:
+            messages = json.loads(row["prompt"])
+        except (TypeError, json.JSONDecodeError):
+            continue
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(
+            messages, list) else []
+        if not users or not isinstance(users[-1].get("content"), str):
+            continue
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        item_id = "usage-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        prompt = users[-1]["content"]
+        checks = applicable_checks(prompt, enabled=("code", "math"))
+        latest[item_id] = EvalItem(id=item_id, prompt=prompt, messages=messages,
+                                   domain=checks[0] if checks else "general",
+                                   data={"reference": row["response"],
+                                         "reference_model": row.get("model_used")})
+    if not latest:
+        raise RecordError(f"{source}: no logged chat request with its prompt and answer (is log_content on?)")
+    return Benchmark("usage", list(latest.values()), score_against_log, USAGE_MAX_TOKENS)
+
+
+def score_against_log(item: EvalItem, reply: str, completion_mode: bool = False) -> tuple[float, str]:
+    from fleetlm.route.checks import code_check, final_number
+
+    reference = item.data["reference"]
+    if item.domain == "math":
+        mine, theirs = final_number(reply)[0], final_number(reference)[0]
+        same = mine is not None and theirs is not None and abs(mine - theirs) <= 1e-6 * max(1.0, abs(theirs))
+        return (1.0 if same else 0.0), f"final {mine} vs logged {theirs}"
+    if item.domain == "code":
+        result = code_check(item.prompt, reply)
+        return (1.0 if result.passed else 0.0), result.detail
+    same = " ".join(reply.lower().split()) == " ".join(reference.lower().split())
+    return (1.0 if same else 0.0), "same as the logged answer" if same else "differs from the logged answer"
 
 
 def plan_items(bench: Benchmark, plan: RecordPlan) -> list[tuple[str, EvalItem]]:
