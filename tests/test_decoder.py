@@ -81,6 +81,17 @@ def test_decode_over_exactly_the_filled_slots_needs_no_mask_and_matches_the_mask
     assert (masked - unmasked).abs().max().item() <= TOL
 
 
+def test_logits_of_the_last_prompt_tokens_only_equal_the_full_ones(tiny_llama):
+    model = load_checkpoint(tiny_llama)
+    ids = random_ids(model.config.vocab_size, 3, 7, seed=4)
+    last = torch.tensor([6, 2, 4])  # right-padded prompts of lengths 7, 3, 5
+    with torch.no_grad():
+        full = model(ids)
+        picked = model(ids, last=last)
+    assert picked.shape == (3, 1, model.config.vocab_size)
+    assert (picked[:, 0] - full[torch.arange(3), last]).abs().max().item() <= TOL  # GEMM blocking differs
+
+
 def test_a_bf16_model_keeps_an_f32_cache_on_cpu_and_decodes_close_to_f32(tiny_llama):
     f32, bf16 = load_checkpoint(tiny_llama), load_checkpoint(tiny_llama, dtype=torch.bfloat16)
     bf16.setup_caches(max_batch_size=1, max_seq_length=16)

@@ -164,8 +164,9 @@ class Batcher:
             idx[b, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
         pos = torch.arange(longest).expand(len(newcomers), longest)
         rows = slice(first, first + len(newcomers))
-        logits = self.model(idx.to(self.device), pos.to(self.device), cache_rows=rows, kv_len=longest)
-        logits = logits[torch.arange(len(newcomers)), torch.tensor(lengths) - 1].float()
+        last = torch.tensor(lengths) - 1  # logits at each prompt's last token only
+        logits = self.model(idx.to(self.device), pos.to(self.device), cache_rows=rows, kv_len=longest,
+                            last=last)[:, 0].float()
         for s in newcomers:
             s.pos = len(s.prompt_ids)
         self.prefills += 1

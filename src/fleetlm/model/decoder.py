@@ -321,8 +321,12 @@ class Transformer(nn.Module):
         cache_rows: CacheRows = None,
         kv_len: int | None = None,
         unmasked: bool | None = None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal.
+        last [B]: the one position per row whose logits are wanted (a prefill's last prompt token): logits
+        [B, 1, V], without the vocabulary projection of every other position (a quarter of a 0.5B model's
+        prefill FLOPs: its 151936-row lm_head).
 
         cache_rows: the cache row of each batch row (default 0..B-1), for a batch whose requests keep their
         own rows. kv_len: attend over cache slots [0, kv_len) only; every row's input_pos must be < kv_len.
@@ -349,4 +353,6 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, pos if use_cache else None, cache_rows, kv_len)
+        if last is not None:
+            x = x[torch.arange(b, device=x.device), last.to(x.device)][:, None]
         return self.lm_head(self.norm(x)).float()
