@@ -95,7 +95,8 @@ def fleet_config(out: Path, expert: dict | None = None, router: Path | None = No
     cfg: dict = {"models": {**models, **(expert or {})}, "log_content": True,
                  "storage": f"sqlite:///{(out / 'usage.db').resolve()}", "strongest": TEACHER}
     if router is not None:
-        cfg["router"] = {"name": "auto", "path": str(router.resolve()), "models": [TEACHER, EXPERT],
+        cfg["router"] = {"name": "auto", "kind": "knn", "path": str(router.resolve()),
+                         "models": [TEACHER, EXPERT],
                          "quality_floor": 0.95}
     return cfg
 
