@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--more-traffic", type=int, default=0,
+                    help="a second turn: this many further train-split prompts (after the first --train) go "
+                    "to the teacher, into the same log, before distilling")
     ap.add_argument("--fresh", action="store_true", help="redo every phase")
     args = ap.parse_args()
     out = args.out
@@ -158,6 +161,13 @@ def main() -> None:
             student = gw.ask(STUDENT, test)
         return {"traffic": summary(logged), "traffic_s": t_traffic, "teacher": summary(teacher),
                 "student_before": summary(student), "rows": {"teacher": teacher, "student_before": student}}
+
+    def more() -> dict:
+        extra = domain.generate("train", args.train + args.more_traffic, args.seed)[args.train:]
+        with Gateway(fleet_config(out), out / "fleet-more.yaml", out / "serve-more.log") as gw:
+            t0 = time.perf_counter()
+            logged = gw.ask(TEACHER, extra)
+        return {"traffic": summary(logged), "traffic_s": time.perf_counter() - t0}
 
     def distill() -> dict:
         cmd = [str(FLEET), "distill", "--from-usage", str(out / "usage.db"), "--domain", domain.DOMAIN,
@@ -180,6 +190,8 @@ def main() -> None:
         return {"expert": summary(expert), "auto": summary(auto), "rows": {"expert": expert, "auto": auto}}
 
     b = phase(out, "before", args.fresh, before)
+    if args.more_traffic:
+        phase(out, "more", args.fresh, more)
     d = phase(out, "distill", args.fresh, distill)
     a = phase(out, "after", args.fresh, after)
     report(out, b, d, a, args)
