@@ -87,6 +87,34 @@ def curve_table(f: dict) -> list[str]:
     return lines
 
 
+FLOORS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+
+
+def floor_sweep(rows: list[dict], bench: str, prices: dict, f: dict) -> list[str]:
+    """auto refitted on the train split at each quality floor, scored on the test rows of `f`: the fitted
+    router's own held-out quality-cost curve."""
+    from fleetlm.fleet.fit import fit_bench
+    from fleetlm.fleet.outcomes import cascade_from, evaluate
+
+    test = [r for r in rows if r["bench"] == bench and r["split"] == "test"
+            and all(m in r["scores"] for m in f["fleet"])]
+    ref = f["models"][f["reference"]]
+    lines = [f"  auto refitted on train at each floor, on these test rows (share of {f['reference']}):",
+             f"  {'floor':>6}{'acc/ref':>9}{'cost/ref':>9}  policy"]
+    for floor in FLOORS:
+        try:
+            spec = fit_bench(rows, bench, prices, floor)
+        except Exception as exc:  # too few train rows: say so and stop
+            lines.append(f"  {floor:>6.2f}  cannot fit: {exc}")
+            break
+        c = cascade_from({"benches": {bench: spec}}, bench, f["fleet"])
+        e = evaluate(test, c, prices)
+        lines.append(f"  {floor:>6.2f}{pct(e['accuracy'] / ref['accuracy']):>9}"
+                     f"{pct(e['cost_per_item_usd'] / ref['cost_per_item_usd']):>9}  {spec['kind']}: "
+                     f"{' -> '.join(spec['ladder'])}")
+    return lines
+
+
 def plot(f: dict, name: str, out: Path) -> Path:
     import matplotlib
 
@@ -138,15 +166,35 @@ def published_table(rows: list[dict], engine: str) -> list[str]:
     return lines
 
 
+def prices_by_params(prices: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """A sensitivity check: each local model priced in proportion to its parameters, anchored at the 1.5B's
+    measured price (on a crowded machine every model measures about equally slow, which prices them alike)."""
+    from fleetlm.catalog import entries
+
+    params = {e.name: e.parameters for e in entries().values()}
+    anchor = prices[CODER_15B]
+    out = dict(prices)
+    for m in prices:
+        if m in params and m != CODER_15B:
+            k = params[m] / params[CODER_15B]
+            out[m] = (anchor[0] * k, anchor[1] * k)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="outcomes JSONL(.gz) (default: the shipped ones)")
     ap.add_argument("--policy", default=None, help="policy JSON (default: the shipped one)")
     ap.add_argument("--plot", default="runs/real_routing", help="folder for the PNGs")
+    ap.add_argument("--prices-by-params", action="store_true",
+                    help="price local models in proportion to their parameters (a sensitivity check)")
     args = ap.parse_args()
     rows = load_outcomes(args.data)
     meta = load_meta(args.data)
     prices = model_prices(meta)
+    if args.prices_by_params:
+        prices = prices_by_params(prices)
+        print("SENSITIVITY: local models priced in proportion to their parameters, not as measured")
     policy = load_policy(args.policy)
     print("prices ($ per 1M tokens in / out): " + ", ".join(f"{m} {p[0]:.3g}/{p[1]:.3g}"
                                                             for m, p in sorted(prices.items())))
@@ -159,6 +207,7 @@ def main() -> None:
         print()
         print("\n".join(bench_table(name, f, "test")))
         print("\n".join(curve_table(f)))
+        print("\n".join(floor_sweep(rows, name, prices, f)))
         print(f"  plot: {plot(f, name, Path(args.plot) / f'{name}_heldout.png')}")
     everything = heldout_figures(rows, split="all", prices=prices, policy=policy, benches=["humaneval"])
     f = everything["benches"].get("humaneval")

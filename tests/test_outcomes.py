@@ -123,3 +123,11 @@ def test_load_outcomes_reads_gzip_and_rejects_what_is_not_an_outcomes_file(tmp_p
         load_outcomes(bad)
     with pytest.raises(OutcomesError, match="no recorded outcomes"):
         load_outcomes(tmp_path / "missing.jsonl.gz")
+
+
+def test_a_model_recorded_on_some_rows_only_joins_the_fleet_on_those_rows(rows):
+    partial = [dict(r) for r in rows]
+    partial[1] = {**partial[1], "scores": {m: s for m, s in partial[1]["scores"].items() if m != BIG}}
+    f = heldout_figures(partial, prices=PRICES, policy={"benches": {}})["benches"]["gsm8k"]
+    assert f["fleet"] == [SMALL, BIG, GPT4]
+    assert f["n"] == 3  # the row without the big model's outcome is left out, not the big model

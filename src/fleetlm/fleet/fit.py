@@ -185,11 +185,13 @@ def fit_policy(rows: list[dict[str, Any]], prices: Prices, floor: float = DEFAUL
 def fit_default_ladder(train: list[dict[str, Any]], prices: Prices, floor: float) -> dict[str, Any]:
     """One ladder of local models for every request (the gateway runs one): the cheapest whose train
     accuracy on every benchmark keeps `floor` x that benchmark's best local model."""
-    from fleetlm.fleet.outcomes import local_models
+    from fleetlm.fleet.outcomes import scored_in_any
 
-    local = sorted(local_models(train), key=lambda m: prices.get(m, (0.0, 0.0))[::-1])
-    if not local:
-        raise OutcomesError("no local model is scored on every train row")
+    local = sorted([m for m in scored_in_any(train) if not m.endswith("@recorded")],
+                   key=lambda m: prices.get(m, (0.0, 0.0))[::-1])
+    train = [r for r in train if all(m in r["scores"] for m in local)]
+    if not local or not train:
+        raise OutcomesError("no train row has every local model's outcome")
     benches = sorted({r["bench"] for r in train})
     best_local = {}
     for b in benches:

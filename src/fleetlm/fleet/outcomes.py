@@ -187,6 +187,10 @@ def local_models(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [m for m in scored_in_all(rows) if not m.endswith("@recorded")]
 
 
+def scored_in_any(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(m for r in rows for m in r["scores"]))
+
+
 def scored_in_all(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -199,9 +203,10 @@ def scored_in_all(rows: Sequence[dict[str, Any]]) -> list[str]:
 def fleet_for(bench: str, rows: Sequence[dict[str, Any]], prices: Prices) -> tuple[list[str], str]:
     """(the fleet, cheapest first, and the reference model) of a benchmark's figures: GSM8K = the local
     models + recorded GPT-4 (reference GPT-4); HumanEval = the local models (reference Qwen2.5-Coder-1.5B);
-    otherwise the local models, reference the priciest."""
-    local = local_models(rows)
-    if bench == "gsm8k" and GPT4 in scored_in_all(rows):
+    otherwise the local models, reference the priciest. Every local model recorded on some row of the
+    bench is in the fleet: figures are computed on the rows where all of the fleet was recorded."""
+    local = [m for m in scored_in_any(rows) if not m.endswith("@recorded")]
+    if bench == "gsm8k" and GPT4 in scored_in_any(rows):
         fleet = [*local, GPT4]
         reference = GPT4
     else:
