@@ -252,6 +252,10 @@ async def read_stream(client: httpx.AsyncClient, url: str, body: dict, stop_afte
 async def _read_stream(client: httpx.AsyncClient, url: str, body: dict, stop_after: int | None) -> dict:
     pieces, text, usage, error, done, fleet = 0, "", None, None, False, None
     async with client.stream("POST", f"{url}/chat/completions", json=body) as r:
+        if r.status_code != 200:  # refused before the stream began: say why
+            detail = (await r.aread()).decode(errors="replace")[:200]
+            return {"pieces": 0, "text": "", "usage": None, "error": f"HTTP {r.status_code}: {detail}",
+                    "done": False, "fleet": None}
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -351,9 +355,13 @@ async def scale(stack: Stack, client: httpx.AsyncClient, replicas: int, n: int, 
     urls = stack.gateways[:replicas]
     sem = asyncio.Semaphore(conc)
 
+    failures: list[str] = []
+
     async def one(i: int) -> int:
         async with sem:
             g = await read_stream(client, urls[i % len(urls)], chat_body("echo", stream=True))
+            if not g["done"]:
+                failures.append(g["error"] or f"ended without [DONE] after {g['pieces']} pieces")
             return g["pieces"] if g["done"] else 0
 
     cpu0 = sum(cpu_s(p) for p in stack.gateway_pids[:replicas])
@@ -363,7 +371,8 @@ async def scale(stack: Stack, client: httpx.AsyncClient, replicas: int, n: int, 
     cpu = sum(cpu_s(p) for p in stack.gateway_pids[:replicas]) - cpu0
     print(f"scale: {replicas} replica(s), {conc} concurrent streaming clients, {n} requests: "
           f"{n / dt:.0f} req/s, {sum(toks) / dt:.0f} tokens/s, {sum(t == 0 for t in toks)} failed; "
-          f"gateway CPU {cpu / n * 1000:.2f} ms per streamed request")
+          f"gateway CPU {cpu / n * 1000:.2f} ms per streamed request"
+          + (f"; first failure: {failures[0]}" if failures else ""))
 
 
 async def overhead(stack: Stack, client: httpx.AsyncClient, conc: int, rounds: int) -> None:
