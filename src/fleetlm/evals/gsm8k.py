@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from fleetlm.evals.harness import Benchmark, EvalError, EvalItem
+from fleetlm.jsonl import iter_jsonl
 
 DEFAULT_DATA = Path("/work/shared/data/routellm/gsm8k")
 DATA_ENV = "FLEET_GSM8K_DATA"
@@ -84,13 +84,9 @@ def _contaminated(folder: Path) -> set[str]:
     if not path.is_file():
         return set()
     seen = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for _, row in iter_jsonl(path, EvalError, "contaminated prompts"):
+        if not isinstance(row, dict):
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{path}:{lineno}: not JSON") from exc
         seen |= {_normalized(row[k]) for k in ("eval_prompt", "train_prompt") if isinstance(row.get(k), str)}
     return seen
 

@@ -20,7 +20,6 @@ was fitted (fleet/fit.py), from a logistic model over them. The shipped policy i
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fleetlm.errors import FleetError
+from fleetlm.jsonl import iter_jsonl
 
 OUTCOMES_DIR = Path(__file__).resolve().parent.parent / "assets" / "outcomes"
 DEFAULT_FILE = OUTCOMES_DIR / "outcomes.jsonl.gz"
@@ -50,19 +50,11 @@ def load_outcomes(path: str | Path | None = None) -> list[dict[str, Any]]:
     path = Path(path) if path is not None else DEFAULT_FILE
     if not path.is_file():
         raise OutcomesError(f"no recorded outcomes at {path}; make them with `fleet fleet record --out FILE`")
-    opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OutcomesError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("scores"), dict) or "bench" not in row:
-                raise OutcomesError(f"{path}:{lineno}: not an outcomes row (needs bench and scores)")
-            rows.append(row)
+    for where, row in iter_jsonl(path, OutcomesError, "recorded outcomes"):
+        if not isinstance(row, dict) or not isinstance(row.get("scores"), dict) or "bench" not in row:
+            raise OutcomesError(f"{where}: not an outcomes row (needs bench and scores)")
+        rows.append(row)
     if not rows:
         raise OutcomesError(f"{path}: no rows")
     return rows
