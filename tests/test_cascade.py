@@ -244,13 +244,19 @@ def test_two_math_samples_must_agree_and_both_are_paid(tmp_path):
     assert store.requests()[-1]["cost_usd"] == pytest.approx(cost("cheap", 100, 100) + cost("strong"))
 
 
-def test_a_recorded_frontier_model_as_the_top_of_the_ladder(tmp_path):
+def write_gpt4_recording(tmp_path):
+    """A RouteLLM-style folder in which GPT-4 answered APPLES right."""
     folder = tmp_path / "rec"
     (folder / "gsm8k").mkdir(parents=True)
     with (folder / "gsm8k" / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
         w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
+    return folder
+
+
+def test_a_recorded_frontier_model_as_the_top_of_the_ladder(tmp_path):
+    folder = write_gpt4_recording(tmp_path)
     client, store, _ = gateway(
         tmp_path, {"cheap": lambda p, n: SLIP}, {"checks": ["math"], "models": ["cheap", "gpt4"]},
         gpt4={"replay": str(folder), "replay_model": "gpt-4-1106-preview"},
@@ -266,12 +272,7 @@ def test_a_recorded_frontier_model_as_the_top_of_the_ladder(tmp_path):
 
 
 def test_a_recorded_top_rung_without_a_recording_is_left_out(tmp_path):
-    folder = tmp_path / "rec"
-    (folder / "gsm8k").mkdir(parents=True)
-    with (folder / "gsm8k" / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
-        w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
+    folder = write_gpt4_recording(tmp_path)
     client, _, backends = gateway(
         tmp_path, {"cheap": lambda p, n: BAD_CODE, "strong": lambda p, n: GOOD_CODE},
         {"checks": ["code", "math"], "models": ["cheap", "strong", "gpt4"]},
@@ -303,12 +304,7 @@ def test_a_real_small_model_answers_first_and_its_answer_is_checked(tmp_path, sm
     """SmolLM2-135M through the llama.cpp backend, then a recorded GPT-4: whatever the small model says, the
     math check judges it and the gateway keeps or escalates accordingly."""
     pytest.importorskip("llama_cpp")
-    folder = tmp_path / "rec"
-    (folder / "gsm8k").mkdir(parents=True)
-    with (folder / "gsm8k" / "gsm8k_responses.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "gpt-4-1106-preview", "gpt-4-1106-preview_response"])
-        w.writerow([APPLES, "True", "3 + 4 = 7\n#### 7"])
+    folder = write_gpt4_recording(tmp_path)
     cfg = parse_config({
         "models": {
             "smol": {"gguf": str(smollm2_gguf), "engine": "llama_cpp",
