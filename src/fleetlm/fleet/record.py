@@ -240,14 +240,17 @@ def run_checks(prompt: str, answer: str) -> tuple[list[str], list[dict[str, Any]
 
 # ---- the raw log and resuming -----------------------------------------------------------------------
 
+def _sibling(out: Path, suffix: str) -> Path:
+    """OUT's name without .jsonl[.gz], plus `suffix`: the raw log and the meta file stand next to it."""
+    return out.with_name(out.name.removesuffix(".gz").removesuffix(".jsonl") + suffix)
+
+
 def raw_path(out: Path) -> Path:
-    name = out.name[:-3] if out.name.endswith(".gz") else out.name
-    return out.with_name(name.removesuffix(".jsonl") + ".raw.jsonl")
+    return _sibling(out, ".raw.jsonl")
 
 
 def meta_path(out: Path) -> Path:
-    name = out.name[:-3] if out.name.endswith(".gz") else out.name
-    return out.with_name(name.removesuffix(".jsonl") + ".meta.json")
+    return _sibling(out, ".meta.json")
 
 
 def read_jsonl_any(path: Path) -> list[dict[str, Any]]:
