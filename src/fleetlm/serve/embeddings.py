@@ -43,6 +43,9 @@ class MiniLM:
         # The fast tokenizer is not safe to call from two threads at once ("Already borrowed"), and two
         # forwards at once on 2 cores only slow each other down: one lock for both.
         self._lock = threading.Lock()
+        # The LRU has its own lock: a caller looking up its texts must not wait behind the running forward,
+        # or it reaches the shared-forward queue only after the leader has found it empty (no batching).
+        self._cache_lock = threading.Lock()
         self._cache: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()
         self.hits = self.misses = 0
         # Concurrent routed requests share forwards: one caller leads and encodes everything queued meanwhile
@@ -151,7 +154,7 @@ class MiniLM:
         keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         counts = [0] * len(texts)
-        with self._lock:
+        with self._cache_lock:
             todo: dict[bytes, list[int]] = {}
             for i, k in enumerate(keys):
                 hit = self._cache.get(k)
@@ -164,7 +167,7 @@ class MiniLM:
         if todo:
             firsts = [idx[0] for idx in todo.values()]
             vecs, lengths = self._encode_shared([texts[i] for i in firsts], truncate)
-            with self._lock:
+            with self._cache_lock:
                 self.misses += len(todo)
                 for (k, idx), vec, n in zip(todo.items(), vecs, lengths, strict=True):
                     out[idx] = vec
