@@ -123,3 +123,22 @@ def test_bad_limits_and_a_missing_bwrap_are_clear_errors(monkeypatch):
         assert not sandbox_available()
     finally:
         sandbox_bwrap.check_sandbox.cache_clear()
+
+
+def test_a_subprocess_is_as_confined_as_the_program(leaves_nothing):
+    repo = Path(__file__).resolve().parents[1]
+    program = (f"import subprocess\nr = subprocess.run(['/usr/bin/cat', {str(repo / 'README.md')!r}], "
+               "capture_output=True, text=True)\nprint(r.returncode, 'No such file' in r.stderr)\n"
+               "u = subprocess.run(['/usr/bin/unshare', '-U', 'true'], capture_output=True)\n"
+               "print(u.returncode)")
+    result = run_python(program)
+    lines = result.stdout.split("\n")
+    assert result.passed and lines[0] == "1 True" and lines[1] != "0"  # no file, and no new user namespace
+
+
+def test_the_hosts_processes_and_secrets_are_invisible():
+    program = ("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3])\n"
+               "print(os.path.exists('/etc/shadow'), os.path.exists('/root'))")
+    result = run_python(program)
+    pids, secrets = result.stdout.strip().split("\n")
+    assert result.passed and len(eval(pids)) <= 3 and secrets == "False False"
