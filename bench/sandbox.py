@@ -44,6 +44,8 @@ ATTEMPTS = {
         "r = subprocess.run(['/usr/bin/unshare', '-U', 'true'])\nprint(r.returncode or 'ESCAPED')",
 }
 
+MUST_BE_STOPPED = {"fork bomb", "sleep forever", "exhaust memory"}
+
 
 def median_ms(fn, runs: int) -> float:
     times = []
@@ -67,6 +69,8 @@ def main() -> None:
     for name, program in ATTEMPTS.items():
         result = run_python(program, timeout_s=3, memory_mb=256)
         ok = "ESCAPED" not in result.stdout and not Path("/tmp/fleet-escape").exists()
+        if name in MUST_BE_STOPPED:  # these never print: held means the limit or the timeout ended them
+            ok = ok and not result.passed
         held += ok
         print(f"  {'held' if ok else 'ESCAPED'}: {name}: {result.reason} ({result.seconds:.2f} s)")
     print(f"escape attempts: {held}/{len(ATTEMPTS)} held")

@@ -137,8 +137,8 @@ def test_a_subprocess_is_as_confined_as_the_program(leaves_nothing):
 
 
 def test_the_hosts_processes_and_secrets_are_invisible():
-    program = ("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3])\n"
+    program = ("import os\nprint(sum(p.isdigit() for p in os.listdir('/proc')))\n"
                "print(os.path.exists('/etc/shadow'), os.path.exists('/root'))")
     result = run_python(program)
     pids, secrets = result.stdout.strip().split("\n")
-    assert result.passed and len(eval(pids)) <= 3 and secrets == "False False"
+    assert result.passed and int(pids) <= 3 and secrets == "False False"  # bwrap's init and the program
