@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleetlm.errors import ConfigError
+from fleetlm.mcp.config import McpServers
 
 DEFAULT_SQLITE_FILE = "fleet.db"
 # Google Cloud's on-demand price of an n2d-standard-2 (2 vCPUs of an AMD EPYC, 8 GB) in us-central1, $0.0844
@@ -229,6 +230,8 @@ class FleetConfig(_Strict):
         "None: $FLEET_REDIS_URL, else counters in this process"
     )
     ray: RaySpec | None = Field(None, description="replicas when served on Ray Serve (fleet serve --ray)")
+    mcp_servers: McpServers = Field(default_factory=dict, description="MCP servers whose tools agents and the "
+                                    "gateway may call (fleetlm.mcp.config), tools named <server>__<tool>")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
