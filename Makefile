@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps bfcl-eval==2026.3.23  # BFCL's data (evals/bfcl.py); its deps are provider SDKs
 	$(BIN)/python -m fleetlm.engine.kernels  # our CPU kernels, compiled once per machine into the fleet home
 	touch $(STAMP)
 

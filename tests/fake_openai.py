@@ -1,8 +1,12 @@
 """A small OpenAI-compatible upstream for tests, served by uvicorn in a thread on a loopback port.
 
 Its behaviour depends on the model asked for: "broken" always answers 500, "flaky" fails its first
-`flaky_failures` calls, "badreq" answers 400, "slow" sleeps `slow_seconds`, "midfail" breaks mid-stream;
-any other model echoes the last user message. Token counts are word counts, so tests can check costs.
+`flaky_failures` calls, "badreq" answers 400, "slow" sleeps `slow_seconds`, "midfail" breaks mid-stream,
+"toolcall" answers (not streamed) with the message `tool_script(request body)` returns (content and/or
+tool_calls), or without a script calls the request's first tool with no arguments; any other model echoes
+the last user message. Token counts are word counts, so tests can check costs.
+"scripted" answers what `Upstream.script(messages)` says for the conversation so far (text and/or tool
+calls), whole or streamed as OpenAI streams it (tool calls as deltas): a planner for agent-loop tests.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -28,6 +35,9 @@ class Upstream:
     headers: list = field(default_factory=list)
     flaky_failures: int = 1
     slow_seconds: float = 2.0
+    # "scripted": messages so far -> {"content": str | None, "tool_calls": [{"name", "arguments": dict}]}
+    script: Callable[[list[dict]], dict] | None = None
+    tool_script: Callable[[dict], dict] | None = None  # "toolcall": request body -> the assistant message
 
     @property
     def base_url(self) -> str:
@@ -36,6 +46,13 @@ class Upstream:
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _text(content: str | list | None) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, list):
+        return " ".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content or ""
 
 
 def _app(up: Upstream) -> FastAPI:
@@ -76,11 +93,79 @@ def _app(up: Upstream) -> FastAPI:
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    def tool_message(body: dict) -> dict:
+        if up.tool_script is not None:
+            return {"role": "assistant", "content": None, **up.tool_script(body)}
+        tools = body.get("tools") or []
+        if not tools:
+            return {"role": "assistant", "content": "no tools to call"}
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": tools[0]["function"]["name"], "arguments": "{}"}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def scripted(body: dict) -> dict | StreamingResponse:
+        assert up.script is not None, 'the "scripted" model needs Upstream.script'
+        msgs = body.get("messages", [])
+        step = up.script(msgs)
+        content = step.get("content")
+        n = up.calls["scripted"]
+        calls = [
+            {"id": f"call_{n}_{i}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for i, c in enumerate(step.get("tool_calls") or [])
+        ]
+        finish = "tool_calls" if calls else "stop"
+        pt = sum(_words(_text(m.get("content"))) for m in msgs)
+        ct = _words(content or "") + sum(_words(c["function"]["arguments"]) for c in calls)
+        usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        base = {"id": f"up-s{n}", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            return {**base, "object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            return {**base, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+        # As OpenAI streams: the role first, text in pieces, then per call its id and name, then its
+        # arguments in fragments under the call's index; the finish reason; usage when asked.
+        events = [chunk({"role": "assistant", "content": "" if content else None})]
+        events += [chunk({"content": content[i:i + 7]}) for i in range(0, len(content or ""), 7)]
+        for i, c in enumerate(calls):
+            head = {"index": i, "id": c["id"], "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": ""}}
+            events.append(chunk({"tool_calls": [head]}))
+            args = c["function"]["arguments"]
+            events += [chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j:j + 7]}}]})
+                       for j in range(0, len(args), 7)]
+        events.append(chunk({}, finish))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        return sse(events, False)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body, err = await gate(request)
         if err:
             return err
+        if body["model"] == "toolcall":
+            message = tool_message(body)
+            pt = sum(_words(m.get("content") or "") for m in body.get("messages", []))
+            ct = _words(message.get("content") or "") + _words(json.dumps(message.get("tool_calls") or []))
+            return {
+                "id": "up-3",
+                "created": int(time.time()),
+                "model": body["model"],
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": message,
+                     "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
+                ],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+            }
+        if body["model"] == "scripted":
+            return scripted(body)
         text, pt = chat_reply(body)
         ct = _words(text)
         base = {"id": "up-1", "created": int(time.time()), "model": body["model"]}
@@ -184,6 +269,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app: Any, what: str = "server") -> Iterator[int]:
+    """Runs an ASGI app (the gateway, say) with uvicorn in a thread on a free loopback port until exit;
+    yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 class UpstreamServer:

@@ -1,4 +1,4 @@
-"""`fleet eval`: one harness for HumanEval, GSM8K and the task suite, on a local model or a URL."""
+"""`fleet eval`: one harness for HumanEval, GSM8K, the task suite and BFCL, on a local model or a URL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from fleetlm.evals.harness import SPLITS, EvalError
 
-BENCHES = ("humaneval", "gsm8k", "tasks")
+BENCHES = ("humaneval", "gsm8k", "tasks", "bfcl")
 MODES = ("chat", "complete")
 
 
@@ -52,13 +52,14 @@ def _task_report(results, model: str, data: Path | None):
 
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Catalog name, .gguf, checkpoint dir, URL[#model]."),
-    bench: str = typer.Option("tasks", "--bench", help="humaneval, gsm8k or tasks."),
+    bench: str = typer.Option("tasks", "--bench", help="humaneval, gsm8k, tasks or bfcl."),
     data: Path | None = typer.Option(None, "--data",
                                      help="tasks: records JSONL; gsm8k: a folder with gsm8k_responses.csv."),
     engine: str = typer.Option("fleetlm", "--engine", help="fleetlm (our engine) or llama_cpp (a GGUF)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Our engine: f32, bf16, int8 or int4 "
                                                            "(default f32 for tasks, bf16 otherwise)."),
-    limit: int | None = typer.Option(None, "--limit", help="Only the first N items (of the split)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N items (of the split; bfcl: "
+                                                           "N per category)."),
     split: str = typer.Option("all", "--split", help="train, test or all (a stable hash of the item id)."),
     seed: int | None = typer.Option(None, "--seed", help="Draw the --limit items with this seed."),
     mode: str = typer.Option("chat", "--mode", help="chat, or complete (plain continuation: base models)."),
@@ -72,6 +73,14 @@ def eval_cmd(
     predictions_out: Path | None = typer.Option(None, "--predictions",
                                                 help="tasks: replies and marks, for `fleet tasks routing`."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    category: str | None = typer.Option(None, "--category",
+                                        help="bfcl: categories, comma-separated, or all (default: simple, "
+                                             "multiple, parallel, parallel_multiple, irrelevance, "
+                                             "live_simple, live_multiple)."),
+    constrained: bool | None = typer.Option(None, "--constrained/--unconstrained",
+                                            help="bfcl: send constrained_decoding true/false (our gateway: "
+                                                 "grammar-constrained tool calls, or the free baseline); "
+                                                 "default: send nothing."),
 ) -> None:
     """Score a model on a benchmark; one routing-data row per item, a progress bar and a summary table."""
     from fleetlm.evals.harness import format_summary, open_out, run_benchmark, select, summarize, timed
@@ -83,6 +92,15 @@ def eval_cmd(
         raise EvalError(f"unknown --mode {mode!r}; expected chat or complete")
     if split not in SPLITS:
         raise EvalError(f"unknown --split {split!r}; expected one of {', '.join(SPLITS)}")
+    if bench == "bfcl":
+        if mode != "chat":
+            raise EvalError("--bench bfcl asks chat models with tools: --mode complete does not apply")
+        _eval_bfcl(model, category, engine=engine, dtype=dtype or "bf16", limit=limit, split=split,
+                   seed=seed, concurrency=concurrency, max_tokens=max_tokens, name=name,
+                   constrained=constrained, out=out, json_out=json_out, progress=progress)
+        return
+    if category is not None or constrained is not None:
+        raise EvalError("--category and --constrained/--unconstrained are for --bench bfcl")
     benchmark = _load_bench(bench, data, max_tokens)
     items = select(benchmark.items, split=split, limit=limit, seed=seed)
     if not items:
@@ -122,6 +140,29 @@ def eval_cmd(
 
         write_jsonl([{"id": r.item.id, "prediction": r.reply.text, "answer": r.item.data.get("answer"),
                       "correct": r.score == 1.0} for r in results], predictions_out)
+
+
+def _eval_bfcl(model: str, category: str | None, *, out: Path | None, json_out: Path | None,
+               max_tokens: int | None, **options) -> None:
+    """BFCL asks with tools, so it has its own loop (evals/bfcl.py); rows, table and summary as the rest."""
+    from fleetlm.evals import bfcl
+    from fleetlm.evals.harness import open_out
+
+    categories = bfcl.parse_categories(category)
+    sink = open_out(out)
+    try:
+        summary, _ = bfcl.evaluate(model, categories=categories, out=sink,
+                                   max_tokens=max_tokens or bfcl.MAX_TOKENS, **options)
+    finally:
+        if sink is not None:
+            sink.close()
+    typer.echo(bfcl.format_table(summary))
+    if out:
+        typer.echo(f"rows: {out}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        typer.echo(f"summary: {json_out}")
 
 
 def register(app: typer.Typer) -> None:
