@@ -11,7 +11,7 @@ import uvicorn
 
 from fake_openai import UpstreamServer, free_port
 from fleetlm.config import parse_config
-from fleetlm.engine.constrain import ConstraintError
+from fleetlm.engine.constrain import ConstraintError, vocab_of
 from fleetlm.model import SHIPPED_TINY_MODEL
 from fleetlm.model.tokenizer import Tokenizer
 from fleetlm.serve.app import create_app
@@ -78,23 +78,36 @@ def chat(**kw) -> ChatCompletionRequest:
 
 
 @pytest.mark.parametrize(
-    "text, calls",
+    "text, content, calls",
     [
-        ('{"name": "add", "arguments": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),
-        ('  {"name": "add", "parameters": {"a": 1, "b": 2}}\n', [("add", {"a": 1, "b": 2})]),
-        ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>', [("add", {"a": 1})]),
-        ('```json\n{"name": "add", "arguments": "{\\"a\\": 3}"}\n```', [("add", {"a": 3})]),
-        ('[{"name": "add", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]',
+        ('{"name": "add", "arguments": {"a": 1, "b": 2}}', None, [("add", {"a": 1, "b": 2})]),
+        ('  {"name": "add", "parameters": {"a": 1, "b": 2}}\n', None, [("add", {"a": 1, "b": 2})]),
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>', None, [("add", {"a": 1})]),
+        ('```json\n{"name": "add", "arguments": "{\\"a\\": 3}"}\n```', None, [("add", {"a": 3})]),
+        ('[{"name": "add", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]', None,
          [("add", {}), ("get_weather", {"city": "X"})]),
-        ('{"name": "mul", "arguments": {}}', None),  # not one of the tools
-        ('{"name": "add", "arguments": [1, 2]}', None),  # arguments must be an object
-        ('The answer is {"name": "add"}', None),  # a call is the whole answer, not a part of it
-        ('{"name": "add", "arguments": {', None),
+        ('{"name": "add", "arguments": {"a": 1}}\n{"name": "add", "arguments": {"a": 2}}', None,
+         [("add", {"a": 1}), ("add", {"a": 2})]),  # one call per line
+        # Qwen writes its reasoning first, then tagged calls: the text is the content.
+        ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n'
+         '{"name": "add", "arguments": {"a": 2}}\n</tool_call>', "Let me add.",
+         [("add", {"a": 1}), ("add", {"a": 2})]),
+        ('{"name": "mul", "arguments": {}}', None, None),  # not one of the tools
+        ('{"name": "add", "arguments": [1, 2]}', None, None),  # arguments must be an object
+        ('The answer is {"name": "add"}', None, None),  # untagged, a call is the whole answer
+        ('{"name": "add", "arguments": {', None, None),
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}', None, None),  # an unclosed tag
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><tool_call>{"x"}</tool_call>',
+         None, None),  # one malformed block makes the whole answer text
     ],
 )
-def test_parse_tool_calls_rule(text, calls):
+def test_parse_tool_calls_rule(text, content, calls):
     got = parse_tool_calls(text, NAMES)
-    assert (None if got is None else [(n, json.loads(a)) for n, a in got]) == calls
+    if calls is None:
+        assert got is None
+    else:
+        assert got is not None and got[0] == content
+        assert [(n, json.loads(a)) for n, a in got[1]] == calls
 
 
 # ---------------------------------------------------------------- the prompt and the grammar
@@ -102,7 +115,7 @@ def test_parse_tool_calls_rule(text, calls):
 
 def test_tools_go_through_the_templates_tools_variable(tokenizer):
     plan = plan_chat(chat(tools=TOOLS, messages=HISTORY), tokenizer)
-    assert plan.mode == "auto" and plan.grammar is None and plan.prompt_ids is not None
+    assert plan.mode == "auto" and plan.calls_constrained and plan.prompt_ids is not None
     prompt = tokenizer.decode(plan.prompt_ids, skip_special_tokens=False)
     assert "You may call a function" in prompt and '"name": "get_weather"' in prompt  # the template's words
     # The earlier call is rendered by the template with its arguments as an object, and the tool's answer too.
@@ -163,6 +176,80 @@ def test_tool_choice_none_shows_tools_but_answers_text(tokenizer):
     assert plan.shape(call, "stop") == (call, None, "stop")
 
 
+def accepts(grammar, tokenizer, text: str) -> bool:
+    """Whether the grammar lets a model write exactly `text` and then stop."""
+    matcher = vocab_of(tokenizer).matcher(grammar)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return matcher.consume_tokens(ids) and matcher.is_accepting()
+
+
+CALL_ADD = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+CALL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}'
+
+
+@pytest.mark.parametrize(
+    "text, auto, forced",
+    [
+        ("Sure, it is sunny.", True, False),  # text: only under auto
+        ("\nI think so.", True, False),
+        ("", True, False),
+        (CALL_ADD, True, True),
+        ("\n" + CALL_ADD, True, True),  # a call may open with a few blanks
+        ("\n" * 5 + CALL_ADD, False, False),  # not many
+        ('{"name": "add", "arguments": {"a": 1}}', False, False),  # b is required
+        ('{"name": "add", "arguments": {"a": "one", "b": 2}}', False, False),  # a must be an integer
+        ('{"name": "mul", "arguments": {}}', False, False),  # not a tool
+        ('{"city": "Rome"}', False, False),  # JSON that is not a call
+        (f"[{CALL_ADD}, {CALL_WEATHER}]", True, True),  # parallel calls: a list
+        (f"{CALL_ADD} and more", False, False),  # a call, once begun, ends the answer
+        ("<tool_call>\n" + CALL_ADD + "\n</tool_call>", False, False),  # not this template's format
+    ],
+)
+def test_auto_grammar_allows_text_or_whole_calls_and_nothing_half_way(tokenizer, text, auto, forced):
+    for choice, expected in (("auto", auto), ("required", forced)):
+        plan = plan_chat(chat(tools=TOOLS, tool_choice=choice), tokenizer)
+        assert plan.call_format == "json" and accepts(plan.grammar, tokenizer, text) == expected, choice
+
+
+def test_tagged_format_follows_a_template_that_writes_tool_call_tags(tiny_tokenizer_dir):
+    chatml = Tokenizer.from_dir(tiny_tokenizer_dir("chatml")[0])
+    plan = plan_chat(chat(tools=TOOLS), chatml)
+    assert plan.call_format == "tagged"
+    one, two = (f"<tool_call>\n{c}\n</tool_call>" for c in (CALL_ADD, CALL_WEATHER))
+    assert accepts(plan.grammar, chatml, one) and accepts(plan.grammar, chatml, f"{one}\n{two}")
+    assert accepts(plan.grammar, chatml, "Plain text.")
+    assert not accepts(plan.grammar, chatml, CALL_ADD)  # untagged
+    missing = '<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>'  # a and b are required
+    assert not accepts(plan.grammar, chatml, missing)
+    single = plan_chat(chat(tools=TOOLS, parallel_tool_calls=False), chatml)
+    assert accepts(single.grammar, chatml, one) and not accepts(single.grammar, chatml, f"{one}\n{two}")
+
+
+def test_parallel_tool_calls_false_allows_one_call(tokenizer):
+    plan = plan_chat(chat(tools=TOOLS, parallel_tool_calls=False), tokenizer)
+    assert accepts(plan.grammar, tokenizer, CALL_ADD)
+    assert not accepts(plan.grammar, tokenizer, f"[{CALL_ADD}, {CALL_WEATHER}]")
+
+
+def test_auto_with_a_response_format_is_calls_or_that_json(tokenizer):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    plan = plan_chat(chat(tools=TOOLS, response_format=fmt), tokenizer)
+    assert accepts(plan.grammar, tokenizer, '{"answer": 4}') and accepts(plan.grammar, tokenizer, CALL_ADD)
+    assert not accepts(plan.grammar, tokenizer, "four")
+    assert not accepts(plan.grammar, tokenizer, '{"answer": "4"}')
+    assert not accepts(plan.grammar, tokenizer, '{"name": "add", "arguments": {"a": 1}}')
+
+
+def test_constrained_decoding_false_leaves_the_output_free(tokenizer):
+    for kw in (dict(tools=TOOLS), dict(tools=TOOLS, tool_choice="required"),
+               dict(response_format={"type": "json_object"})):
+        plan = plan_chat(chat(constrained_decoding=False, **kw), tokenizer)
+        assert plan.grammar is None and not plan.calls_constrained
+    # the switch is ours: it is never sent to a remote model
+    assert "constrained_decoding" not in chat(constrained_decoding=False).model_dump()
+
+
 # ---------------------------------------------------------------- streaming deltas
 
 
@@ -181,13 +268,39 @@ def _replay(plan: ChatPlan, pieces: list[str]) -> tuple[str, dict, str | None]:
 
 
 def test_stream_of_a_forced_call_sends_arguments_as_they_come():
-    plan = ChatPlan([], mode="forced", tool_names=NAMES)
+    plan = ChatPlan([], mode="forced", tool_names=NAMES, calls_constrained=True)
     text = '{"name": "add", "arguments": {"a": 12, "b": 3}}'
-    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
-    content, calls, finish = _replay(plan, pieces)
+    stream = ToolCallStream(plan)
+    pieces = [stream.push(text[i:i + 3], None) for i in range(0, len(text), 3)]
+    first_args = next(i for i, ps in enumerate(pieces) if any((p.tool_calls or [{}])[0].get("function", {})
+                                                                  .get("arguments") for p in ps))
+    assert first_args < len(pieces) - 3  # arguments go out while the call is still being written
+    content, calls, finish = _replay(plan, [text[i:i + 3] for i in range(0, len(text), 3)])
     assert content == "" and finish == "tool_calls"
     assert calls[0]["name"] == "add" and json.loads(calls[0]["arguments"]) == {"a": 12, "b": 3}
     assert calls[0]["id"].startswith("call_")
+
+
+@pytest.mark.parametrize("call_format", ["tagged", "json"])
+def test_stream_of_parallel_constrained_calls_sends_each_in_turn(call_format):
+    plan = ChatPlan([], mode="auto", tool_names=NAMES, call_format=call_format, calls_constrained=True)
+    if call_format == "tagged":
+        text = f"<tool_call>\n{CALL_ADD}\n</tool_call>\n<tool_call>\n{CALL_WEATHER}\n</tool_call>"
+    else:
+        text = f"[{CALL_ADD}, {CALL_WEATHER}]"
+    content, calls, finish = _replay(plan, [text[i:i + 2] for i in range(0, len(text), 2)])
+    assert content == "" and finish == "tool_calls" and len(calls) == 2
+    assert calls[0]["name"] == "add" and json.loads(calls[0]["arguments"]) == {"a": 1, "b": 2}
+    assert calls[1]["name"] == "get_weather"
+    assert json.loads(calls[1]["arguments"]) == {"city": "Rome", "unit": "celsius"}
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+def test_stream_of_a_call_cut_by_the_budget_ends_with_length():
+    plan = ChatPlan([], mode="forced", tool_names=NAMES, calls_constrained=True)
+    stream = ToolCallStream(plan)
+    pieces = stream.push('{"name": "add", "arguments": {"a": 1', None) + stream.push("2", "length")
+    assert pieces[-1].finish_reason == "length"
 
 
 def test_stream_under_auto_passes_text_at_once_and_holds_json():

@@ -294,6 +294,9 @@ class GrammarConstraint:
         if plan is None:
             self._next_walk = self.produced + RETRY_CLOSING_EVERY
             return
+        if not plan:  # complete already (free text, a finished value): nothing to close; the budget may cut
+            self._next_walk = self.produced + 1
+            return
         if self._slack is None:  # the first plan is the smallest whole instance: how much one token can open
             self._slack = CLOSING_SLACK + min(len(plan) // 2, 16)
         margin = left - len(plan) - self._slack

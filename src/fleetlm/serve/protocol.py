@@ -122,7 +122,13 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # OpenAI's default: several calls may come in one answer
     response_format: ResponseFormat | None = None
+    # fleetlm's extras, never forwarded upstream (exclude): the switch that turns the grammar of tool calls
+    # and response_format off (the baseline of bench/bfcl.py), and the kind of agent step a request is,
+    # which the router of `auto` reads (see serve/routing.py).
+    constrained_decoding: bool = Field(True, exclude=True)
+    fleet_step: str | None = Field(None, max_length=32, exclude=True)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

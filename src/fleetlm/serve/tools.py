@@ -1,21 +1,33 @@
 """Tools and response_format on local models: the prompt, the constraint, and tool calls in OpenAI's shape.
 
-`plan_chat` turns a chat request into what the engine needs: the prompt (tools rendered through the chat
-template's `tools` variable when the template uses one, else listed in a system message), and the grammar
-the output must follow:
+`plan_chat` turns a chat request into what the engine needs: the prompt, and the grammar the output follows.
+
+The call format. A template that renders `tools` itself and writes calls as `<tool_call>` blocks (Qwen2.5,
+Hermes-style templates) gets the `tagged` format, the one the model was trained on: each call is
+`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, several calls one after another, joined by a
+newline. Any other template (SmolLM2's has no tools) gets the tools listed in a system message
+(`prompts/tools_system.md`) and the `json` format: one call is the object `{"name": ..., "arguments": {...}}`,
+several are a JSON list of such objects.
+
+The grammar (unless the request sets `"constrained_decoding": false`, the baseline of bench/bfcl.py):
 - response_format json_object / json_schema: any JSON object / JSON matching the schema;
-- tool_choice "required", or a named function: exactly one call, written as
-  `{"name": "<a tool's name>", "arguments": {...matching that tool's parameters}}`;
-- tool_choice "auto" (the default when tools are given): the model writes what it likes. The rule for
-  reading a tool call out of it: the whole answer, after trimming whitespace, an optional
-  `<tool_call>...</tool_call>` wrapper and an optional ```json fence, parses as one such object (or a JSON
-  list of them), with "name" one of the tools and "arguments" (or "parameters", which Llama 3 templates
-  write) an object. Anything else is the assistant's text;
+- tool_choice "required", or a named function: one call (or, with parallel_tool_calls, one or more) of the
+  allowed tools, each call's arguments matching that tool's parameters;
+- tool_choice "auto" (the default when tools are given): text, or calls. Text is anything whose first visible
+  character is not `<`, `{` or `[`; an answer that starts with one of them is a call, and from there on the
+  grammar holds it to the call format, the tool names and their parameter schemas: once a call begins, it
+  always parses and matches (given enough max_tokens; see engine/constrain.py on closing);
 - tool_choice "none": tools are shown to the model, and its answer is always text.
 
-`ToolCallStream` turns a choice's streamed text into OpenAI's chunk deltas: a forced call streams its
-arguments as they are generated; under "auto", an answer that starts like JSON is held back until it ends and
-then sent as tool calls or as text.
+Reading calls back (`parse_tool_calls`, for constrained and free output alike): every `<tool_call>` block in
+the answer is a call and the text around them is content; without blocks, the whole answer (after trimming
+an optional ```json fence) must parse as one call, a list of calls or one call per line. "parameters" is
+read as "arguments" (Llama 3 templates write it). Anything else is the assistant's text.
+
+`ToolCallStream` turns a choice's streamed text into OpenAI's chunk deltas. Under the grammar, the shape of
+a call is known, so each call's name goes out as soon as it is written and its arguments as they grow. Free
+output under "auto" is held back from the first `{`, `[`, `<` or backtick that opens the answer, then sent as
+tool calls or text when it ends.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 from fleetlm.engine.constrain import (
@@ -37,13 +50,13 @@ from fleetlm.errors import FleetError
 from fleetlm.serve.protocol import ChatCompletionRequest, ChatMessage, Tool
 
 ToolMode = Literal["none", "auto", "forced"]
+CallFormat = Literal["tagged", "json"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-_WRAPPER = re.compile(r"^<tool_call>\s*(.*?)\s*</tool_call>$", re.DOTALL)
+_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-TOOLS_SYSTEM_PROMPT = (
-    "You can call these tools. To call one, answer with only a JSON object "
-    '{"name": <the tool\'s name>, "arguments": <an object of its parameters>} and nothing else.'
-)
+TAG_OPEN, TAG_CLOSE = "<tool_call>\n", "\n</tool_call>"
+CALL_OPENERS = "<{["  # under the auto grammar, an answer opening with one of these is a call
+TOOLS_SYSTEM_PROMPT = resources.files("fleetlm.serve").joinpath("prompts/tools_system.md").read_text().strip()
 
 
 class ToolError(FleetError):
@@ -56,18 +69,21 @@ class ChatPlan:
 
     messages: list[dict[str, Any]]  # for the chat template
     prompt_ids: list[int] | None = None  # the rendered prompt (plan_chat always renders it)
-    grammar: Grammar | None = None  # the output must follow it (response_format, forced tool call)
+    grammar: Grammar | None = None  # the output must follow it (response_format, tool calls)
     mode: ToolMode = "none"
     tool_names: list[str] = field(default_factory=list)
+    call_format: CallFormat = "json"
+    calls_constrained: bool = False  # the grammar holds tool calls to their format (streamed as they grow)
 
     def shape(self, text: str, finish_reason: str) -> tuple[str | None, list[dict] | None, str]:
         """(content, tool_calls, finish_reason) of a finished choice, in OpenAI's shape."""
         if self.mode == "none":
             return text, None, finish_reason
-        calls = parse_tool_calls(text, self.tool_names)
-        if calls is None:
+        parsed = parse_tool_calls(text, self.tool_names)
+        if parsed is None:
             return text, None, finish_reason
-        return None, [tool_call(name, args) for name, args in calls], "tool_calls"
+        content, calls = parsed
+        return content, [tool_call(name, args) for name, args in calls], "tool_calls"
 
 
 def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
@@ -80,13 +96,20 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
     if len(set(names)) != len(names):
         raise ToolError("tools: function names must be unique")
     mode, chosen = _tool_mode(req.tool_choice, names)
-    grammar = _response_grammar(req)
-    if mode == "forced":
-        grammar = tool_call_grammar([t for t in tools if t.function.name in chosen])
     source = _template_source(tokenizer, bool(tools))
     native = bool(re.search(r"\btools\b", source))
+    call_format: CallFormat = "tagged" if native and "<tool_call>" in source else "json"
     messages = template_messages(req.messages, native_calls="tool_calls" in source)
-    plan = ChatPlan(messages, grammar=grammar, mode=mode if tools else "none", tool_names=names)
+    plan = ChatPlan(messages, mode=mode if tools else "none", tool_names=names, call_format=call_format)
+    response_schema = _response_schema(req)  # validated even when unconstrained
+    if req.constrained_decoding and plan.mode in ("forced", "auto"):
+        allowed = [t for t in tools if t.function.name in chosen]
+        auto = plan.mode == "auto"
+        plan.grammar = tool_call_grammar(allowed, call_format, parallel=req.parallel_tool_calls is not False,
+                                         text=auto, response_schema=response_schema if auto else None)
+        plan.calls_constrained = True
+    elif req.constrained_decoding:
+        plan.grammar = _response_grammar(req)
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools] or None
     if tool_dicts and not native:
         plan.messages = _with_tools_system_message(messages, tool_dicts)
@@ -115,28 +138,65 @@ def _tool_mode(choice: Any, names: list[str]) -> tuple[ToolMode, list[str]]:
     return "forced", [name]
 
 
-def _response_grammar(req: ChatCompletionRequest) -> Grammar | None:
+def _response_schema(req: ChatCompletionRequest) -> dict | None:
+    """The JSON Schema that response_format asks the content to match; None for free text."""
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return json_object_grammar()
+        return {"type": "object"}
     spec = fmt.json_schema
     if not isinstance(spec, dict):
         raise ToolError('response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}')
     schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict):
+        raise ToolError("response_format json_schema: schema must be an object")
+    return schema
+
+
+def _response_grammar(req: ChatCompletionRequest) -> Grammar | None:
+    schema = _response_schema(req)
+    if schema is None:
+        return None
+    if req.response_format is not None and req.response_format.type == "json_object":
+        return json_object_grammar()
     return json_schema_grammar(schema)
 
 
-def tool_call_grammar(tools: list[Tool]) -> Grammar:
-    """Exactly one call of one of `tools`: {"name": "<name>", "arguments": <its parameters' JSON>}."""
+def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, parallel: bool = False,
+                      text: bool = False, response_schema: dict | None = None) -> Grammar:
+    """Calls of `tools` in `call_format` (one, or with `parallel` one or more); with `text`, or else text.
+
+    The alternative to calls is free text whose first visible character cannot open a call, or, when
+    response_format asks for JSON (`response_schema`), that JSON.
+    """
     rules = []
     for i, tool in enumerate(tools):
         params = tool.function.parameters or {"type": "object", "properties": {}}
         head = json.dumps(f'{{"name": "{tool.function.name}", "arguments": ')
         rules.append(f"call_{i}: {head} {lark_json(params)} \"}}\"")
-    alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
-    return lark_grammar(f"start: {alternatives}\n" + "\n".join(rules) + "\n")
+    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
+    if call_format == "tagged":
+        rules.append(f"tagged: {json.dumps(TAG_OPEN)} call {json.dumps(TAG_CLOSE)}")
+        rules.append('calls: tagged ("\\n" tagged)*' if parallel else "calls: tagged")
+    else:
+        rules.append('calls: call | "[" call (", " call)* "]"' if parallel else "calls: call")
+    # Calls may open with a few blanks (models often start with a newline), never an endless run of them.
+    rules.append(r"LEAD: /[ \t\n]{1,3}/")
+    if not text:
+        start = "start: LEAD? calls"
+    elif response_schema is not None and call_format == "tagged":
+        start = f"start: LEAD? calls | answer\nanswer: {lark_json(response_schema)}"
+    elif response_schema is not None:
+        # A literal call head beside a %json answer that also opens with `{"` defeats llguidance's lexer, so
+        # the answer and a call are one JSON Schema here (and calls come one at a time).
+        as_schema = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                       "arguments": t.function.parameters or {"type": "object"}},
+                      "required": ["name", "arguments"]} for t in tools]
+        start = f"start: LEAD? answer\nanswer: {lark_json({'anyOf': [response_schema, *as_schema]})}"
+    else:
+        start = "start: (LEAD? calls | TEXT)?\n" + r"TEXT: /[ \t\n]*[^ \t\n<{\[][\s\S]*/"
+    return lark_grammar(start + "\n" + "\n".join(rules) + "\n")
 
 
 # ---------------------------------------------------------------- the prompt
@@ -201,13 +261,38 @@ def _with_tools_system_message(messages: list[dict[str, Any]], tools: list[dict]
 # ---------------------------------------------------------------- reading calls back
 
 
-def parse_tool_calls(text: str, names: list[str]) -> list[tuple[str, str]] | None:
-    """[(name, arguments as a JSON string)] when the whole text is a call (or a list of calls), else None."""
+def parse_tool_calls(text: str, names: list[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
+    """(content, [(name, arguments as a JSON string)]) when the answer holds calls, else None (it is text).
+
+    `<tool_call>` blocks may sit anywhere, the text around them is the content; without blocks, the whole
+    answer must be calls (a call, a list of calls, or one call per line) and the content is None.
+    """
+    if "<tool_call>" in text:
+        calls: list[tuple[str, str]] = []
+        for block in _BLOCK.findall(text):
+            found = _calls_in(block, names)
+            if found is None:
+                return None
+            calls += found
+        rest = _BLOCK.sub("", text).strip()
+        if not calls or "<tool_call>" in rest or "</tool_call>" in rest:  # an unclosed or stray tag
+            return None
+        return rest or None, calls
     body = text.strip()
-    for wrapper in (_WRAPPER, _FENCE):
-        m = wrapper.match(body)
-        if m:
-            body = m.group(1)
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    found = _calls_in(body, names)
+    if found is None and "\n" in body:  # one call per line
+        per_line = [_calls_in(line, names) for line in body.splitlines() if line.strip()]
+        if per_line and all(c is not None for c in per_line):
+            found = [c for cs in per_line for c in cs]  # type: ignore[union-attr]
+    return (None, found) if found else None
+
+
+def _calls_in(body: str, names: list[str]) -> list[tuple[str, str]] | None:
+    """The calls a JSON text holds (one object or a list of them), or None if it is not exactly that."""
+    body = body.strip()
     if not body.startswith(("{", "[")):
         return None
     try:
@@ -241,6 +326,9 @@ def tool_call(name: str, arguments: str, index: int | None = None) -> dict:
     return call if index is None else {"index": index, **call}
 
 
+# ---------------------------------------------------------------- streaming
+
+
 @dataclass
 class StreamPiece:
     """One delta of a choice: text, or tool-call fragments (OpenAI's chunk shape), and maybe its finish."""
@@ -250,73 +338,108 @@ class StreamPiece:
     finish_reason: str | None = None
 
 
+# Where a call starts in constrained output: after blanks, a list's "[" or ", ", or the newline between
+# tagged calls; then the tag (tagged format) and the call's fixed head.
+_CALL_HEAD = re.compile(r'[ \t\n\[,]*(?:<tool_call>\n)?\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
+_CALL_TAIL = re.compile(r"\}(?:\n</tool_call>)?")
+
+
+def _json_value_end(text: str, start: int) -> int | None:
+    """Index just past the JSON object or array that opens at `start`, or None if it is not closed yet."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 class ToolCallStream:
     """Turns one choice's text deltas into content or tool_calls deltas, per the plan's tool mode."""
-
-    _HEAD = re.compile(r'^\s*\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
 
     def __init__(self, plan: ChatPlan) -> None:
         self.plan = plan
         self.buffer = ""
-        self.holding: bool | None = None if plan.mode == "auto" else plan.mode == "forced"
-        self.streamed = 0  # forced: how much of the buffer has gone out as argument text
-        self.head: re.Match | None = None
+        # "calls": constrained calls, streamed as they grow; "held": free output kept until it ends;
+        # "text": content, passed through; None: auto, not decided before the first visible character.
+        self.state: str | None = None
+        if plan.mode == "forced":
+            self.state = "calls" if plan.calls_constrained else "held"
+        self.ids: list[str] = []  # the calls whose name went out
+        self.sent: list[int] = []  # how much of each call's arguments went out
 
     def push(self, text: str, finish_reason: str | None) -> list[StreamPiece]:
         if self.plan.mode == "none":
             return [StreamPiece(text, None, finish_reason)] if text or finish_reason else []
-        self.buffer += text
         pieces: list[StreamPiece] = []
-        if self.holding is None:  # auto: the first visible character decides
+        if self.state == "text":
+            pieces.append(StreamPiece(text))
+        else:
+            self.buffer += text
+        if self.state is None:  # auto: the first visible character decides
             stripped = self.buffer.lstrip()
             if stripped:
-                self.holding = stripped[0] in "{[<`"
-                if not self.holding:
+                openers = CALL_OPENERS if self.plan.calls_constrained else CALL_OPENERS + "`"
+                if stripped[0] in openers:
+                    self.state = "calls" if self.plan.calls_constrained else "held"
+                else:
+                    self.state = "text"
                     pieces.append(StreamPiece(self.buffer))
                     self.buffer = ""
-            if finish_reason is None:
-                return pieces
-        elif not self.holding:
-            pieces.append(StreamPiece(text) if text else StreamPiece())
-            self.buffer = ""
-        elif self.plan.mode == "forced":
-            pieces += self._forced_progress(final=finish_reason is not None)
+        if self.state == "calls":
+            pieces += self._progress()
         if finish_reason is not None:
             pieces += self._finish(finish_reason)
         return [p for p in pieces if p.text or p.tool_calls or p.finish_reason]
 
-    def _forced_progress(self, final: bool) -> list[StreamPiece]:
-        # The grammar writes `{"name": "<name>", "arguments": <args>}` exactly: stream <args> as it grows,
-        # holding back one character, the closing brace of the call.
-        out = []
-        if self.head is None:
-            self.head = self._HEAD.match(self.buffer)
-            if self.head is None:
-                return out
-            self.call_id = new_call_id()
-            out.append(StreamPiece(tool_calls=[{"index": 0, "id": self.call_id, "type": "function",
-                                                "function": {"name": self.head.group(1), "arguments": ""}}]))
-            self.streamed = self.head.end()
-        end = len(self.buffer)
-        if final and self.buffer.endswith("}"):
-            end -= 1
-        elif not final:
-            end -= 1
-        if end > self.streamed:
-            out.append(StreamPiece(tool_calls=[{"index": 0, "id": None, "type": None,
-                                                "function": {"arguments": self.buffer[self.streamed:end]}}]))
-            self.streamed = end
+    def _progress(self) -> list[StreamPiece]:
+        # The grammar writes each call's head exactly, so the name and each argument byte are known as they
+        # arrive: send new heads, then the arguments' new text.
+        out: list[StreamPiece] = []
+        pos, index = 0, 0
+        while True:
+            head = _CALL_HEAD.match(self.buffer, pos)
+            if head is None:
+                break
+            if index == len(self.ids):
+                self.ids.append(new_call_id())
+                self.sent.append(0)
+                out.append(StreamPiece(tool_calls=[{"index": index, "id": self.ids[index], "type": "function",
+                                                    "function": {"name": head.group(1), "arguments": ""}}]))
+            start = head.end()
+            end = _json_value_end(self.buffer, start)
+            upto = len(self.buffer) if end is None else end
+            if upto - start > self.sent[index]:
+                fragment = self.buffer[start + self.sent[index]:upto]
+                self.sent[index] = upto - start
+                out.append(StreamPiece(tool_calls=[{"index": index, "function": {"arguments": fragment}}]))
+            tail = _CALL_TAIL.match(self.buffer, end) if end is not None else None
+            if tail is None:
+                break
+            pos, index = tail.end(), index + 1
         return out
 
     def _finish(self, finish_reason: str) -> list[StreamPiece]:
-        if self.plan.mode == "forced" and self.head is not None:
-            whole = parse_tool_calls(self.buffer, self.plan.tool_names) is not None
-            return [StreamPiece(finish_reason="tool_calls" if whole else finish_reason)]
-        if not self.holding:
+        if self.state == "text":
             return [StreamPiece(finish_reason=finish_reason)]
+        if self.state == "calls":
+            whole = parse_tool_calls(self.buffer, self.plan.tool_names) is not None
+            return [StreamPiece(finish_reason="tool_calls" if whole and self.ids else finish_reason)]
         content, calls, reason = self.plan.shape(self.buffer, finish_reason)
+        pieces = [StreamPiece(content)]
         if calls is not None:
-            return [StreamPiece(tool_calls=[{"index": i, **c}]) for i, c in enumerate(calls)] + [
-                StreamPiece(finish_reason=reason)
-            ]
-        return [StreamPiece(content), StreamPiece(finish_reason=reason)]
+            pieces += [StreamPiece(tool_calls=[{"index": i, **c}]) for i, c in enumerate(calls)]
+        return pieces + [StreamPiece(finish_reason=reason)]
