@@ -348,3 +348,19 @@ def test_prompt_text_reads_the_last_user_message_or_the_prompt():
     )
     assert prompt_text(chat) == "second"
     assert prompt_text(CompletionRequest(model="auto", prompt=["p1", "p2"])) == "p1"
+
+
+def test_an_agent_step_kind_goes_to_its_configured_model(tmp_path):
+    spec = {"kind": "cheapest", "step_models": {"plan": "strong"}}
+    client, _, _ = gateway(tmp_path, spec)
+    with client:
+        planned = client.post("/v1/chat/completions", json={
+            "model": "auto", "fleet_step": "plan", "messages": [{"role": "user", "content": "a plan"}]})
+        acted = client.post("/v1/chat/completions", json={
+            "model": "auto", "fleet_step": "action", "messages": [{"role": "user", "content": "an action"}]})
+    assert planned.headers["x-fleet-model"] == "strong"
+    assert "plan step: strong" in planned.headers["x-fleet-route"]
+    assert acted.headers["x-fleet-model"] == "weak"  # a kind with no rule: the router's own choice
+    with pytest.raises(ConfigError, match="not a model of the fleet"):
+        build_router(parse_config({"models": MODELS, "router": {"kind": "cheapest",
+                                                                "step_models": {"plan": "nope"}}}))

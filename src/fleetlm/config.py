@@ -157,6 +157,9 @@ class RouterSpec(_Strict):
     )
     math_samples: int = Field(1, ge=1, le=5, description="math: samples asked for, whose final numbers agree")
     check_timeout_s: float = Field(5.0, gt=0, le=60, description="code: time for the prompt's examples")
+    # agents: a request whose fleet_step is one of these kinds goes to that model before any other rule
+    # (e.g. plan: the strongest, action: left to the router); see fleetlm/agent
+    step_models: dict[str, str] | None = None
 
     @model_validator(mode="after")
     def _checks_make_a_cascade(self) -> RouterSpec:

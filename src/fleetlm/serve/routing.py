@@ -125,6 +125,14 @@ class FleetRouter:
         out = np.array([config.models[m].price.output for m in candidates], dtype=np.float64)
         self.relative_prices = out / max(float(out.max()), 1e-12)
         self.margin = self._traffic_margin()
+        self.step_models = {k: self._fleet_model(m, f"router.step_models.{k}")
+                            for k, m in (spec.step_models or {}).items()}
+
+    def _fleet_model(self, name: str, where: str) -> str:
+        model = self.config.resolve(name)
+        if model is None:
+            raise ConfigError(f"{where}: {name!r} is not a model of the fleet")
+        return model
 
     def _traffic_margin(self) -> float | None:
         """floor_scope traffic: the quality a pick may give up, (1 - floor) x the strongest's mean quality."""
@@ -209,6 +217,10 @@ class FleetRouter:
         return np.asarray(pred, dtype=np.float64)[:, cols]
 
     def route(self, request: ChatCompletionRequest | CompletionRequest) -> RouteDecision:
+        step = getattr(request, "fleet_step", None)  # an agent's step kind (fleetlm/agent sends it)
+        if step and step in self.step_models:
+            model = self.step_models[step]
+            return RouteDecision(model, f"{step} step: {model}")
         text = prompt_text(request)
         costs = self.estimated_costs(request, text)
         if self.kind == "cheapest":
