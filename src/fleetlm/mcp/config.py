@@ -1,4 +1,4 @@
-"""The `mcp_servers:` section of fleet.yaml: MCP servers by name, each a stdio command or a streamable HTTP URL.
+"""The `mcp_servers:` section of fleet.yaml: MCP servers by name: a stdio command or a streamable HTTP URL.
 
 ```yaml
 mcp_servers:
@@ -25,18 +25,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from fleetlm.errors import ConfigError
 
-# A server's name starts every tool name (`<server>__<tool>`, OpenAI's rule ^[A-Za-z0-9_-]{1,64}$), so it must
-# fit that rule itself, leave room for the tool's part, and hold no "__" (the split point back to the server).
-SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]|_(?!_))*$")
+# A server's name starts every tool name (`<server>__<tool>`), and those names must pass both OpenAI's rule
+# (^[A-Za-z0-9_-]{1,64}$) and the agent's (a Python identifier: the code agent calls tools as functions). So a
+# server name is an identifier without "__" (the split point back to the server), short enough to leave room.
+SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*$")
 MAX_SERVER_NAME = 24
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def check_server_name(name: str) -> str:
-    if not SERVER_NAME.match(name) or len(name) > MAX_SERVER_NAME or name.endswith("_"):
+    if not SERVER_NAME.match(name) or len(name) > MAX_SERVER_NAME:
         raise ValueError(
-            f"MCP server name {name!r} must be 1-{MAX_SERVER_NAME} letters, digits, '-' or single '_' "
-            "(not first or last): it prefixes its tools' names as <server>__<tool>"
+            f"MCP server name {name!r} must be 1-{MAX_SERVER_NAME} letters, digits and single '_' (a letter "
+            "first, no '_' last): it prefixes its tools' names as <server>__<tool>"
         )
     return name
 
@@ -55,7 +56,8 @@ class McpServerSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="stdio: added to HOME, PATH, USER, ...")
     cwd: str | None = Field(None, description="stdio: working directory of the server")
     url: str | None = Field(None, description="streamable HTTP: the endpoint, e.g. http://host:8000/mcp")
-    headers: dict[str, str] = Field(default_factory=dict, description="streamable HTTP: sent on every request")
+    headers: dict[str, str] = Field(default_factory=dict,
+                                    description="streamable HTTP: sent with each request")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="seconds to connect, and for each tool call")
 
     @model_validator(mode="before")
@@ -125,3 +127,26 @@ def parse_servers(data: object, source: str = "mcp_servers") -> dict[str, McpSer
         where = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{source}: {where}: {msg}") from None
+
+
+def load_servers(path: str | os.PathLike[str]) -> dict[str, McpServerSpec]:
+    """The `mcp_servers` of a fleet.yaml (validated whole, as `fleet serve` would), or of a file holding only
+    that section."""
+    from pathlib import Path
+
+    import yaml
+
+    from fleetlm.config import load_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and "models" in data:
+        return load_config(path).mcp_servers
+    if not isinstance(data, dict) or set(data) - {"mcp_servers"}:
+        raise ConfigError(f"{path}: expected a fleet.yaml, or a mapping with only an 'mcp_servers' section")
+    return parse_servers(data.get("mcp_servers"), f"{path}: mcp_servers")
