@@ -8,7 +8,8 @@ How it is isolated (docs/DESIGN-NOTES.md says the same):
 - The filesystem is an empty read-only root with read-only binds of /usr (and the /bin, /lib* links), of
   the interpreter's own prefix when it lives elsewhere, a minimal /dev and its own /proc. The only
   writable place is the program's temporary folder, mounted at /sandbox (its cwd, HOME and TMPDIR). The
-  repository, /tmp and /home are not visible at all.
+  repository, /tmp and /home are not visible at all. A caller may add read-only binds (`binds`): the tool
+  bridge (sandbox/bridge.py) shares one folder holding its Unix socket, the program's only way out.
 - Run as root, we drop to uid/gid 65534 (nobody) before starting bwrap, because the kernel never applies
   RLIMIT_NPROC to root: that limit is what stops a fork bomb.
 - A launcher inside the sandbox sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ MAX_OUTPUT_BYTES = 64 * 1024
 FILE_SIZE_LIMIT = 16 * 1024 * 1024
 MAX_PROCESSES = 32
 MAX_OPEN_FILES = 256
+_RESERVED = {"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/dev", INSIDE}
 
 # Runs inside the sandbox: set the limits, then replace itself with the program (limits survive exec).
 _LAUNCHER = """\
@@ -98,7 +101,7 @@ def _interpreter() -> tuple[str, str | None]:
     raise SandboxError("no Python the sandbox user can read (tried the running one and /usr/bin/python3)")
 
 
-def _bwrap_args(box: Path) -> list[str]:
+def _bwrap_args(box: Path, binds: Sequence[tuple[str, str]] = ()) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxError("bubblewrap is not installed (apt-get install bubblewrap; `make setup` as root)")
@@ -112,8 +115,10 @@ def _bwrap_args(box: Path) -> list[str]:
     _, prefix = _interpreter()
     if prefix:
         args += ["--ro-bind", prefix, prefix]
-    args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(box), INSIDE, "--chdir", INSIDE,
-             "--remount-ro", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
+    args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(box), INSIDE]
+    for host, inside in binds:  # read-only, e.g. the tool bridge's socket folder (sandbox/bridge.py)
+        args += ["--ro-bind", host, inside]
+    args += ["--chdir", INSIDE, "--remount-ro", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
              "--setenv", "HOME", INSIDE, "--setenv", "TMPDIR", INSIDE, "--setenv", "LANG", "C.UTF-8",
              "--setenv", "PYTHONHASHSEED", "0"]
     return args
@@ -199,7 +204,8 @@ def _describe(returncode: int, stderr: str) -> str:
     return f"exit {returncode}: {last[:200]}" if last else f"exit {returncode}"
 
 
-def _run(source: str, timeout_s: float, memory_mb: int, stdin: str | None) -> SandboxResult:
+def _run(source: str, timeout_s: float, memory_mb: int, stdin: str | None,
+         binds: Sequence[tuple[str, str]] = ()) -> SandboxResult:
     python, _ = _interpreter()
     root = Path(tempfile.mkdtemp(prefix="fleet-sandbox-"))
     try:
@@ -212,7 +218,7 @@ def _run(source: str, timeout_s: float, memory_mb: int, stdin: str | None) -> Sa
             root.chmod(0o711)  # nobody may pass through to box/, not list or read the rest
             os.chown(box, NOBODY, NOBODY)
         (root / "stdin").write_text(stdin or "")
-        args = [*_bwrap_args(box), python, "-I", "-B", "-c", launcher]
+        args = [*_bwrap_args(box, binds), python, "-I", "-B", "-c", launcher]
         start = time.monotonic()
         timed_out = False
         with (root / "stdin").open("rb") as fin, (root / "stdout").open("wb") as fout, \
@@ -269,9 +275,18 @@ def sandbox_available() -> bool:
 
 
 def run_python(source: str, *, timeout_s: float = 10.0, memory_mb: int = 512,
-               stdin: str | None = None) -> SandboxResult:
-    """Run `source` as a Python program in the sandbox; never runs it unsandboxed (raises SandboxError)."""
+               stdin: str | None = None, binds: Sequence[tuple[str, str]] = ()) -> SandboxResult:
+    """Run `source` as a Python program in the sandbox; never runs it unsandboxed (raises SandboxError).
+
+    `binds` are (host path, path inside) pairs mounted read-only, for what the caller means to share
+    (sandbox/bridge.py shares one folder holding its Unix socket); the inside path must be a new top folder.
+    """
     if timeout_s <= 0 or memory_mb < 32:
         raise SandboxError(f"need timeout_s > 0 and memory_mb >= 32, got {timeout_s} and {memory_mb}")
+    for host, inside in binds:
+        top = inside.rstrip("/")
+        if not top.startswith("/") or top.count("/") != 1 or top in _RESERVED or not os.path.exists(host):
+            raise SandboxError(f"cannot bind {host!r} at {inside!r}: the host path must exist and the inside "
+                               f"path be a new top-level folder (not {', '.join(sorted(_RESERVED))})")
     check_sandbox()
-    return _run(source, timeout_s, memory_mb, stdin)
+    return _run(source, timeout_s, memory_mb, stdin, binds)
