@@ -22,6 +22,8 @@ def test_stdio_and_http_servers():
     assert servers["one"].argv() == ["my-server"]           # a string command is a one-item list
     assert servers["web"].transport == "http" and servers["web"].timeout_s == 5
     assert servers["files"].timeout_s == 30.0
+    assert servers["web"].handshake_timeout_s == 5                  # connect_timeout_s defaults to timeout_s
+    assert parse_servers({"s": {"command": "x", "connect_timeout_s": 90}})["s"].handshake_timeout_s == 90
 
 
 @pytest.mark.parametrize("spec, message", [

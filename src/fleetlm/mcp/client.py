@@ -13,7 +13,7 @@ name). Server names are identifiers without "__" (fleetlm.mcp.config), so the fi
 
 Each server's connection lives in its own task (`_Connection`): the SDK's transports are anyio task groups
 and cancel scopes, which must be entered and left by one task, while calls come from whichever task needs
-them. Every wait is bounded: the handshake by the server's `timeout_s`, each call by its timeout, a server
+them. Every wait is bounded: the start by `connect_timeout_s`, each call by `timeout_s`, a server
 that goes away by the connection's task ending; the stdio transport kills the server's process group on
 close, and a failed start reports only after the process is gone.
 """
@@ -241,7 +241,7 @@ class _Connection:
             # One scope around the whole session: its deadline bounds the handshake and is lifted once
             # connected; close() cancels it. (A scope of its own around the handshake alone would be left
             # while the transport's task group, entered inside it, is still open: anyio forbids that.)
-            with anyio.CancelScope(deadline=anyio.current_time() + self.spec.timeout_s) as scope:
+            with anyio.CancelScope(deadline=anyio.current_time() + self.spec.handshake_timeout_s) as scope:
                 self._scope = scope
                 async with AsyncExitStack() as stack:
                     transport = await self._transport(stack)
@@ -293,10 +293,11 @@ class _Connection:
         """Start the server (or reach it), hand-shake and list its tools; a typed error when it cannot."""
         self.task = asyncio.get_running_loop().create_task(self._hold(), name=f"mcp-{self.name}")
         try:
-            await asyncio.wait_for(self._ready.wait(), self.spec.timeout_s + _CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(self._ready.wait(), self.spec.handshake_timeout_s + _CLOSE_TIMEOUT_S)
         except asyncio.TimeoutError:
             await self.close()
-            raise McpConnectError(f"MCP server {self.name} did not start within {self.spec.timeout_s:g} s"
+            raise McpConnectError(f"MCP server {self.name} did not start within "
+                                  f"{self.spec.handshake_timeout_s:g} s"
                                   + self.stderr_tail()) from None
         if self.failure is not None or self.client is None:
             raise self._connect_error(self.failure)
@@ -316,7 +317,8 @@ class _Connection:
         # TimeoutError first: it is an OSError too.
         if isinstance(exc, (TimeoutError, asyncio.CancelledError)):
             return McpConnectError(f"MCP server {self.name} ({self._where()}) did not complete the MCP "
-                                   f"handshake within {self.spec.timeout_s:g} s" + self.stderr_tail())
+                                   f"handshake within {self.spec.handshake_timeout_s:g} s"
+                                   + self.stderr_tail())
         if isinstance(exc, FileNotFoundError):
             return McpConnectError(f"MCP server {self.name}: command not found: {self.spec.argv()[0]!r}")
         if isinstance(exc, OSError) and self.spec.command is not None:
@@ -586,7 +588,7 @@ class McpToolbox:
 
     def _bound(self, servers: Iterable[str] | None = None, timeout_s: float | None = None) -> float:
         specs = [self.servers[s] for s in (servers or self.servers) if s in self.servers]
-        longest = max([s.timeout_s for s in specs], default=30.0)
+        longest = max([max(s.timeout_s, s.handshake_timeout_s) for s in specs], default=30.0)
         return 2 * (timeout_s or 0) + 2 * longest + 2 * _CLOSE_TIMEOUT_S
 
     def list_tools(self, servers: Iterable[str] | None = None) -> list[McpTool]:

@@ -8,7 +8,7 @@ mcp_servers:
   search:
     url: http://127.0.0.1:9000/mcp
     headers: {Authorization: "Bearer ${SEARCH_TOKEN}"}
-    timeout_s: 60
+    timeout_s: 60             # each tool call; connect_timeout_s (default: the same) bounds the start
 ```
 
 Values of `env` and `headers` may name environment variables as `${NAME}`, so secrets stay out of the file;
@@ -58,7 +58,10 @@ class McpServerSpec(BaseModel):
     url: str | None = Field(None, description="streamable HTTP: the endpoint, e.g. http://host:8000/mcp")
     headers: dict[str, str] = Field(default_factory=dict,
                                     description="streamable HTTP: sent with each request")
-    timeout_s: float = Field(30.0, gt=0, le=3600, description="seconds to connect, and for each tool call")
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="seconds for each tool call (and to connect)")
+    connect_timeout_s: float | None = Field(
+        None, gt=0, le=3600,
+        description="seconds to start or reach the server, hand-shake and list its tools; default timeout_s")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +86,10 @@ class McpServerSpec(BaseModel):
             if self.args or self.env or self.cwd:
                 raise ValueError("args, env and cwd are for a command server, not a url one")
         return self
+
+    @property
+    def handshake_timeout_s(self) -> float:
+        return self.connect_timeout_s if self.connect_timeout_s is not None else self.timeout_s
 
     @property
     def transport(self) -> str:
