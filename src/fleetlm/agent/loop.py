@@ -334,7 +334,7 @@ class Agent:
         t.prompt_tokens += pt
         t.completion_tokens += ct
         t.cost_usd += cost
-        t.models[answered_by] += 1
+        t.count(answered_by)
         message = completion.choices[0].message if completion.choices else None
         return Reply(message, model, answered_by, pt, ct, cost, seconds, escalation)
 

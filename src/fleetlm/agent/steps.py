@@ -9,7 +9,6 @@ carry zeros there. `RunTotals` adds a run up; the final step holds a copy.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ class RunTotals:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
-    models: Counter = field(default_factory=Counter)  # answering model -> requests
+    models: dict[str, int] = field(default_factory=dict)  # answering model -> requests
 
     @property
     def tokens(self) -> int:
@@ -40,14 +39,21 @@ class RunTotals:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cost_usd += other.cost_usd
-        self.models.update(other.models)
+        for model, n in other.models.items():
+            self.count(model, n)
+
+    def count(self, model: str, n: int = 1) -> None:
+        self.models[model] = self.models.get(model, 0) + n
+
+    def most_used(self) -> list[tuple[str, int]]:
+        return sorted(self.models.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def copy(self) -> RunTotals:
         return RunTotals(self.requests, self.prompt_tokens, self.completion_tokens, self.cost_usd,
-                         self.seconds, Counter(self.models))
+                         self.seconds, dict(self.models))
 
     def summary(self) -> str:
-        models = ", ".join(f"{m} x{n}" for m, n in self.models.most_common())
+        models = ", ".join(f"{m} x{n}" for m, n in self.most_used())
         return (f"{self.requests} requests, {self.prompt_tokens} prompt + {self.completion_tokens} "
                 f"completion tokens, ${self.cost_usd:.6f}, {self.seconds:.1f} s"
                 + (f" ({models})" if models else ""))
@@ -72,8 +78,6 @@ class Step:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = self.kind
-        if isinstance(d.get("totals"), dict):
-            d["totals"]["models"] = dict(d["totals"]["models"])
         return d
 
     def detail(self) -> str:
