@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -170,6 +172,20 @@ def test_a_server_that_dies_mid_call_is_a_typed_error_then_restarted():
         assert box.call("echo__echo", {"text": "b"}) == "b"   # the next call starts the server again
         second = descendants() - before
         assert len(second) == 1 and second != first
+    assert not wait_no_descendants(before, 2.0)
+
+
+def test_a_server_that_exited_while_idle_is_started_again_for_the_next_call():
+    before = descendants()
+    with McpToolbox({"echo": echo_spec()}) as box:
+        assert box.call("echo__echo", {"text": "a"}) == "a"
+        (pid,) = descendants() - before
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pid in descendants() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert box.call("echo__echo", {"text": "b"}) == "b"
+        assert pid not in descendants() and len(descendants() - before) == 1
     assert not wait_no_descendants(before, 2.0)
 
 

@@ -156,6 +156,7 @@ class _StderrTail:
         read_fd, write_fd = os.pipe()
         self.file = os.fdopen(write_fd, "w")  # the child's stderr
         self._lines: deque[str] = deque(maxlen=_STDERR_LINES)
+        self.closed = threading.Event()  # every writer is gone: the server (and what it started) has exited
         self._thread = threading.Thread(target=self._read, args=(os.fdopen(read_fd, "rb"), server),
                                         name=f"mcp-stderr-{server}", daemon=True)
         self._thread.start()
@@ -167,6 +168,7 @@ class _StderrTail:
                 if line:
                     self._lines.append(line)
                     log.debug("mcp server %s: %s", server, line)
+        self.closed.set()
 
     def release(self) -> None:
         """Close our copy of the write end: the reader ends once the server (and what it started) exits."""
@@ -338,7 +340,10 @@ class _Connection:
 
     @property
     def alive(self) -> bool:
-        return self.client is not None and self.task is not None and not self.task.done()
+        # A stdio server that exited while idle closed its stderr: start it again before the next call rather
+        # than fail that call (the session itself only notices when a request is sent).
+        exited = self._stderr is not None and self._stderr.closed.is_set()
+        return self.client is not None and self.task is not None and not self.task.done() and not exited
 
     async def call(self, tool: McpTool, arguments: dict[str, Any], timeout_s: float) -> str:
         from mcp import MCPError
