@@ -233,8 +233,9 @@ class FleetConfig(_Strict):
         "None: $FLEET_REDIS_URL, else counters in this process"
     )
     ray: RaySpec | None = Field(None, description="replicas when served on Ray Serve (fleet serve --ray)")
-    mcp_servers: McpServers = Field(default_factory=dict, description="MCP servers whose tools agents and the "
-                                    "gateway may call (fleetlm.mcp.config), tools named <server>__<tool>")
+    mcp_servers: McpServers = Field(
+        default_factory=dict, description="MCP servers whose tools agents and the gateway may call "
+                                          "(fleetlm.mcp.config), tools named <server>__<tool>")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
