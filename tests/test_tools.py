@@ -435,3 +435,50 @@ def test_a_conversation_the_template_rejects_is_a_400_and_the_model_keeps_servin
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- real catalog models
+
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+
+def _catalog_client(name: str, engine: str, tmp_path):
+    from fastapi.testclient import TestClient
+
+    cfg = parse_config({"models": {name: {"catalog": name, "engine": engine}}})
+    return TestClient(create_app(cfg, UsageStore(f"sqlite:///{tmp_path / 'u.db'}"), build_backends(cfg)))
+
+
+@pytest.mark.parametrize("engine", ["llama_cpp", "fleetlm"])
+def test_smollm2_forced_calls_parse_and_match_on_both_engines(smollm2_gguf, tmp_path, engine):
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Add 2 and 40."}],
+            "tools": TOOLS, "tool_choice": "required", "temperature": 0, "max_tokens": 60}
+    with _catalog_client("smollm2-135m-instruct", engine, tmp_path) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert whole["finish_reason"] == "tool_calls"
+        call = whole["message"]["tool_calls"][0]["function"]
+        jsonschema.validate(json.loads(call["arguments"]), PARAMS[call["name"]])
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    deltas = [tc for ch in lines for c in ch["choices"] for tc in c["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == call["name"]
+    assert "".join(d["function"].get("arguments") or "" for d in deltas) == call["arguments"]  # same call
+
+
+def test_qwen_calls_a_tool_under_auto_in_its_own_format(tmp_path):
+    from fleetlm.catalog import installed_path
+
+    if installed_path(QWEN) is None:
+        pytest.skip(f"{QWEN} is not installed (fleet models pull {QWEN}); the suite never downloads it")
+    with _catalog_client(QWEN, "llama_cpp", tmp_path) as client:
+        ask = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+        body = {"model": QWEN, "messages": ask, "tools": TOOLS, "temperature": 0, "max_tokens": 80}
+        r = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert r["finish_reason"] == "tool_calls"
+        call = r["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] == "Paris"
+        text = client.post("/v1/chat/completions", json={
+            "model": QWEN, "messages": [{"role": "user", "content": "Say hello in French."}],
+            "tools": TOOLS, "temperature": 0, "max_tokens": 20}).json()["choices"][0]
+    assert text["message"].get("tool_calls") is None and text["message"]["content"]
