@@ -333,3 +333,17 @@ def test_bfcl_options_are_checked(app):
     assert isinstance(result.exception, FleetError) and "unknown BFCL category 'sql'" in str(result.exception)
     result = CliRunner().invoke(app, ["eval", "--bench", "gsm8k", "--model", "x", "--category", "simple"])
     assert isinstance(result.exception, FleetError) and "for --bench bfcl" in str(result.exception)
+
+
+def test_a_refused_request_scores_zero_and_the_run_goes_on_but_a_broken_endpoint_stops_it():
+    from fleetlm.evals.harness import EvalError
+
+    with UpstreamServer() as up:
+        summary, results = bfcl.evaluate(f"{up.base_url}#badreq", categories=["simple"], limit=2,
+                                         progress=False)
+        assert up.calls["badreq"] == 2  # a 400 is not retried
+        assert all("constrained_decoding" not in b for b in up.payloads)  # nothing sent by default
+        assert summary["kinds"]["error"] == 2 and summary["correct"] == 0
+        assert "answered 400: context too long" in results[0].detail
+        with pytest.raises(EvalError, match="answered 500"):
+            bfcl.evaluate(f"{up.base_url}#broken", categories=["simple"], limit=1, progress=False)
