@@ -103,15 +103,16 @@ ROWS = {
 def summarize(outcomes: list[Outcome], configs: list[str]) -> str:
     """The configurations side by side: one column each, then success per task family."""
     groups = {c: [o for o in outcomes if o.config == c] for c in configs}
-    lines = [f"{'':<24}" + "".join(f"{c[:28]:>30}" for c in configs)]
+    width = max(16, *(len(c) + 2 for c in configs))  # a ladder's name is long; it is the column's title
+    lines = [f"{'':<24}" + "".join(f"{c:>{width}}" for c in configs)]
     for label, fn in ROWS.items():
-        lines.append(f"{label:<24}" + "".join(f"{fn(g):>30}" for g in groups.values()))
+        lines.append(f"{label:<24}" + "".join(f"{fn(g):>{width}}" for g in groups.values()))
     for fam in sorted({o.family for o in outcomes}):
         cells = []
         for g in groups.values():
             f = [o for o in g if o.family == fam]
             cells.append(f"{sum(o.passed for o in f)}/{len(f)}")
-        lines.append(f"  {fam:<22}" + "".join(f"{c:>30}" for c in cells))
+        lines.append(f"  {fam:<22}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 

@@ -234,6 +234,16 @@ def test_sql_refuses_other_files_and_bad_sql(tmp_path):
         sql.call({"query": "SELECT 1; SELECT 2"})
 
 
+def test_a_wrong_name_gets_the_schema_back(tmp_path):
+    sql = sqlite_tool(tmp_path / "db.sqlite")
+    sql.call({"query": "CREATE TABLE employees (name TEXT, dept TEXT, salary INTEGER)"})
+    with pytest.raises(ToolError, match=r"no such column: department; the tables are: "
+                                        r"employees\(name TEXT, dept TEXT, salary INTEGER\)$"):
+        sql.call({"query": "SELECT department FROM employees"})
+    with pytest.raises(ToolError, match=r"no such table: staff; the tables are: employees\("):
+        sql.call({"query": "SELECT * FROM staff"})
+
+
 def test_sql_stops_a_runaway_query(tmp_path):
     endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
     with pytest.raises(ToolError, match="longer than 0.2 s"):

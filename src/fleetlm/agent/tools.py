@@ -441,6 +441,19 @@ def _authorizer(action: int, arg1: str | None, arg2: str | None, db: str | None,
     return sqlite3.SQLITE_OK
 
 
+def _schema(conn: sqlite3.Connection) -> str:
+    try:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        tables = [r[0] for r in rows]
+        parts = []
+        for t in tables[:20]:
+            cols = [f"{c[1]} {c[2]}".strip() for c in conn.execute(f"PRAGMA table_info({json.dumps(t)})")]
+            parts.append(f"{t}({', '.join(cols)})")
+    except sqlite3.Error:
+        return "(unreadable)"
+    return "; ".join(parts) or "(none)"
+
+
 def run_sql(db_path: str | Path, statement: str, *, max_rows: int = MAX_ROWS,
             seconds: float = SQL_SECONDS) -> str:
     """Run one SQL statement; rows come back as JSON lines under a `columns:` line, changes are committed."""
@@ -461,7 +474,10 @@ def run_sql(db_path: str | Path, statement: str, *, max_rows: int = MAX_ROWS,
         except sqlite3.Error as exc:
             if time.monotonic() > deadline:
                 raise ToolError(f"the statement ran longer than {seconds:g} s and was stopped") from exc
-            raise ToolError(f"SQL error: {exc}") from exc
+            # A model that guessed a name wrong needs the real ones to try again (it cannot see the file).
+            unknown = re.search(r"no such (column|table)", str(exc))
+            hint = f"; the tables are: {_schema(conn)}" if unknown else ""
+            raise ToolError(f"SQL error: {exc}{hint}") from exc
         columns = [d[0] for d in cur.description]
         lines = ["columns: " + ", ".join(columns)]
         lines += [json.dumps(list(r), ensure_ascii=False, default=str) for r in rows[:max_rows]]
