@@ -10,7 +10,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fleetlm.serve.errors import BadRequest
 
@@ -76,6 +85,54 @@ class Tool(_Request):
     function: FunctionDef
 
 
+class McpServerTool(_Request):
+    """A `{"type": "mcp"}` tools entry, in the shape of OpenAI's Responses API: the tools of one of the MCP
+    servers fleet.yaml names (`server_label`), which the gateway lists and calls (serve/mcp_tools.py)."""
+
+    type: Literal["mcp"]
+    server_label: str = Field(min_length=1, max_length=64)
+    allowed_tools: list[str] | None = None  # the server's own tool names (or <server>__<tool>); None: all
+    require_approval: str | dict[str, Any] | None = None
+    server_description: str | None = None
+    # Which servers exist and how they are reached come from fleet.yaml only: a request must not make the
+    # gateway start a process or reach a URL. These fields are read only to refuse them.
+    server_url: Any = Field(None, exclude=True)
+    connector_id: Any = Field(None, exclude=True)
+    headers: Any = Field(None, exclude=True)
+    authorization: Any = Field(None, exclude=True)
+
+    @field_validator("server_url", "connector_id", "headers", "authorization")
+    @classmethod
+    def _only_configured_servers(cls, v: Any, info: Any) -> Any:
+        if v is not None:
+            raise ValueError(f"{info.field_name} is not accepted: this gateway calls only the MCP servers "
+                             "its fleet.yaml names (mcp_servers), chosen by server_label")
+        return v
+
+    @field_validator("require_approval")
+    @classmethod
+    def _never(cls, v: Any) -> Any:
+        if v not in (None, "never"):
+            raise ValueError("only 'never' is supported: the gateway runs MCP tools without asking for "
+                             "approval")
+        return v
+
+
+def _tool_kind(v: Any) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return {"function": "function-tool", "mcp": "mcp-tool"}.get(kind) if isinstance(kind, str) else None
+
+
+# A tools entry, told apart by its type. The tags hold a "-" so that parse_request leaves them out of an
+# error's param (as it does pydantic's union member labels): a bad function tool is still
+# "tools.0.function.name".
+ToolEntry = Annotated[
+    Annotated[Tool, Tag("function-tool")] | Annotated[McpServerTool, Tag("mcp-tool")],
+    Discriminator(_tool_kind, custom_error_type="tool_type",
+                  custom_error_message="a tool's type must be 'function' or 'mcp'"),
+]
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -120,7 +177,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    # Function tools, and {"type": "mcp"} entries, which the gateway turns into their servers' function
+    # tools before any backend sees the request (serve/mcp_tools.py): backends only get Tool entries.
+    tools: list[ToolEntry] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # OpenAI's default: several calls may come in one answer
     response_format: ResponseFormat | None = None
