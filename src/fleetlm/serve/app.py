@@ -9,6 +9,7 @@ tokens, cost) goes to `x-fleet-route`, the usage log's `checks` and the body's `
 costs the sum over its attempts. A streamed cascade request buffers each checked answer whole and streams
 the kept one; the last model of the ladder, unchecked, streams live. A recorded model's answer (replay) is
 labelled: `model` is the recorded name (`...@recorded`), x-fleet-route says recorded, and so does the log.
+A chat request with `{"type": "mcp"}` tools runs its rounds of MCP calls in serve/mcp_tools.py (a row each).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
+from fleetlm.mcp.client import AsyncMcpToolbox
+from fleetlm.serve import mcp_tools
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
@@ -105,6 +108,7 @@ class _Call:
     tally: Any = None  # a stream's token counts so far (failover.Tally)
     prompt: str | None = None  # with log_content: the request's messages as JSON
     response: str | None = None  # with log_content: the first choice's answer
+    mcp: Any = None  # a request with mcp tools: its tool loop so far (serve/mcp_tools.McpRun)
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -114,6 +118,8 @@ class _Call:
         }
         if cost is not None:
             h["x-fleet-cost-usd"] = f"{cost:.8f}"
+        if self.mcp is not None:
+            h["x-fleet-mcp-calls"] = str(len(self.mcp.calls))
         return h
 
     def route_header(self) -> str:
@@ -144,6 +150,8 @@ class Gateway:
         self.limits = Limits(config, store)
         self.metrics = Metrics()
         self.tracing = Tracing.from_env()
+        # The fleet's MCP servers, for requests with mcp tools; each is started (or reached) on first use.
+        self.mcp = AsyncMcpToolbox(config.mcp_servers)
 
     async def _find_key(self, secret: str) -> ApiKey | None:
         now = time.monotonic()
@@ -343,6 +351,8 @@ class Gateway:
             await self.authorize(request, call)
             chain = await self.resolve(parsed.model, parsed, call)
             self.reserve(parsed, chain, call)
+            if mcp_tools.requested(parsed):  # mcp entries become their servers' tools (or a 400 / 424)
+                parsed = await mcp_tools.prepare(self, parsed, call)
             if endpoint == "embeddings":
                 return await self._embeddings(parsed, chain, call)
             call.stream = parsed.stream
@@ -374,8 +384,10 @@ class Gateway:
         def attempt(b: Backend) -> Awaitable[Generation]:
             return b.chat(req) if chat else b.complete(req)
 
-        if call.plan is not None:
-            gen: Generation = await self._climb(req, call, chat=chat)
+        if call.mcp is not None:  # rounds of MCP calls, then the answer (serve/mcp_tools.py)
+            req, gen = await mcp_tools.whole_rounds(self, req, chain, call)
+        elif call.plan is not None:
+            gen = await self._climb(req, call, chat=chat)
         else:
             gen = await self.first_success(chain, call, attempt)
         if call.cascade:
@@ -414,6 +426,8 @@ class Gateway:
             call.response = gen.choices[0].text or ""
         cost = await self.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
         data = body.model_dump(exclude_none=True)
+        if call.mcp is not None:  # the tool rounds' usage and cost, and the calls that ran
+            cost = call.mcp.annotate(data, cost)
         extension = {**(gen.fleet or {}), **({"attempts": call.attempts} if call.attempts else {})}
         if extension:  # our additions sit under one key, so the OpenAI shape stays as it is
             data["fleet"] = extension
@@ -484,7 +498,9 @@ class Gateway:
         def open_stream(backend: Backend) -> Awaitable[tuple[AsyncIterator[Delta], Delta | None]]:
             return self._open_stream(backend, req, chat)
 
-        if call.plan is not None:
+        if call.mcp is not None:  # rounds of MCP calls, then the answer's stream (serve/mcp_tools.py)
+            req, deltas, first = await mcp_tools.stream_rounds(self, req, chain, call)
+        elif call.plan is not None:
             # Each checked answer is generated whole and checked before anything is sent; the kept one is
             # replayed as one piece per choice, or the last model's stream is passed on as it comes.
             climbed = await self._climb(req, call, chat=chat, stream=True)
@@ -531,8 +547,12 @@ class Gateway:
 
         def piece(d: Delta, first_of_choice: bool) -> str:
             if chat:
+                # the MCP calls that ran before this answer ride on its first piece
+                mcp = call.mcp is not None and first_of_choice and d.index == 0
+                ran = {"fleet_mcp_calls": call.mcp.calls} if mcp else {}
                 delta = ChunkDelta(
-                    role="assistant" if first_of_choice else None, content=d.text, tool_calls=d.tool_calls
+                    role="assistant" if first_of_choice else None, content=d.text, tool_calls=d.tool_calls,
+                    **ran,
                 )
                 return event(
                     [
@@ -569,7 +589,7 @@ class Gateway:
                 await self.log(call, 200, *usage)
                 status, error = 200, None
                 if req.include_usage():
-                    yield event([], Usage.of(*usage))
+                    yield event([], Usage.of(*(call.mcp.total(usage) if call.mcp else usage)))
                 if call.failovers:  # the switch to a fallback, in a final chunk's metadata
                     yield event([], fleet={"failover": call.failovers, "model": call.model_used})
                 yield "data: [DONE]\n\n"
@@ -678,6 +698,7 @@ def create_app(
     async def close_backends() -> None:
         for b in backends.values():
             await b.aclose()
+        await gw.mcp.aclose()  # stops the MCP servers it started
 
     app = FastAPI(title="fleetlm gateway", version="0.1.0", on_shutdown=[close_backends])
     app.state.gateway = gw
