@@ -16,7 +16,7 @@ from fleetlm.model import SHIPPED_TINY_MODEL
 from fleetlm.model.tokenizer import Tokenizer
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
-from fleetlm.serve.protocol import ChatCompletionRequest
+from fleetlm.serve.protocol import ChatCompletionRequest, Tool
 from fleetlm.serve.store import UsageStore
 from fleetlm.serve.tools import (
     TOOLS_SYSTEM_PROMPT,
@@ -25,6 +25,7 @@ from fleetlm.serve.tools import (
     ToolError,
     parse_tool_calls,
     plan_chat,
+    tool_call_grammar,
 )
 
 WEATHER = {
@@ -218,11 +219,32 @@ def test_tagged_format_follows_a_template_that_writes_tool_call_tags(tiny_tokeni
     one, two = (f"<tool_call>\n{c}\n</tool_call>" for c in (CALL_ADD, CALL_WEATHER))
     assert accepts(plan.grammar, chatml, one) and accepts(plan.grammar, chatml, f"{one}\n{two}")
     assert accepts(plan.grammar, chatml, "Plain text.")
+    assert not accepts(plan.grammar, chatml, f"Let me look.\n{one}")  # a call never hides inside text
     assert not accepts(plan.grammar, chatml, CALL_ADD)  # untagged
     missing = '<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>'  # a and b are required
     assert not accepts(plan.grammar, chatml, missing)
     single = plan_chat(chat(tools=TOOLS, parallel_tool_calls=False), chatml)
     assert accepts(single.grammar, chatml, one) and not accepts(single.grammar, chatml, f"{one}\n{two}")
+
+
+def test_under_the_grammar_only_an_answer_that_opens_as_a_call_is_read_as_calls():
+    plan = ChatPlan([], mode="auto", tool_names=NAMES, calls_constrained=True)
+    text = f"Sure. {CALL_ADD}"
+    assert plan.shape(text, "stop") == (text, None, "stop")
+    content, calls, finish = plan.shape(f"```json\n{CALL_ADD}\n```", "stop")
+    assert content is None and finish == "tool_calls" and calls[0]["function"]["name"] == "add"
+
+
+def test_the_tag_may_be_the_vocabularys_own_token(tiny_tokenizer_dir):
+    chatml = Tokenizer.from_dir(tiny_tokenizer_dir("chatml")[0])
+    tools = [Tool.model_validate(t) for t in TOOLS]
+    grammar = tool_call_grammar(tools, "tagged", tag_ids=(5, 6))  # ids 5, 6 stand for the tag tokens
+    body = chatml.encode(f"\n{CALL_ADD}\n", add_special_tokens=False)
+    matcher = vocab_of(chatml).matcher(grammar)
+    assert matcher.consume_tokens([5, *body, 6]) and matcher.is_accepting()
+    spelled = vocab_of(chatml).matcher(grammar)  # and spelled out, as tokenizers without the token write it
+    ids = chatml.encode(f"<tool_call>\n{CALL_ADD}\n</tool_call>", add_special_tokens=False)
+    assert spelled.consume_tokens(ids) and spelled.is_accepting()
 
 
 def test_parallel_tool_calls_false_allows_one_call(tokenizer):

@@ -54,8 +54,8 @@ CallFormat = Literal["tagged", "json"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-TAG_OPEN, TAG_CLOSE = "<tool_call>\n", "\n</tool_call>"
-CALL_OPENERS = "<{["  # under the auto grammar, an answer opening with one of these is a call
+TAGS = ("<tool_call>", "</tool_call>")
+CALL_OPENERS = ("<", "{", "[", "```json")  # under the auto grammar, an answer opening so is a call
 TOOLS_SYSTEM_PROMPT = resources.files("fleetlm.serve").joinpath("prompts/tools_system.md").read_text().strip()
 
 
@@ -77,8 +77,8 @@ class ChatPlan:
 
     def shape(self, text: str, finish_reason: str) -> tuple[str | None, list[dict] | None, str]:
         """(content, tool_calls, finish_reason) of a finished choice, in OpenAI's shape."""
-        if self.mode == "none":
-            return text, None, finish_reason
+        if self.mode == "none" or (self.calls_constrained and opens_call(text) is False):
+            return text, None, finish_reason  # under the grammar, an answer not opened as a call is text
         parsed = parse_tool_calls(text, self.tool_names)
         if parsed is None:
             return text, None, finish_reason
@@ -106,7 +106,8 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
         allowed = [t for t in tools if t.function.name in chosen]
         auto = plan.mode == "auto"
         plan.grammar = tool_call_grammar(allowed, call_format, parallel=req.parallel_tool_calls is not False,
-                                         text=auto, response_schema=response_schema if auto else None)
+                                         text=auto, response_schema=response_schema if auto else None,
+                                         tag_ids=_tag_ids(tokenizer) if call_format == "tagged" else None)
         plan.calls_constrained = True
     elif req.constrained_decoding:
         plan.grammar = _response_grammar(req)
@@ -164,11 +165,13 @@ def _response_grammar(req: ChatCompletionRequest) -> Grammar | None:
 
 
 def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, parallel: bool = False,
-                      text: bool = False, response_schema: dict | None = None) -> Grammar:
+                      text: bool = False, response_schema: dict | None = None,
+                      tag_ids: tuple[int, int] | None = None) -> Grammar:
     """Calls of `tools` in `call_format` (one, or with `parallel` one or more); with `text`, or else text.
 
-    The alternative to calls is free text whose first visible character cannot open a call, or, when
-    response_format asks for JSON (`response_schema`), that JSON.
+    The alternative to calls is free text that does not open like a call, or, when response_format asks for
+    JSON (`response_schema`), that JSON. `tag_ids`: the token ids of `<tool_call>` and `</tool_call>` where
+    the vocabulary has them as single (special) tokens, which the model writes rather than spelling the tag.
     """
     rules = []
     for i, tool in enumerate(tools):
@@ -176,11 +179,16 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
         head = json.dumps(f'{{"name": "{tool.function.name}", "arguments": ')
         rules.append(f"call_{i}: {head} {lark_json(params)} \"}}\"")
     rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
+    rules.append('listed: call | "[" call (", " call)* "]"' if parallel else "listed: call")
     if call_format == "tagged":
-        rules.append(f"tagged: {json.dumps(TAG_OPEN)} call {json.dumps(TAG_CLOSE)}")
-        rules.append('calls: tagged ("\\n" tagged)*' if parallel else "calls: tagged")
+        for rule, tag, token in zip(("tag_open", "tag_close"), TAGS, tag_ids or (None, None), strict=True):
+            rules.append(f"{rule}: {json.dumps(tag)}" + (f" | <[{token}]>" if token is not None else ""))
+        rules.append('tagged: tag_open "\\n" call "\\n" tag_close')
+        rules.append('bare: tagged ("\\n" tagged)*' if parallel else "bare: tagged")
     else:
-        rules.append('calls: call | "[" call (", " call)* "]"' if parallel else "calls: call")
+        rules.append("bare: listed")
+    # Models also fence their calls in markdown; a fenced call is held to the grammar like a bare one.
+    rules.append('calls: bare | "```json\\n" listed "\\n```"')
     # Calls may open with a few blanks (models often start with a newline), never an endless run of them.
     rules.append(r"LEAD: /[ \t\n]{1,3}/")
     if not text:
@@ -190,13 +198,42 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
     elif response_schema is not None:
         # A literal call head beside a %json answer that also opens with `{"` defeats llguidance's lexer, so
         # the answer and a call are one JSON Schema here (and calls come one at a time).
-        as_schema = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                       "arguments": t.function.parameters or {"type": "object"}},
-                      "required": ["name", "arguments"]} for t in tools]
+        as_schema = [{"type": "object", "required": ["name", "arguments"],
+                      "properties": {"name": {"const": t.function.name},  # name first, as calls are written
+                                     "arguments": t.function.parameters or {"type": "object"}}}
+                     for t in tools]
         start = f"start: LEAD? answer\nanswer: {lark_json({'anyOf': [response_schema, *as_schema]})}"
     else:
-        start = "start: (LEAD? calls | TEXT)?\n" + r"TEXT: /[ \t\n]*[^ \t\n<{\[][\s\S]*/"
+        # Text: not blank, not opening like a call, and (tagged) with no call tag further on, so that a call
+        # is never written half inside the text where the grammar could not hold it.
+        no_tag = r" & ~/[\s\S]*<tool_call>[\s\S]*/" if call_format == "tagged" else ""
+        start = ("start: (LEAD? calls | TEXT)?\n"
+                 + r"TEXT: /[ \t\n]*[^ \t\n][\s\S]*/ & ~/[ \t\n]*([<{\[]|```json)[\s\S]*/" + no_tag)
     return lark_grammar(start + "\n" + "\n".join(rules) + "\n")
+
+
+def _tag_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of `<tool_call>` and `</tool_call>` when the vocabulary has each as one token."""
+    ids = []
+    for tag in TAGS:
+        token = tokenizer.token_id(tag) if hasattr(tokenizer, "token_id") else None
+        if token is None:
+            return None
+        ids.append(int(token))
+    return ids[0], ids[1]
+
+
+def opens_call(text: str) -> bool | None:
+    """Whether an answer opens like a call (the auto grammar's rule); None while it is too short to tell."""
+    head = text.lstrip()
+    if not head:
+        return None
+    for opener in CALL_OPENERS:
+        if head.startswith(opener):
+            return True
+        if opener.startswith(head):
+            return None
+    return False
 
 
 # ---------------------------------------------------------------- the prompt
@@ -338,9 +375,10 @@ class StreamPiece:
     finish_reason: str | None = None
 
 
-# Where a call starts in constrained output: after blanks, a list's "[" or ", ", or the newline between
-# tagged calls; then the tag (tagged format) and the call's fixed head.
-_CALL_HEAD = re.compile(r'[ \t\n\[,]*(?:<tool_call>\n)?\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
+# Where a call starts in constrained output: after blanks, a list's "[" or ", ", the newline between tagged
+# calls, or a fence; then the tag (tagged format) and the call's fixed head.
+_CALL_HEAD = re.compile(
+    r'[ \t\n\[,]*(?:```json\n\[?)?(?:<tool_call>\n)?\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
 _CALL_TAIL = re.compile(r"\}(?:\n</tool_call>)?")
 
 
@@ -389,16 +427,17 @@ class ToolCallStream:
             pieces.append(StreamPiece(text))
         else:
             self.buffer += text
-        if self.state is None:  # auto: the first visible character decides
-            stripped = self.buffer.lstrip()
-            if stripped:
-                openers = CALL_OPENERS if self.plan.calls_constrained else CALL_OPENERS + "`"
-                if stripped[0] in openers:
-                    self.state = "calls" if self.plan.calls_constrained else "held"
-                else:
-                    self.state = "text"
-                    pieces.append(StreamPiece(self.buffer))
-                    self.buffer = ""
+        if self.state is None:  # auto: how the answer opens decides
+            if self.plan.calls_constrained:
+                call = opens_call(self.buffer)
+            else:  # free output: hold anything that might be JSON or a tag, decide at the end
+                stripped = self.buffer.lstrip()
+                call = (stripped[0] in "<{[`") if stripped else None
+            if call is not None:
+                self.state = ("calls" if self.plan.calls_constrained else "held") if call else "text"
+            if self.state == "text":
+                pieces.append(StreamPiece(self.buffer))
+                self.buffer = ""
         if self.state == "calls":
             pieces += self._progress()
         if finish_reason is not None:
