@@ -176,6 +176,16 @@ def test_on_the_top_model_a_failure_retries_there(gw):
     assert steps[1].retry_model == "only" and gw.bodies()[1]["fleet_step"] == "retry"
 
 
+def test_an_answer_given_with_other_calls_waits_for_their_results(gw):
+    gw.script("small", call("calculator", {"expression": "6*7"}, ("final_answer", {"answer": "40"})),
+              call("final_answer", {"answer": "42"}))
+    steps = list(agent(gw, [calculator_tool()]).run("6*7?"))
+    assert kinds(steps) == ["action", "observation", "action", "final"] and steps[-1].answer == "42"
+    held = [m for m in gw.bodies()[1]["messages"] if m["role"] == "tool"]
+    assert held[0]["content"] == "42" and held[1]["content"].startswith("Not accepted: you answered before")
+    assert gw.bodies()[1]["fleet_step"] == "action"  # not a failure: no escalation
+
+
 def test_a_failing_call_next_to_final_answer_holds_the_answer_back(gw):
     gw.script("small", call("calculator", {"expression": "1/0"}, ("final_answer", {"answer": "inf"})),
               call("final_answer", {"answer": "undefined"}))

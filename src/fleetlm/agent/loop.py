@@ -552,6 +552,11 @@ class ToolCallingAgent(Agent):
                 yield self._error(run, None, "parse", f"final_answer needs an answer, got {call.arguments!r}")
             elif failed:
                 answer_tool(call, "Not accepted: another call in this step failed. Fix it first.")
+            elif len(calls) > len(finals):
+                # Small models call tools and answer in one breath, guessing the results (seen with the
+                # 1.5B on the agent benchmark): an answer counts only once the results were there to read.
+                answer_tool(call, "Not accepted: you answered before seeing the results of your other calls. "
+                                  "Read them, then call final_answer alone.")
             else:
                 run.answer, run.answer_call = answer, call.id
 
