@@ -186,6 +186,16 @@ def test_an_answer_given_with_other_calls_waits_for_their_results(gw):
     assert gw.bodies()[1]["fleet_step"] == "action"  # not a failure: no escalation
 
 
+def test_a_repeated_failing_call_is_pointed_out(gw):
+    bad = call("calculator", {"expression": "1/0"})
+    gw.script("small", bad, bad, call("final_answer", {"answer": "none"}))
+    steps = list(agent(gw, [calculator_tool()]).run("1/0?"))
+    assert kinds(steps) == ["action", "error", "action", "error", "action", "final"]
+    first, second = ([m for m in b["messages"] if m["role"] == "tool"][-1]["content"]
+                     for b in gw.bodies()[1:])
+    assert "made this exact call before" not in first and second.endswith("it failed: change it.")
+
+
 def test_a_failing_call_next_to_final_answer_holds_the_answer_back(gw):
     gw.script("small", call("calculator", {"expression": "1/0"}, ("final_answer", {"answer": "inf"})),
               call("final_answer", {"answer": "undefined"}))

@@ -129,6 +129,7 @@ class _Run:
     answer: str | None = None  # a candidate final answer, not checked yet
     answer_call: str = ""     # the final_answer tool call's id (tool-calling agent)
     sub: list[tuple[RunTotals, list[Step]]] = field(default_factory=list)  # managed agents' runs this step
+    failed_calls: set[str] = field(default_factory=set)  # calls that failed, as "name(arguments JSON)"
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -529,11 +530,16 @@ class ToolCallingAgent(Agent):
                 yield self._error(run, None, "unknown_tool" if isinstance(exc, UnknownToolError) else "parse",
                                   str(exc))
                 continue
+            key = f"{call.name}({json.dumps(call.arguments, sort_keys=True)})"
             try:
                 output = self._execute(run, tool, call.arguments)
             except ToolError as exc:
                 failed = True
-                answer_tool(call, f"Error: {exc}")
+                # Small models repeat a failing call word for word (the 1.5B did, five times): say so.
+                again = " You made this exact call before and it failed: change it." \
+                    if key in run.failed_calls else ""
+                run.failed_calls.add(key)
+                answer_tool(call, f"Error: {exc}{again}")
                 error = self._error(run, None, "tool", str(exc))
                 sub = self._observation(run)  # a managed agent that failed still spent its tokens
                 error.prompt_tokens, error.completion_tokens = sub.prompt_tokens, sub.completion_tokens
