@@ -16,6 +16,7 @@ import pytest
 
 from fake_openai import UpstreamServer, serving
 from fleetlm.config import parse_config
+from fleetlm.model import SHIPPED_TINY_MODEL
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
 from fleetlm.serve.errors import BadRequest
@@ -59,6 +60,7 @@ def gw(tmp_path_factory):
             "models": {
                 "planner": {"remote": upstream.base_url, "remote_model": "scripted", "price": PRICE},
                 "plain": {"remote": upstream.base_url, "remote_model": "m"},
+                "tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"},  # a local model (our engine)
             },
             "mcp_servers": {"echo": echo_spec(), "broken": echo_spec("exit")},
             "require_api_key": False,  # a key with a budget is used when given (one test), never required
@@ -322,6 +324,26 @@ def test_a_spent_budget_stops_the_loop_before_the_next_round(gw):
     logged = rows(gw, r.headers["x-request-id"])
     assert [x["status"] for x in logged] == [200, 429] and logged[0]["cost_usd"] > 0.01
     assert gw.store.spend(logged[0]["key_id"]) == pytest.approx(logged[0]["cost_usd"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_local_model_calls_an_mcp_tool_under_its_grammar(gw, stream):
+    # The tiny random model writes noise, but a forced call is held to the MCP tool's schema (two integers),
+    # so the call runs; after it tool_choice is auto, and the loop ends with text or at the round limit.
+    # Its calls take up to ~52 tokens (long numbers); 64 cut one in about 400 (finish "length": no call).
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 200, "stream": stream,
+            "tool_choice": "required", "tools": [{**ECHO, "allowed_tools": ["add"]}]}
+    r = gw.http.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        # split on newlines only: the model's noise may hold other line breaks (U+2028) that splitlines takes
+        first = json.loads(next(line[6:] for line in r.text.split("\n") if line.startswith("data: {")))
+        ran = first["choices"][0]["delta"]["fleet_mcp_calls"]
+    else:
+        ran = r.json()["choices"][0]["message"]["fleet_mcp_calls"]
+    assert ran and r.headers["x-fleet-mcp-calls"] == str(len(ran))
+    args = json.loads(ran[0]["arguments"])
+    assert ran[0]["name"] == "echo__add" and ran[0]["output"] == str(args["a"] + args["b"])
 
 
 def test_a_request_without_mcp_tools_is_unchanged(gw):
