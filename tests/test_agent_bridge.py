@@ -237,7 +237,7 @@ def test_code_failures_escalate(gw):
         errors = [s for s in steps if s.kind == "error"]
         assert len(errors) == 1 and errors[0].retry_model == "strong" and steps[-1].answer == "4"
         found.append((errors[0].error_type, errors[0].error.splitlines()[0]))
-    assert found[0] == ("parse", "the reply had no ```python code block")
+    assert found[0] == ("parse", "the reply had no ```python code block: 'I think the answer is 4.'")
     assert found[1] == ("parse", "syntax error on line 1: invalid syntax")
     assert found[2][0] == "code" and "ZeroDivisionError" in found[2][1]
     assert found[3][0] == "tool" and "division by zero" in found[3][1]

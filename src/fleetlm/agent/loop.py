@@ -621,7 +621,7 @@ class CodeAgent(Agent):
         code = extract_code(text)
         problem = None
         if code is None:
-            problem = "the reply had no ```python code block"
+            problem = f"the reply had no ```python code block: {' '.join(text.split())[:160]!r}"
         else:
             try:
                 ast.parse(code)  # parsing runs nothing: a syntax error is caught before the sandbox starts
