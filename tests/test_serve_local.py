@@ -6,12 +6,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fleetlm.config import parse_config
-from fleetlm.engine import Engine, GenerationRequest
+from fleetlm.engine import Engine, GenerationRequest, TokenEvent
 from fleetlm.model import SHIPPED_TINY_MODEL
+from fleetlm.model.tokenizer import Tokenizer
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import build_backends
 from fleetlm.serve.errors import BackendError
-from fleetlm.serve.local import LocalBackend
+from fleetlm.serve.local import LocalBackend, TokenStreamBackend
 from fleetlm.serve.protocol import ChatCompletionRequest, CompletionRequest
 from fleetlm.serve.store import UsageStore
 
@@ -242,3 +243,63 @@ def test_the_gateway_compiles_big_models_only(tmp_path, monkeypatch):
     assert wants_compile(small)
     monkeypatch.setenv("FLEET_COMPILE", "0")
     assert not wants_compile(big)
+
+
+class ScriptedBackend(TokenStreamBackend):
+    """Answers with scripted texts, one per request in order; records each request's constraint."""
+
+    def __init__(self, tokenizer, texts: list[str]) -> None:
+        self.name, self.tokenizer, self.texts, self.constraints = "scripted", tokenizer, list(texts), []
+
+    async def _events(self, request):
+        self.constraints.append(request.constraint)
+        text = self.texts.pop(0)
+        for k, piece in enumerate(text[i:i + 4] for i in range(0, len(text), 4)):
+            last = (k + 1) * 4 >= len(text)
+            yield 10, TokenEvent(0, 0, piece, "stop" if last else None)
+
+
+def _weather_request(**kw) -> ChatCompletionRequest:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    return ChatCompletionRequest(model="scripted", tools=[tool], **kw,
+                                 messages=[{"role": "user", "content": "Find me a restaurant"}])
+
+
+UNDECLARED = '{"name": "find_restaurant", "arguments": {"city": "Rome"}}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_of_an_undeclared_tool_is_asked_again_for_text(stream):
+    tokenizer = Tokenizer.from_dir(SHIPPED_TINY_MODEL)
+    backend = ScriptedBackend(tokenizer, [UNDECLARED, "I have no tool to find restaurants."])
+
+    async def run():
+        if not stream:
+            return await backend.chat(_weather_request())
+        return [d async for d in backend.stream_chat(_weather_request(stream=True))]
+
+    out = asyncio.run(run())
+    if stream:
+        text = "".join(d.text or "" for d in out if d.usage is None)
+        assert not any(d.tool_calls for d in out)
+        assert [d.finish_reason for d in out if d.finish_reason] == ["stop"]
+    else:
+        (choice,) = out.choices
+        text = choice.text
+        assert choice.tool_calls is None and choice.finish_reason == "stop"
+    assert text == "I have no tool to find restaurants."
+    # the second request is held to text: the grammar refuses anything that opens like a call
+    again = backend.constraints[1]
+    assert again is not None and again.grammar.text != backend.constraints[0].grammar.text
+
+
+def test_a_declared_call_is_kept_and_unconstrained_output_is_never_asked_again():
+    tokenizer = Tokenizer.from_dir(SHIPPED_TINY_MODEL)
+    call = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    backend = ScriptedBackend(tokenizer, [call])
+    choice = asyncio.run(backend.chat(_weather_request())).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.tool_calls[0]["function"]["name"] == "get_weather"
+    free = ScriptedBackend(tokenizer, [UNDECLARED])  # constrained_decoding false: the baseline, as it came
+    choice = asyncio.run(free.chat(_weather_request(constrained_decoding=False))).choices[0]
+    assert choice.text == UNDECLARED and choice.tool_calls is None and len(free.constraints) == 1

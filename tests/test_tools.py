@@ -199,7 +199,9 @@ CALL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c
         ("\n" * 5 + CALL_ADD, False, False),  # not many
         ('{"name": "add", "arguments": {"a": 1}}', False, False),  # b is required
         ('{"name": "add", "arguments": {"a": "one", "b": 2}}', False, False),  # a must be an integer
-        ('{"name": "mul", "arguments": {}}', False, False),  # not a tool
+        # an undeclared tool: auto lets the model name it (the backend then asks it for text), forced does not
+        ('{"name": "mul", "arguments": {}}', True, False),
+        ('{"name": "add", "arguments": {"x": 1}}', False, False),  # a declared tool keeps its schema
         ('{"city": "Rome"}', False, False),  # JSON that is not a call
         (f"[{CALL_ADD}, {CALL_WEATHER}]", True, True),  # parallel calls: a list
         (f"{CALL_ADD} and more", False, False),  # a call, once begun, ends the answer
@@ -504,3 +506,12 @@ def test_qwen_calls_a_tool_under_auto_in_its_own_format(tmp_path):
             "model": QWEN, "messages": [{"role": "user", "content": "Say hello in French."}],
             "tools": TOOLS, "temperature": 0, "max_tokens": 20}).json()["choices"][0]
     assert text["message"].get("tool_calls") is None and text["message"]["content"]
+
+
+def test_stream_stops_at_a_call_of_an_undeclared_tool(tokenizer):
+    plan = plan_chat(chat(tools=TOOLS), tokenizer)
+    stream = ToolCallStream(plan)
+    pieces = stream.push('{"name": "mul", "arguments": ', None) + stream.push("{}}", None)
+    assert stream.undeclared and not any(p.tool_calls for p in pieces)  # nothing of it reached the client
+    assert plan.undeclared_call('{"name": "mul", "arguments": {}}')
+    assert not plan.undeclared_call(CALL_ADD) and not plan.undeclared_call("mul it")

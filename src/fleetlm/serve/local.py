@@ -8,6 +8,7 @@ batch in flight to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import queue
 import sys
@@ -187,6 +188,17 @@ class TokenStreamBackend:
                 reasons[i] = ev.finish_reason
             if ev.logprob is not None:
                 lps[i].append({"token": ev.text, "logprob": ev.logprob, "top_logprobs": []})
+        redo = [i for i in range(len(reqs)) if plan is not None and plan.undeclared_call(texts[i])]
+        if redo:  # a call of a tool the request did not declare: that choice is asked again, for text
+            assert plan is not None and plan.text_grammar is not None
+            again = [self._text_request(reqs[i], plan) for i in redo]
+            texts_again, reasons_again = [""] * len(redo), [None] * len(redo)
+            async for j, _, ev in self._merged(again):
+                texts_again[j] += ev.text
+                completion_tokens += 1
+                reasons_again[j] = ev.finish_reason or reasons_again[j]
+            for j, i in enumerate(redo):
+                texts[i], reasons[i], lps[i] = texts_again[j], reasons_again[j], []
         n = req.n
         # OpenAI counts a prompt once however many samples (n) are drawn from it.
         pt_total = sum(prompt_tokens[i] for i in range(0, len(reqs), n))
@@ -198,6 +210,12 @@ class TokenStreamBackend:
             for c in choices:
                 c.text, c.tool_calls, c.finish_reason = plan.shape(c.text or "", c.finish_reason or "length")
         return Generation(choices, pt_total, completion_tokens)
+
+    def _text_request(self, r: GenerationRequest, plan: ChatPlan) -> GenerationRequest:
+        """The same prompt again, held to text: for a choice that called a tool the request lacks."""
+        assert plan.text_grammar is not None
+        constraint = GrammarConstraint(plan.text_grammar, self.tokenizer, max_tokens=r.max_tokens)
+        return dataclasses.replace(r, constraint=constraint, logprobs=False)
 
     async def _stream(self, req: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[Delta]:
         plan = self._plan(req)
@@ -217,6 +235,14 @@ class TokenStreamBackend:
                 continue
             for piece in calls[i].push(ev.text, ev.finish_reason):  # text, or tool_calls fragments
                 yield Delta(i, piece.text, piece.finish_reason, piece.tool_calls)
+            if calls[i].undeclared and len(reqs) == 1:
+                break  # it called a tool the request did not declare: stop it, and ask again for text below
+        if calls is not None and calls[0].undeclared and len(reqs) == 1:
+            assert plan is not None
+            async for _, _, ev in self._merged([self._text_request(reqs[0], plan)]):
+                completion_tokens += 1
+                if ev.text or ev.finish_reason:
+                    yield Delta(0, ev.text, ev.finish_reason)
         yield Delta(usage=(sum(prompt_tokens[i] for i in range(0, len(reqs), req.n)), completion_tokens))
 
     async def chat(self, request: ChatCompletionRequest) -> Generation:

@@ -55,6 +55,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 TAGS = ("<tool_call>", "</tool_call>")
+ARGS_KEY = json.dumps('", "arguments": ')  # between a call's name and its arguments, as a Lark literal
 CALL_OPENERS = ("<", "{", "[", "```json")  # under the auto grammar, an answer opening so is a call
 TOOLS_SYSTEM_PROMPT = resources.files("fleetlm.serve").joinpath("prompts/tools_system.md").read_text().strip()
 
@@ -74,6 +75,13 @@ class ChatPlan:
     tool_names: list[str] = field(default_factory=list)
     call_format: CallFormat = "json"
     calls_constrained: bool = False  # the grammar holds tool calls to their format (streamed as they grow)
+    text_grammar: Grammar | None = None  # auto: the answer asked for when the model called an undeclared tool
+
+    def undeclared_call(self, text: str) -> bool:
+        """The answer (under the auto grammar) calls a tool that was not declared: ask again for text."""
+        if self.text_grammar is None or opens_call(text) is not True:
+            return False
+        return any(name not in self.tool_names for name in _CALL_NAME.findall(text))
 
     def shape(self, text: str, finish_reason: str) -> tuple[str | None, list[dict] | None, str]:
         """(content, tool_calls, finish_reason) of a finished choice, in OpenAI's shape."""
@@ -109,6 +117,8 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
                                          text=auto, response_schema=response_schema if auto else None,
                                          tag_ids=_tag_ids(tokenizer) if call_format == "tagged" else None)
         plan.calls_constrained = True
+        if auto and response_schema is None:
+            plan.text_grammar = text_grammar(call_format)
     elif req.constrained_decoding:
         plan.grammar = _response_grammar(req)
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools] or None
@@ -174,11 +184,19 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
     the vocabulary has them as single (special) tokens, which the model writes rather than spelling the tag.
     """
     rules = []
-    for i, tool in enumerate(tools):
+    names = [f"name_{i}" for i in range(len(tools))]
+    for rule, tool in zip(names, tools, strict=True):
         params = tool.function.parameters or {"type": "object", "properties": {}}
-        head = json.dumps(f'{{"name": "{tool.function.name}", "arguments": ')
-        rules.append(f"call_{i}: {head} {lark_json(params)} \"}}\"")
-    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
+        rules.append(f"{rule}: {json.dumps(tool.function.name)} {ARGS_KEY} {lark_json(params)} \"}}\"")
+    # Under auto, a model that reaches for a tool it was not given may write its name (any arguments): the
+    # backend then asks it again for text (`undeclared_call`), instead of forcing a wrong call of a real tool.
+    undeclared = text and response_schema is None
+    if undeclared:
+        declared = "|".join(re.escape(t.function.name) for t in tools)
+        rules.append(f'other: OTHER {ARGS_KEY} %json {{"type": "object"}} "}}"')
+        rules.append(f"OTHER: /[A-Za-z0-9_.\\- ]{{1,64}}/ & ~/({declared})/")
+        names.append("other")
+    rules.append('call: "{\\"name\\": \\"" (' + " | ".join(names) + ")")
     rules.append('listed: call | "[" call (", " call)* "]"' if parallel else "listed: call")
     if call_format == "tagged":
         for rule, tag, token in zip(("tag_open", "tag_close"), TAGS, tag_ids or (None, None), strict=True):
@@ -204,12 +222,20 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
                      for t in tools]
         start = f"start: LEAD? answer\nanswer: {lark_json({'anyOf': [response_schema, *as_schema]})}"
     else:
-        # Text: not blank, not opening like a call, and (tagged) with no call tag further on, so that a call
-        # is never written half inside the text where the grammar could not hold it.
-        no_tag = r" & ~/[\s\S]*<tool_call>[\s\S]*/" if call_format == "tagged" else ""
-        start = ("start: (LEAD? calls | TEXT)?\n"
-                 + r"TEXT: /[ \t\n]*[^ \t\n][\s\S]*/ & ~/[ \t\n]*([<{\[]|```json)[\s\S]*/" + no_tag)
+        start = "start: (LEAD? calls | TEXT)?\n" + _text_rule(call_format)
     return lark_grammar(start + "\n" + "\n".join(rules) + "\n")
+
+
+def _text_rule(call_format: CallFormat) -> str:
+    # Text: not blank, not opening like a call, and (tagged) with no call tag further on, so that a call is
+    # never written half inside the text where the grammar could not hold it.
+    no_tag = r" & ~/[\s\S]*<tool_call>[\s\S]*/" if call_format == "tagged" else ""
+    return r"TEXT: /[ \t\n]*[^ \t\n][\s\S]*/ & ~/[ \t\n]*([<{\[]|```json)[\s\S]*/" + no_tag
+
+
+def text_grammar(call_format: CallFormat) -> Grammar:
+    """Text only, as the auto grammar allows it: asked of a model that called an undeclared tool."""
+    return lark_grammar("start: TEXT?\n" + _text_rule(call_format) + "\n")
 
 
 def _tag_ids(tokenizer: Any) -> tuple[int, int] | None:
@@ -378,7 +404,8 @@ class StreamPiece:
 # Where a call starts in constrained output: after blanks, a list's "[" or ", ", the newline between tagged
 # calls, or a fence; then the tag (tagged format) and the call's fixed head.
 _CALL_HEAD = re.compile(
-    r'[ \t\n\[,]*(?:```json\n\[?)?(?:<tool_call>\n)?\{"name": "([A-Za-z0-9_-]+)", "arguments": ')
+    r'[ \t\n\[,]*(?:```json\n\[?)?(?:<tool_call>\n)?\{"name": "([^"]+)", "arguments": ')
+_CALL_NAME = re.compile(r'\{"name": "([^"]*)", "arguments": ')
 _CALL_TAIL = re.compile(r"\}(?:\n</tool_call>)?")
 
 
@@ -418,10 +445,16 @@ class ToolCallStream:
             self.state = "calls" if plan.calls_constrained else "held"
         self.ids: list[str] = []  # the calls whose name went out
         self.sent: list[int] = []  # how much of each call's arguments went out
+        # a call of a tool the request did not declare: nothing more goes out; the backend asks again for
+        # text (one choice), or the answer ends as text (several)
+        self.undeclared = False
 
     def push(self, text: str, finish_reason: str | None) -> list[StreamPiece]:
         if self.plan.mode == "none":
             return [StreamPiece(text, None, finish_reason)] if text or finish_reason else []
+        if self.undeclared:
+            self.buffer += text
+            return self._finish_undeclared(finish_reason)
         pieces: list[StreamPiece] = []
         if self.state == "text":
             pieces.append(StreamPiece(text))
@@ -444,6 +477,10 @@ class ToolCallStream:
             pieces += self._finish(finish_reason)
         return [p for p in pieces if p.text or p.tool_calls or p.finish_reason]
 
+    def _finish_undeclared(self, finish_reason: str | None) -> list[StreamPiece]:
+        # several choices: this one is not asked again, its answer ends as the text it is
+        return [StreamPiece(self.buffer), StreamPiece(finish_reason=finish_reason)] if finish_reason else []
+
     def _progress(self) -> list[StreamPiece]:
         # The grammar writes each call's head exactly, so the name and each argument byte are known as they
         # arrive: send new heads, then the arguments' new text.
@@ -452,6 +489,9 @@ class ToolCallStream:
         while True:
             head = _CALL_HEAD.match(self.buffer, pos)
             if head is None:
+                break
+            if head.group(1) not in self.plan.tool_names:  # a tool the request did not declare
+                self.undeclared = not self.ids and self.plan.text_grammar is not None
                 break
             if index == len(self.ids):
                 self.ids.append(new_call_id())
