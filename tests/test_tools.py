@@ -23,6 +23,7 @@ from fleetlm.serve.tools import (
     ChatPlan,
     ToolCallStream,
     ToolError,
+    opens_call,
     parse_tool_calls,
     plan_chat,
     tool_call_grammar,
@@ -206,6 +207,11 @@ CALL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c
         (f"[{CALL_ADD}, {CALL_WEATHER}]", True, True),  # parallel calls: a list
         (f"{CALL_ADD} and more", False, False),  # a call, once begun, ends the answer
         ("<tool_call>\n" + CALL_ADD + "\n</tool_call>", False, False),  # not this template's format
+        (f"```json\n{CALL_ADD}\n```", True, True),  # a fenced call is a call, held to the grammar too
+        ('```json\n{"name": "add", "arguments": {"a": "x"}}\n```', False, False),
+        (f"```xml\n{CALL_ADD}\n```", True, True),  # whatever language the fence names
+        ("```python\nprint(1)\n```", True, False),  # a fence that does not open a call is text
+        ("```xml\n{not a call}\n```", False, False),
     ],
 )
 def test_auto_grammar_allows_text_or_whole_calls_and_nothing_half_way(tokenizer, text, auto, forced):
@@ -506,6 +512,13 @@ def test_qwen_calls_a_tool_under_auto_in_its_own_format(tmp_path):
             "model": QWEN, "messages": [{"role": "user", "content": "Say hello in French."}],
             "tools": TOOLS, "temperature": 0, "max_tokens": 20}).json()["choices"][0]
     assert text["message"].get("tool_calls") is None and text["message"]["content"]
+
+
+@pytest.mark.parametrize("text, opens", [("", None), ("  {", True), ("<tool_call>", True), ("Hi", False),
+                                         ("`", None), ("```js", None), ("```js\n", None), ("```js\n[", True),
+                                         ("```js\nvar", False), ("``x", False)])
+def test_opens_call_tells_as_soon_as_it_can(text, opens):
+    assert opens_call(text) is opens
 
 
 def test_stream_stops_at_a_call_of_an_undeclared_tool(tokenizer):

@@ -53,10 +53,13 @@ ToolMode = Literal["none", "auto", "forced"]
 CallFormat = Literal["tagged", "json"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
 TAGS = ("<tool_call>", "</tool_call>")
 ARGS_KEY = json.dumps('", "arguments": ')  # between a call's name and its arguments, as a Lark literal
-CALL_OPENERS = ("<", "{", "[", "```json")  # under the auto grammar, an answer opening so is a call
+# Under the auto grammar an answer is a call when it opens with one of these, or with a markdown fence (of any
+# language: models write ```json, ```xml, ...) whose first line opens with one of them.
+CALL_OPENERS = "<{["
+_FENCE_HEAD = re.compile(r"```[A-Za-z]*(?:\n(?:[ \t]*([<{\[]))?)?")
 TOOLS_SYSTEM_PROMPT = resources.files("fleetlm.serve").joinpath("prompts/tools_system.md").read_text().strip()
 
 
@@ -206,7 +209,8 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
     else:
         rules.append("bare: listed")
     # Models also fence their calls in markdown; a fenced call is held to the grammar like a bare one.
-    rules.append('calls: bare | "```json\\n" listed "\\n```"')
+    rules.append('calls: bare | FENCE_OPEN listed "\\n```"')
+    rules.append(r"FENCE_OPEN: /```[A-Za-z]*\n/")
     # Calls may open with a few blanks (models often start with a newline), never an endless run of them.
     rules.append(r"LEAD: /[ \t\n]{1,3}/")
     if not text:
@@ -230,7 +234,7 @@ def _text_rule(call_format: CallFormat) -> str:
     # Text: not blank, not opening like a call, and (tagged) with no call tag further on, so that a call is
     # never written half inside the text where the grammar could not hold it.
     no_tag = r" & ~/[\s\S]*<tool_call>[\s\S]*/" if call_format == "tagged" else ""
-    return r"TEXT: /[ \t\n]*[^ \t\n][\s\S]*/ & ~/[ \t\n]*([<{\[]|```json)[\s\S]*/" + no_tag
+    return r"TEXT: /[ \t\n]*[^ \t\n][\s\S]*/ & ~/[ \t\n]*([<{\[]|```[A-Za-z]*\n[ \t]*[<{\[])[\s\S]*/" + no_tag
 
 
 def text_grammar(call_format: CallFormat) -> Grammar:
@@ -254,12 +258,15 @@ def opens_call(text: str) -> bool | None:
     head = text.lstrip()
     if not head:
         return None
-    for opener in CALL_OPENERS:
-        if head.startswith(opener):
-            return True
-        if opener.startswith(head):
-            return None
-    return False
+    if head[0] in CALL_OPENERS:
+        return True
+    if not head.startswith("```"):
+        return False if not "```".startswith(head) else None
+    fence = _FENCE_HEAD.match(head)
+    assert fence is not None
+    if fence.group(1):
+        return True  # a fence whose first line opens a call
+    return None if fence.end() == len(head) else False
 
 
 # ---------------------------------------------------------------- the prompt
@@ -404,7 +411,7 @@ class StreamPiece:
 # Where a call starts in constrained output: after blanks, a list's "[" or ", ", the newline between tagged
 # calls, or a fence; then the tag (tagged format) and the call's fixed head.
 _CALL_HEAD = re.compile(
-    r'[ \t\n\[,]*(?:```json\n\[?)?(?:<tool_call>\n)?\{"name": "([^"]+)", "arguments": ')
+    r'[ \t\n\[,]*(?:```[A-Za-z]*\n\[?)?(?:<tool_call>\n)?\{"name": "([^"]+)", "arguments": ')
 _CALL_NAME = re.compile(r'\{"name": "([^"]*)", "arguments": ')
 _CALL_TAIL = re.compile(r"\}(?:\n</tool_call>)?")
 
