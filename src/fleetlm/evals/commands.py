@@ -129,17 +129,22 @@ def eval_cmd(
         summary.update({k: v for k, v in report.to_dict().items() if k in ("domains", "data")})
     else:
         typer.echo(format_summary(summary))
+    _write_summary(summary, out, json_out)
+    if predictions_out:
+        from fleetlm.tasks.suite import write_jsonl
+
+        write_jsonl([{"id": r.item.id, "prediction": r.reply.text, "answer": r.item.data.get("answer"),
+                      "correct": r.score == 1.0} for r in results], predictions_out)
+
+
+def _write_summary(summary: dict, out: Path | None, json_out: Path | None) -> None:
+    """Says where the rows went, and writes the JSON summary to `json_out` (when given)."""
     if out:
         typer.echo(f"rows: {out}")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
         typer.echo(f"summary: {json_out}")
-    if predictions_out:
-        from fleetlm.tasks.suite import write_jsonl
-
-        write_jsonl([{"id": r.item.id, "prediction": r.reply.text, "answer": r.item.data.get("answer"),
-                      "correct": r.score == 1.0} for r in results], predictions_out)
 
 
 def _eval_bfcl(model: str, category: str | None, *, out: Path | None, json_out: Path | None,
@@ -157,12 +162,7 @@ def _eval_bfcl(model: str, category: str | None, *, out: Path | None, json_out: 
         if sink is not None:
             sink.close()
     typer.echo(bfcl.format_table(summary))
-    if out:
-        typer.echo(f"rows: {out}")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(summary, indent=2) + "\n")
-        typer.echo(f"summary: {json_out}")
+    _write_summary(summary, out, json_out)
 
 
 def register(app: typer.Typer) -> None:
