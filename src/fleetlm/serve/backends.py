@@ -51,6 +51,16 @@ class Delta:
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens)
 
 
+async def close_stream(it: AsyncIterator[Delta]) -> None:
+    """Closes a stream of deltas that is dropped before its end (its `aclose`, when it has one)."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - a broken stream may fail to close too; it is dropped either way
+            pass
+
+
 @dataclass
 class Embeddings:
     vectors: list[list[float]]

@@ -27,7 +27,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-from fleetlm.serve.backends import Delta
+from fleetlm.serve.backends import Delta, close_stream
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.limits import prompt_token_bound
 from fleetlm.serve.protocol import ChatMessage
@@ -40,17 +40,8 @@ async def first_piece(it: AsyncIterator[Delta], timeout_s: float | None, name: s
     try:
         return await asyncio.wait_for(it.__anext__(), timeout_s)
     except asyncio.TimeoutError:
-        await _close(it)
+        await close_stream(it)
         raise BackendError(f"{name}: no first token within {timeout_s:g} s (ttft_timeout)") from None
-
-
-async def _close(it: AsyncIterator[Delta]) -> None:
-    aclose = getattr(it, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # noqa: BLE001 - a broken stream may fail to close too; it is dropped either way
-            pass
 
 
 @dataclass
@@ -120,7 +111,7 @@ def resilient_stream(
 
     async def switch(it: AsyncIterator[Delta], exc: Exception, produced: list[str],
                      single: bool) -> tuple[AsyncIterator[Delta], Delta | None]:
-        await _close(it)
+        await close_stream(it)
         seg = tally.segments[-1]
         if isinstance(exc, BackendError) and all(m in tried for m in chain):
             raise exc  # no fallback to continue on: the backend's own error goes to the client
@@ -180,7 +171,7 @@ def resilient_stream(
                     piece = await asyncio.wait_for(anext(it, None), stall)
             except (BackendError, asyncio.TimeoutError) as exc:
                 if done:
-                    await _close(it)
+                    await close_stream(it)
                     break
                 it, piece = await switch(it, exc, produced, single)
         yield Delta(usage=tally.finish(gateway, call))

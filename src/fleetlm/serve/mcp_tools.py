@@ -32,7 +32,7 @@ from typing import Any
 
 from fleetlm.mcp.client import McpTool
 from fleetlm.mcp.errors import McpConnectError, McpDisconnectedError, McpError
-from fleetlm.serve.backends import Choice, Delta, Generation
+from fleetlm.serve.backends import Choice, Delta, Generation, close_stream
 from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.limits import prompt_token_bound
 from fleetlm.serve.protocol import (
@@ -328,7 +328,7 @@ async def _rest(it: AsyncIterator[Delta]) -> list[Delta]:
     try:
         return [piece async for piece in it]
     except BaseException:
-        await _close(it)
+        await close_stream(it)
         raise
 
 
@@ -363,13 +363,4 @@ async def _chained(pieces: list[Delta], rest: AsyncIterator[Delta] | None) -> As
                 yield piece
     finally:
         if rest is not None:
-            await _close(rest)
-
-
-async def _close(it: AsyncIterator[Delta]) -> None:
-    aclose = getattr(it, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # noqa: BLE001 - a broken stream may fail to close too; it is dropped either way
-            pass
+            await close_stream(rest)
