@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -315,12 +315,16 @@ def parse_config(data: object, source: str = "fleet config") -> FleetConfig:
     return config
 
 
-def load_config(path: str | Path) -> FleetConfig:
-    path = Path(path)
+def read_config_yaml(path: Path) -> Any:
+    """A config file's YAML, parsed; a ConfigError when it is missing or not YAML."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    path = Path(path)
+    return parse_config(read_config_yaml(path), str(path))

@@ -141,17 +141,10 @@ def load_servers(path: str | os.PathLike[str]) -> dict[str, McpServerSpec]:
     that section."""
     from pathlib import Path
 
-    import yaml
-
-    from fleetlm.config import load_config
+    from fleetlm.config import load_config, read_config_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_config_yaml(path)
     if isinstance(data, dict) and "models" in data:
         return load_config(path).mcp_servers
     if not isinstance(data, dict) or set(data) - {"mcp_servers"}:
