@@ -272,14 +272,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app: Any, what: str = "server") -> Iterator[int]:
+def serving(app: Any, what: str = "server", ready_s: float = 30.0) -> Iterator[int]:
     """Runs an ASGI app (the gateway, say) with uvicorn in a thread on a free loopback port until exit;
-    yields the port."""
+    yields the port. It must start within `ready_s` seconds."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
+    deadline = time.time() + ready_s
     while not server.started:
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError(f"{what} did not start")

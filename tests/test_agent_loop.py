@@ -4,15 +4,13 @@ The scripted gateway (agent_fakes.py) answers each model from its own script and
 and model headers, so the tests check steps, escalation, budgets, checks, teams and what goes on the wire.
 """
 
-import threading
 import time
 
 import openai
 import pytest
-import uvicorn
 
 from agent_fakes import Delay, ScriptedGateway, call
-from fake_openai import free_port
+from fake_openai import free_port, serving
 from fleetlm.agent.loop import (
     AgentError,
     CheckResult,
@@ -390,17 +388,8 @@ def real_gateway(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent-gateway")
     cfg = parse_config({"models": {"tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"}}})
     app = create_app(cfg, UsageStore(f"sqlite:///{tmp / 'u.db'}"), build_backends(cfg))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app, "gateway", ready_s=60) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def test_through_the_real_gateway_with_a_tiny_model(real_gateway):

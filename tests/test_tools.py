@@ -1,15 +1,12 @@
 """Tools and response_format: unit tests of serve/tools.py, then the gateway driven by the official client."""
 
 import json
-import threading
-import time
 
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
-from fake_openai import UpstreamServer, free_port
+from fake_openai import UpstreamServer, serving
 from fleetlm.config import parse_config
 from fleetlm.engine.constrain import ConstraintError, vocab_of
 from fleetlm.model import SHIPPED_TINY_MODEL
@@ -355,18 +352,10 @@ def gateway(tmp_path_factory):
             "remote": {"remote": upstream.base_url, "remote_model": "m"},
         }})
         app = create_app(cfg, UsageStore(f"sqlite:///{tmp / 'u.db'}"), build_backends(cfg))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 30
-        while not server.started:
-            assert time.time() < deadline and thread.is_alive(), "gateway did not start"
-            time.sleep(0.02)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
-        yield client, upstream
-        server.should_exit = True
-        thread.join(timeout=10)
+        with serving(app, "gateway") as port:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                                   timeout=60)
+            yield client, upstream
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
