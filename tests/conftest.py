@@ -123,3 +123,20 @@ def smollm2_gguf() -> Path:
     from fleetlm.catalog import pull
 
     return pull("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    """One scripted gateway (agent_fakes.py) per test module that asks for `gw`."""
+    from agent_fakes import ScriptedGateway
+
+    with ScriptedGateway() as gw:
+        yield gw
+
+
+@pytest.fixture
+def gw(scripted_server):
+    """The module's scripted gateway, reset (no scripts, prices, requests or answered_as from a test before);
+    test modules with a gateway of their own define their own `gw`."""
+    scripted_server.reset()
+    return scripted_server

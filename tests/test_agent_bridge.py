@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_fakes import ScriptedGateway, code
+from agent_fakes import code
 from fleetlm.agent.loop import CodeAgent
 from fleetlm.agent.tools import calculator_tool, file_tools
 from fleetlm.sandbox import SandboxError, run_python
@@ -191,18 +191,6 @@ print(add(1, 2))
 
 
 # ---------------------------------------------------------------- the code agent
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ScriptedGateway() as gw:
-        yield gw
-
-
-@pytest.fixture
-def gw(server):
-    server.reset()
-    return server
 
 
 def test_the_code_agent_calls_tools_over_the_bridge(gw, tmp_path):

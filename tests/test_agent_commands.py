@@ -2,23 +2,9 @@
 
 import json
 
-import pytest
-
-from agent_fakes import ScriptedGateway, call
+from agent_fakes import call
 from cli_runner import run_main
 from fake_openai import free_port
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ScriptedGateway() as gw:
-        yield gw
-
-
-@pytest.fixture
-def gw(server):
-    server.reset()
-    return server
 
 
 def test_run_prints_steps_answer_and_cost(gw, monkeypatch, capsys):

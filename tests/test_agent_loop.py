@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from agent_fakes import Delay, ScriptedGateway, call
+from agent_fakes import Delay, call
 from fake_openai import free_port, serving
 from fleetlm.agent.loop import (
     AgentError,
@@ -28,18 +28,6 @@ from fleetlm.agent.steps import (
     PlanStep,
 )
 from fleetlm.agent.tools import ToolDefinitionError, calculator_tool, file_tools, tool
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ScriptedGateway() as gw:
-        yield gw
-
-
-@pytest.fixture
-def gw(server):
-    server.reset()
-    return server
 
 
 @pytest.fixture
