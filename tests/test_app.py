@@ -314,3 +314,29 @@ def test_no_field_value_makes_a_500(gw, path):
             assert "error" in r.json() if r.status_code >= 400 else True
             seen.add(r.status_code)
     assert 200 in seen and 400 in seen
+
+
+def test_a_client_that_leaves_a_whole_answer_cancels_it(tmp_path):
+    import time
+
+    import httpx
+
+    from fake_openai import UpstreamServer, serving
+    from fleetlm.serve.backends import build_backends
+
+    with UpstreamServer() as upstream:
+        upstream.slow_seconds = 3.0
+        cfg = parse_config({"models": {"slow": {"remote": upstream.base_url, "remote_model": "slow",
+                                                "retries": 0}}})
+        store = UsageStore(f"sqlite:///{tmp_path / 'u.db'}")
+        with serving(create_app(cfg, store, build_backends(cfg)), "gateway") as port:
+            body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+            left = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+                httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=0.5)
+            while not store.requests() and time.monotonic() - left < 2.5:
+                time.sleep(0.05)
+            seen = time.monotonic() - left
+    (row,) = store.requests()
+    # logged as 499 well before the upstream's 3 s answer: the gateway stopped waiting for it
+    assert row["status"] == 499 and row["error"] == "client went away" and seen < 2.5

@@ -71,6 +71,7 @@ from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
 
 KEY_CACHE_S = 2.0
+DISCONNECT_POLL_S = 0.25  # how often a whole answer in progress checks that its client is still there
 
 
 class Router(Protocol):
@@ -358,11 +359,30 @@ class Gateway:
             call.stream = parsed.stream
             if parsed.stream:
                 return await self._stream(parsed, chain, call, chat=endpoint == "chat")
-            return await self._whole(parsed, chain, call, chat=endpoint == "chat")
+            return await self._unless_client_leaves(request, call,
+                                                    self._whole(parsed, chain, call, chat=endpoint == "chat"))
         except APIError as exc:
             if call.model_requested != "?":  # a body we could not read names no model: nothing to log
                 await self.log(call, exc.status, error=exc.message)
             return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
+
+    async def _unless_client_leaves(self, request: Request, call: _Call,
+                                    work: Awaitable[Response]) -> Response:
+        """A whole (unstreamed) answer, cancelled if the client disconnects first: a model does not go on
+        generating for nobody (streams stop by themselves when their client goes)."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # whatever it was doing, it is over
+                    pass
+                await self.log(call, 499, error="client went away")
+                return Response(status_code=499)
 
     async def _review(self, req: Any, gen: Generation, call: _Call) -> list[str] | None:
         """Cascade: the router reads the cheap answer; the chain to escalate to, or None to keep it."""
