@@ -314,3 +314,70 @@ class UpstreamServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------- the agent-framework interop tests
+
+
+@contextmanager
+def interop_gateway(tmp: Any) -> Iterator[tuple[str, Upstream, Any]]:
+    """The gateway over "scripted" (this fake upstream, remote) and "tiny" (the shipped tiny model, local),
+    logging content to a usage store in the folder `tmp`; yields (its /v1 URL, the upstream, the store)."""
+    from fleetlm.config import parse_config
+    from fleetlm.model import SHIPPED_TINY_MODEL
+    from fleetlm.serve.app import create_app
+    from fleetlm.serve.backends import build_backends
+    from fleetlm.serve.store import UsageStore
+
+    with UpstreamServer() as upstream:
+        cfg = parse_config({"log_content": True, "models": {
+            "scripted": {"remote": upstream.base_url, "remote_model": "scripted"},
+            "tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"},
+        }})
+        store = UsageStore(f"sqlite:///{tmp / 'usage.db'}")
+        with serving(create_app(cfg, store, build_backends(cfg)), "gateway") as port:
+            yield f"http://127.0.0.1:{port}/v1", upstream, store
+
+
+SHOP_QUANTITY = 3  # units in the shop's order
+
+
+def shop(price_type: type = str) -> dict:
+    """Two plain functions over a made-up order whose SKU and price are new each call (nothing can guess
+    them), for a framework's tool decorator: get_order(order_id) -> the order as JSON, and
+    unit_price(sku) -> the price as `price_type`; with the SKU, the price and the calls they received."""
+    import secrets
+
+    sku, price, seen = f"SKU-{secrets.token_hex(3)}", round(1 + secrets.randbelow(9000) / 100, 2), []
+
+    def get_order(order_id: int) -> str:
+        """Looks an order up.
+
+        Args:
+            order_id: the order's number
+        """
+        seen.append(("get_order", order_id))
+        return json.dumps({"order_id": order_id, "sku": sku, "quantity": SHOP_QUANTITY})
+
+    def unit_price(sku: str) -> str:
+        """The price of one unit of a product.
+
+        Args:
+            sku: the product's SKU
+        """
+        seen.append(("unit_price", sku))
+        return price_type(price)
+
+    unit_price.__annotations__["return"] = price_type
+    return {"sku": sku, "price": price, "functions": [get_order, unit_price], "seen": seen}
+
+
+def plan_shop(results: list[str], answer: Callable[[dict, float], dict]) -> dict:
+    """A "scripted" planner's next step over the shop's tool results so far: look order 42 up, price its
+    SKU with what the lookup returned, then `answer(order, total)`."""
+    if not results:
+        return {"tool_calls": [{"name": "get_order", "arguments": {"order_id": 42}}]}
+    order = json.loads(results[0])
+    if len(results) == 1:
+        return {"tool_calls": [{"name": "unit_price", "arguments": {"sku": order["sku"]}}]}
+    return answer(order, round(order["quantity"] * float(results[1]), 2))

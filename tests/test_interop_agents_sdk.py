@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 
 import pytest
 
-from fake_openai import UpstreamServer, serving
-from fleetlm.config import parse_config
-from fleetlm.model import SHIPPED_TINY_MODEL
-from fleetlm.serve.app import create_app
-from fleetlm.serve.backends import build_backends
-from fleetlm.serve.store import UsageStore
+from fake_openai import SHOP_QUANTITY as QUANTITY
+from fake_openai import interop_gateway, plan_shop
+from fake_openai import shop as new_shop
 
 pytest.importorskip("agents", reason="openai-agents is pinned in the dev extra (pyproject.toml)")
 
@@ -38,22 +34,13 @@ from agents import (  # noqa: E402
 )
 from openai import AsyncOpenAI  # noqa: E402
 
-QUANTITY = 3
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """(gateway's /v1 URL, the fake upstream, the usage store): "scripted" is remote, "tiny" is local."""
     set_tracing_disabled(True)  # the SDK would export traces to OpenAI
-    tmp = tmp_path_factory.mktemp("interop-agents-sdk")
-    with UpstreamServer() as upstream:
-        cfg = parse_config({"log_content": True, "models": {
-            "scripted": {"remote": upstream.base_url, "remote_model": "scripted"},
-            "tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"},
-        }})
-        store = UsageStore(f"sqlite:///{tmp / 'usage.db'}")
-        with serving(create_app(cfg, store, build_backends(cfg)), "gateway") as port:
-            yield f"http://127.0.0.1:{port}/v1", upstream, store
+    with interop_gateway(tmp_path_factory.mktemp("interop-agents-sdk")) as gw:
+        yield gw
 
 
 def _model(url: str, name: str) -> OpenAIChatCompletionsModel:
@@ -63,44 +50,16 @@ def _model(url: str, name: str) -> OpenAIChatCompletionsModel:
 
 @pytest.fixture
 def shop():
-    """The two tools over a made-up order whose SKU and price are new each test (nothing can guess them),
-    and the calls the tools received."""
-    sku, price, seen = f"SKU-{secrets.token_hex(3)}", round(1 + secrets.randbelow(9000) / 100, 2), []
-
-    @function_tool
-    def get_order(order_id: int) -> str:
-        """Looks an order up.
-
-        Args:
-            order_id: the order's number
-        """
-        seen.append(("get_order", order_id))
-        return json.dumps({"order_id": order_id, "sku": sku, "quantity": QUANTITY})
-
-    @function_tool
-    def unit_price(sku: str) -> str:
-        """The price of one unit of a product.
-
-        Args:
-            sku: the product's SKU
-        """
-        seen.append(("unit_price", sku))
-        return str(price)
-
-    return {"sku": sku, "price": price, "tools": [get_order, unit_price], "seen": seen}
+    """The shop's two tools (fake_openai.shop; the price as a string), new each test, and the calls they
+    received."""
+    s = new_shop(str)
+    return {**s, "tools": [function_tool(f) for f in s["functions"]]}
 
 
 def plan(messages: list[dict]) -> dict:
     """The planner: each step reads the tool messages so far (OpenAI's shape: role "tool")."""
-    results = [m["content"] for m in messages if m["role"] == "tool"]
-    if not results:
-        return {"tool_calls": [{"name": "get_order", "arguments": {"order_id": 42}}]}
-    order = json.loads(results[0])
-    if len(results) == 1:
-        return {"tool_calls": [{"name": "unit_price", "arguments": {"sku": order["sku"]}}]}
-    total = round(order["quantity"] * float(results[1]), 2)
-    return {"content": f"Order {order['order_id']} is {order['quantity']} x {order['sku']}: {total:.2f} "
-                       "in all."}
+    return plan_shop([m["content"] for m in messages if m["role"] == "tool"], lambda order, total: {
+        "content": f"Order {order['order_id']} is {order['quantity']} x {order['sku']}: {total:.2f} in all."})
 
 
 def _agent(url: str, shop: dict) -> Agent:

@@ -14,17 +14,14 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
-import secrets
 
 import jsonschema
 import pytest
 import yaml
 
-from fake_openai import UpstreamServer, serving
-from fleetlm.config import parse_config
-from fleetlm.model import SHIPPED_TINY_MODEL
-from fleetlm.serve.app import create_app
-from fleetlm.serve.backends import build_backends
+from fake_openai import SHOP_QUANTITY as QUANTITY
+from fake_openai import interop_gateway, plan_shop
+from fake_openai import shop as new_shop
 from fleetlm.serve.store import UsageStore
 
 pytest.importorskip("smolagents", reason="smolagents is pinned in the dev extra (pyproject.toml)")
@@ -32,50 +29,20 @@ pytest.importorskip("smolagents", reason="smolagents is pinned in the dev extra 
 from smolagents import CodeAgent, OpenAIServerModel, ToolCallingAgent, tool  # noqa: E402
 from smolagents.memory import ActionStep  # noqa: E402
 
-QUANTITY = 3
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """(gateway's /v1 URL, the fake upstream, the usage store): "scripted" is remote, "tiny" is local."""
-    tmp = tmp_path_factory.mktemp("interop-smolagents")
-    with UpstreamServer() as upstream:
-        cfg = parse_config({"log_content": True, "models": {
-            "scripted": {"remote": upstream.base_url, "remote_model": "scripted"},
-            "tiny": {"path": str(SHIPPED_TINY_MODEL), "dtype": "f32"},
-        }})
-        store = UsageStore(f"sqlite:///{tmp / 'usage.db'}")
-        with serving(create_app(cfg, store, build_backends(cfg)), "gateway") as port:
-            yield f"http://127.0.0.1:{port}/v1", upstream, store
+    with interop_gateway(tmp_path_factory.mktemp("interop-smolagents")) as gw:
+        yield gw
 
 
 @pytest.fixture
 def shop():
-    """The two tools over a made-up order whose SKU and price are new each test (nothing can guess them),
-    and the calls the tools received."""
-    sku, price, seen = f"SKU-{secrets.token_hex(3)}", round(1 + secrets.randbelow(9000) / 100, 2), []
-
-    @tool
-    def get_order(order_id: int) -> str:
-        """Looks an order up.
-
-        Args:
-            order_id: the order's number
-        """
-        seen.append(("get_order", order_id))
-        return json.dumps({"order_id": order_id, "sku": sku, "quantity": QUANTITY})
-
-    @tool
-    def unit_price(sku: str) -> float:
-        """The price of one unit of a product.
-
-        Args:
-            sku: the product's SKU
-        """
-        seen.append(("unit_price", sku))
-        return price
-
-    return {"sku": sku, "price": price, "tools": [get_order, unit_price], "seen": seen}
+    """The shop's two tools (fake_openai.shop; the price as a number), new each test, and the calls they
+    received."""
+    s = new_shop(float)
+    return {**s, "tools": [tool(f) for f in s["functions"]]}
 
 
 def _text(message: dict) -> str:
@@ -90,15 +57,11 @@ def _observations(messages: list[dict]) -> list[str]:
 
 
 def plan_with_tool_calls(messages: list[dict]) -> dict:
-    obs = _observations(messages)
-    if not obs:
-        return {"tool_calls": [{"name": "get_order", "arguments": {"order_id": 42}}]}
-    order = json.loads(obs[0])
-    if len(obs) == 1:
-        return {"tool_calls": [{"name": "unit_price", "arguments": {"sku": order["sku"]}}]}
-    total = round(order["quantity"] * float(obs[1]), 2)
-    return {"tool_calls": [{"name": "final_answer",
-                            "arguments": {"answer": f"{order['quantity']} x {order['sku']}: {total:.2f}"}}]}
+    def answer(order: dict, total: float) -> dict:
+        text = f"{order['quantity']} x {order['sku']}: {total:.2f}"
+        return {"tool_calls": [{"name": "final_answer", "arguments": {"answer": text}}]}
+
+    return plan_shop(_observations(messages), answer)
 
 
 def plan_with_code(messages: list[dict]) -> dict:
