@@ -204,9 +204,9 @@ CALL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c
         (f"[{CALL_ADD}, {CALL_WEATHER}]", True, True),  # parallel calls: a list
         (f"{CALL_ADD} and more", False, False),  # a call, once begun, ends the answer
         ("<tool_call>\n" + CALL_ADD + "\n</tool_call>", False, False),  # not this template's format
-        (f"```json\n{CALL_ADD}\n```", True, True),  # a fenced call is a call, held to the grammar too
+        (f"```json\n{CALL_ADD}\n```", True, False),  # under auto a fenced call is held to the grammar too
         ('```json\n{"name": "add", "arguments": {"a": "x"}}\n```', False, False),
-        (f"```xml\n{CALL_ADD}\n```", True, True),  # whatever language the fence names
+        (f"```xml\n{CALL_ADD}\n```", True, False),  # whatever language the fence names
         ("```python\nprint(1)\n```", True, False),  # a fence that does not open a call is text
         ("```xml\n{not a call}\n```", False, False),
     ],

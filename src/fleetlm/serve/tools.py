@@ -209,8 +209,11 @@ def tool_call_grammar(tools: list[Tool], call_format: CallFormat = "json", *, pa
     else:
         rules.append("bare: listed")
     # Models also fence their calls in markdown; a fenced call is held to the grammar like a bare one.
-    rules.append('calls: bare | FENCE_OPEN listed "\\n```"')
-    rules.append(r"FENCE_OPEN: /```[A-Za-z]*\n/")
+    if text:  # auto: a model that fences its call is held to the grammar (forced calls need no fence)
+        rules.append('calls: bare | FENCE_OPEN listed "\\n```"')
+        rules.append(r"FENCE_OPEN: /```[A-Za-z]{0,12}\n/")  # a language tag, never an endless one
+    else:
+        rules.append("calls: bare")
     # Calls may open with a few blanks (models often start with a newline), never an endless run of them.
     rules.append(r"LEAD: /[ \t\n]{1,3}/")
     if not text:
