@@ -23,6 +23,7 @@ from fleetlm.serve.tools import (
     opens_call,
     parse_tool_calls,
     plan_chat,
+    text_grammar,
     tool_call_grammar,
 )
 
@@ -508,6 +509,14 @@ def test_qwen_calls_a_tool_under_auto_in_its_own_format(tmp_path):
                                          ("```js\nvar", False), ("``x", False)])
 def test_opens_call_tells_as_soon_as_it_can(text, opens):
     assert opens_call(text) is opens
+
+
+def test_the_answer_asked_for_after_an_undeclared_call_is_prose(tokenizer):
+    grammar = text_grammar("json")
+    assert accepts(grammar, tokenizer, "I have no tool for restaurants.")
+    assert accepts(grammar, tokenizer, "42")
+    for spelled in ('```json\n"name": "find"\n```', '"name": "find"', '{"name": "find"}', "(find)", ""):
+        assert not accepts(grammar, tokenizer, spelled), spelled  # BFCL: Qwen spelled its call again so
 
 
 def test_stream_stops_at_a_call_of_an_undeclared_tool(tokenizer):

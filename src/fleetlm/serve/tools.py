@@ -241,8 +241,10 @@ def _text_rule(call_format: CallFormat) -> str:
 
 
 def text_grammar(call_format: CallFormat) -> Grammar:
-    """Text only, as the auto grammar allows it: asked of a model that called an undeclared tool."""
-    return lark_grammar("start: TEXT?\n" + _text_rule(call_format) + "\n")
+    """Prose, asked of a model that called an undeclared tool: it opens with a letter or a digit, so that the
+    model cannot spell its call again as JSON, a fence or a tag (and holds no call tag further on)."""
+    no_tag = r" & ~/[\s\S]*<tool_call>[\s\S]*/" if call_format == "tagged" else ""
+    return lark_grammar("start: PROSE\n" + r"PROSE: /[ \t\n]*[A-Za-z0-9][\s\S]*/" + no_tag + "\n")
 
 
 def _tag_ids(tokenizer: Any) -> tuple[int, int] | None:
