@@ -123,7 +123,7 @@ def plan_chat(req: ChatCompletionRequest, tokenizer: Any) -> ChatPlan:
         if auto and response_schema is None:
             plan.text_grammar = text_grammar(call_format)
     elif req.constrained_decoding:
-        plan.grammar = _response_grammar(req)
+        plan.grammar = _response_grammar(req, response_schema)
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools] or None
     if tool_dicts and not native:
         plan.messages = _with_tools_system_message(messages, tool_dicts)
@@ -168,8 +168,8 @@ def _response_schema(req: ChatCompletionRequest) -> dict | None:
     return schema
 
 
-def _response_grammar(req: ChatCompletionRequest) -> Grammar | None:
-    schema = _response_schema(req)
+def _response_grammar(req: ChatCompletionRequest, schema: dict | None) -> Grammar | None:
+    """The grammar of response_format, given its schema (`_response_schema`, read once per request)."""
     if schema is None:
         return None
     if req.response_format is not None and req.response_format.type == "json_object":
