@@ -184,6 +184,9 @@ def test_a_server_that_exited_while_idle_is_started_again_for_the_next_call():
         deadline = time.monotonic() + 5
         while pid in descendants() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # "while idle": give the reader of its stderr a moment to see it closed (a call that races the very
+        # instant of death gets McpDisconnectedError instead, and the call after it restarts the server)
+        time.sleep(0.5)
         assert box.call("echo__echo", {"text": "b"}) == "b"
         assert pid not in descendants() and len(descendants() - before) == 1
     assert not wait_no_descendants(before, 2.0)
