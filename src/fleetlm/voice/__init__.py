@@ -1,0 +1,1 @@
+"""Voice: speech out (Piper TTS, espeak-ng fallback, SSML subset, pronunciation lexicon) and speech in."""
