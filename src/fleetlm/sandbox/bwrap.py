@@ -12,6 +12,9 @@ How it is isolated (docs/DESIGN-NOTES.md says the same):
   bridge (sandbox/bridge.py) shares one folder holding its Unix socket, the program's only way out.
 - Run as root, we drop to uid/gid 65534 (nobody) before starting bwrap, because the kernel never applies
   RLIMIT_NPROC to root: that limit is what stops a fork bomb.
+- A seccomp filter (sandbox/seccomp.py) refuses the system calls escapes and kernel exploits are made of
+  (ptrace, mount, new namespaces, BPF, io_uring, keyrings, raw and netlink sockets, ...); bwrap loads it
+  just before it execs the launcher.
 - A launcher inside the sandbox sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE
   and RLIMIT_CORE, then execs the program, so the limits bind the program and every child, not bwrap.
 - A wall-clock timeout kills bwrap's process group; bwrap's pid 1 in the namespace dies with it and the
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetlm.errors import FleetError
+from fleetlm.sandbox.seccomp import SeccompUnavailable, filter_bpf
 
 NOBODY = 65534
 INSIDE = "/sandbox"
@@ -101,12 +105,12 @@ def _interpreter() -> tuple[str, str | None]:
     raise SandboxError("no Python the sandbox user can read (tried the running one and /usr/bin/python3)")
 
 
-def _bwrap_args(box: Path, binds: Sequence[tuple[str, str]] = ()) -> list[str]:
+def _bwrap_args(box: Path, seccomp_fd: int, binds: Sequence[tuple[str, str]] = ()) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxError("bubblewrap is not installed (apt-get install bubblewrap; `make setup` as root)")
-    args = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-            "--disable-userns", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    args = [bwrap, "--seccomp", str(seccomp_fd), "--unshare-all", "--unshare-user", "--die-with-parent",
+            "--new-session", "--disable-userns", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
@@ -204,6 +208,13 @@ def _describe(returncode: int, stderr: str) -> str:
     return f"exit {returncode}: {last[:200]}" if last else f"exit {returncode}"
 
 
+def _seccomp_program() -> bytes:
+    try:
+        return filter_bpf()
+    except SeccompUnavailable as exc:  # never run code without the filter
+        raise SandboxError(str(exc)) from exc
+
+
 def _run(source: str, timeout_s: float, memory_mb: int, stdin: str | None,
          binds: Sequence[tuple[str, str]] = ()) -> SandboxResult:
     python, _ = _interpreter()
@@ -218,14 +229,15 @@ def _run(source: str, timeout_s: float, memory_mb: int, stdin: str | None,
             root.chmod(0o711)  # nobody may pass through to box/, not list or read the rest
             os.chown(box, NOBODY, NOBODY)
         (root / "stdin").write_text(stdin or "")
-        args = [*_bwrap_args(box, binds), python, "-I", "-B", "-c", launcher]
+        (root / "seccomp.bpf").write_bytes(_seccomp_program())
         start = time.monotonic()
         timed_out = False
         with (root / "stdin").open("rb") as fin, (root / "stdout").open("wb") as fout, \
-                (root / "stderr").open("wb") as ferr:
+                (root / "stderr").open("wb") as ferr, (root / "seccomp.bpf").open("rb") as fbpf:
+            args = [*_bwrap_args(box, fbpf.fileno(), binds), python, "-I", "-B", "-c", launcher]
             proc = subprocess.Popen(args, stdin=fin, stdout=fout, stderr=ferr, start_new_session=True,
-                                    close_fds=True, **(dict(user=NOBODY, group=NOBODY, extra_groups=[])
-                                                       if drop else {}))
+                                    close_fds=True, pass_fds=(fbpf.fileno(),),
+                                    **(dict(user=NOBODY, group=NOBODY, extra_groups=[]) if drop else {}))
             ns = None
             try:
                 # bwrap's pid 1 is its child; remember its namespace to check it is empty at the end.
