@@ -19,6 +19,16 @@ from pathlib import Path
 from fleetlm.sandbox import run_python
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _raw_call(nr: int, *args: object) -> str:
+    """A program making one raw system call; ESCAPED unless the kernel refused it with EPERM (the filter)."""
+    joined = ", ".join(str(a) for a in args)
+    return ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"r = libc.syscall({nr}, {joined})\n"
+            "print('refused' if r < 0 and ctypes.get_errno() == 1 else 'ESCAPED', ctypes.get_errno())")
+
+
 ATTEMPTS = {
     "read a file outside (the repository)": f"print(open({str(REPO / 'README.md')!r}).read()[:9], 'ESCAPED')",
     "read a host secret (/etc/shadow)": "print(open('/etc/shadow').read()[:9], 'ESCAPED')",
@@ -42,6 +52,13 @@ ATTEMPTS = {
     "exhaust memory": "x = []\nwhile True:\n    x.append(bytearray(10**7))",
     "a new user namespace (unshare)": "import subprocess\n"
         "r = subprocess.run(['/usr/bin/unshare', '-U', 'true'])\nprint(r.returncode or 'ESCAPED')",
+    # System calls the seccomp filter refuses (x86_64 numbers): each would be a step towards a kernel exploit.
+    "trace a process (ptrace)": _raw_call(101, 0, 0, 0, 0),
+    "mount a filesystem": _raw_call(165, "b'none'", "b'/sandbox'", "b'tmpfs'", 0, 0),
+    "load a BPF program (bpf)": _raw_call(321, 0, 0, 0),
+    "set up io_uring": _raw_call(425, 1, 0),
+    "open a netlink socket": "import socket\nsocket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\n"
+                             "print('ESCAPED')",
 }
 
 MUST_BE_STOPPED = {"fork bomb", "sleep forever", "exhaust memory"}
