@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
+from fleetlm.voice.voices import VoiceConfig
 
 DEFAULT_SQLITE_FILE = "fleet.db"
 # Google Cloud's on-demand price of an n2d-standard-2 (2 vCPUs of an AMD EPYC, 8 GB) in us-central1, $0.0844
@@ -236,6 +237,8 @@ class FleetConfig(_Strict):
     mcp_servers: McpServers = Field(
         default_factory=dict, description="MCP servers whose tools agents and the gateway may call "
                                           "(fleetlm.mcp.config), tools named <server>__<tool>")
+    voice: VoiceConfig = Field(
+        default_factory=VoiceConfig, description="speech out (/v1/audio/speech): engine, lexicon file")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
