@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
+from fleetlm.voice.asr import TranscriptionSettings
 from fleetlm.voice.voices import VoiceConfig
 
 DEFAULT_SQLITE_FILE = "fleet.db"
@@ -239,6 +240,8 @@ class FleetConfig(_Strict):
                                           "(fleetlm.mcp.config), tools named <server>__<tool>")
     voice: VoiceConfig = Field(
         default_factory=VoiceConfig, description="speech out (/v1/audio/speech): engine, lexicon file")
+    transcription: TranscriptionSettings = Field(
+        default_factory=TranscriptionSettings, description="/v1/audio/transcriptions: upload limit, window")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:

@@ -69,6 +69,7 @@ from fleetlm.serve.protocol import (
 )
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
+from fleetlm.serve.transcribe import install_transcribe
 
 KEY_CACHE_S = 2.0
 DISCONNECT_POLL_S = 0.25  # how often a whole answer in progress checks that its client is still there
@@ -724,6 +725,7 @@ def create_app(
     app.state.gateway = gw
     install_metrics(app, gw.metrics)  # GET /metrics, in-flight requests
     install_dashboard(app, gw)  # GET /dashboard: spend, traffic share, latency, recent requests
+    install_transcribe(app, gw)  # POST /v1/audio/transcriptions and /v1/audio/translations
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
     defs: dict[str, Any] = {}
