@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
+from fleetlm.vision.config import RAPIDOCR, VisionConfig
 from fleetlm.voice.asr import TranscriptionSettings
 from fleetlm.voice.voices import VoiceConfig
 
@@ -86,6 +87,7 @@ class ModelSpec(_Strict):
     fallbacks: list[str] = Field(default_factory=list)
     max_context: int | None = Field(None, gt=0)
     embeddings: bool = False
+    vision: bool = Field(False, description="accepts image parts (a remote vision model): gets them as sent")
     # streaming failover (serve/failover.py): no first token within ttft_timeout, or a gap longer than
     # stall_timeout between tokens, counts as a failure and the next model of `fallbacks` takes over
     ttft_timeout: float | None = Field(None, gt=0, description="seconds to the first streamed token")
@@ -242,6 +244,8 @@ class FleetConfig(_Strict):
         default_factory=VoiceConfig, description="speech out (/v1/audio/speech): engine, lexicon file")
     transcription: TranscriptionSettings = Field(
         default_factory=TranscriptionSettings, description="/v1/audio/transcriptions: upload limit, window")
+    vision: VisionConfig = Field(
+        default_factory=VisionConfig, description="images in chat, for models that cannot see")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
@@ -260,6 +264,10 @@ class FleetConfig(_Strict):
         for ref in [self.strongest, *((self.router.models or []) if self.router else [])]:
             if ref is not None and ref not in seen:
                 raise ValueError(f"unknown model {ref!r}")
+        stage_one = self.vision.stage_one
+        if stage_one != RAPIDOCR and not (stage_one in seen and self.models[seen[stage_one]].vision):
+            raise ValueError(f"vision.stage_one: {stage_one!r} is neither rapidocr nor a model with "
+                             "vision: true")
         for name in self.ray.models if self.ray else []:
             if name not in self.models:
                 raise ValueError(f"ray.models: unknown model {name!r} (give its name, not an alias)")

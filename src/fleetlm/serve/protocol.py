@@ -40,10 +40,24 @@ class _Response(BaseModel):
 # ---------------------------------------------------------------- requests
 
 
+class ImageUrl(_Request):
+    """An image_url part's image: an https or data: URL (read by fleetlm/vision), and OpenAI's detail hint."""
+
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(_Request):
     type: str
     text: str | None = None
-    image_url: dict[str, Any] | None = None
+    image_url: ImageUrl | None = None
+    file: dict[str, Any] | None = None  # {"file_id": ...} or {"file_data": ...}: refused by serve/vision.py
+
+    @model_validator(mode="after")
+    def _image_has_url(self) -> ContentPart:
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError('an image_url part needs image_url: {"url": "https://..." or "data:image/..."}')
+        return self
 
 
 class FunctionCall(_Request):
