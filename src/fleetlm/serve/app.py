@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
 from fleetlm.mcp.client import AsyncMcpToolbox
-from fleetlm.serve import mcp_tools
+from fleetlm.serve import mcp_tools, vision
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
@@ -111,6 +111,7 @@ class _Call:
     prompt: str | None = None  # with log_content: the request's messages as JSON
     response: str | None = None  # with log_content: the first choice's answer
     mcp: Any = None  # a request with mcp tools: its tool loop so far (serve/mcp_tools.McpRun)
+    vision: str | None = None  # a request with images: what read them (serve/vision.py)
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -122,6 +123,8 @@ class _Call:
             h["x-fleet-cost-usd"] = f"{cost:.8f}"
         if self.mcp is not None:
             h["x-fleet-mcp-calls"] = str(len(self.mcp.calls))
+        if self.vision is not None:
+            h["x-fleet-vision"] = _header_safe(self.vision)
         return h
 
     def route_header(self) -> str:
@@ -299,7 +302,7 @@ class Gateway:
             model_requested=call.model_requested,
             status=status,
             model_used=call.model_used,
-            route_reason=call.route,
+            route_reason=call.route if call.vision is None else f"{call.route}; vision: {call.vision}",
             predicted_quality=call.predicted_quality,
             fallbacks=call.fallbacks,
             prompt_tokens=prompt_tokens,
@@ -351,6 +354,8 @@ class Gateway:
             if self.config.log_content and endpoint != "embeddings":
                 call.prompt = _logged_prompt(parsed)
             await self.authorize(request, call)
+            if vision.requested(parsed):  # images become stage one's text, which the router then reads
+                parsed = await vision.prepare(self, parsed, call)
             chain = await self.resolve(parsed.model, parsed, call)
             self.reserve(parsed, chain, call)
             if mcp_tools.requested(parsed):  # mcp entries become their servers' tools (or a 400 / 424)

@@ -21,6 +21,7 @@ COLUMN_GAP_HEIGHTS = 1.5
 PROSE_WORDS_PER_LINE = 4  # columns whose lines average this many words are prose, read column by column
 MIN_COLOUR_SHARE = 0.05
 UPSCALE_TO, MAX_UPSCALE = 1600, 2.0  # a small image is enlarged to this longer side, at most 2x
+PAD_BELOW = 300  # a strip thinner than this (pixels) is padded (see _padded)
 
 _engine = None
 _engine_lock = threading.Lock()  # one engine per process, loaded on first use
@@ -100,15 +101,27 @@ def read_lines(image: Image.Image) -> list[OcrLine]:
     if scale > 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)),
                              Image.Resampling.LANCZOS)
+    image = _padded(image.convert("RGB"))
     ocr = engine()
     with _run_lock:
-        found, _ = ocr(image.convert("RGB"))
+        found, _ = ocr(image)
     lines = []
     for box, text, score in found or []:
         if text.strip():
             corners = tuple((float(x) / scale, float(y) / scale) for x, y in box)
             lines.append(OcrLine(text.strip(), corners, float(score)))
     return lines
+
+
+def _padded(image: Image.Image) -> Image.Image:
+    """A thin strip padded (right, bottom, in its corner's colour) to at most 2:1: the detector enlarges an
+    image until its short side is 736 px, which makes a 600x120 strip 3680x736 and splits its words."""
+    width, height = image.size
+    if min(width, height) >= PAD_BELOW or min(width, height) * 2 >= max(width, height):
+        return image
+    canvas = Image.new("RGB", (max(width, height // 2), max(height, width // 2)), image.getpixel((0, 0)))
+    canvas.paste(image, (0, 0))
+    return canvas
 
 
 def _upscale(width: int, height: int) -> float:
