@@ -14,7 +14,7 @@ import typer
 from fleetlm.errors import FleetError
 
 CAPABILITIES = ("catalog", "model", "engine", "compress", "bench", "tasks", "evals", "train", "route",
-                "serve", "fleet", "demo", "mcp", "agent")
+                "serve", "fleet", "demo", "mcp", "agent", "voice")
 
 app = typer.Typer(
     name="fleet",
