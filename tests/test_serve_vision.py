@@ -1,4 +1,4 @@
-"""The gateway's image parts: rewritten into OCR text before routing, the x-fleet-vision header, 4xx errors."""
+"""The gateway's image parts: turned into OCR text before routing, the x-fleet-vision header, 4xx errors."""
 
 import base64
 import io

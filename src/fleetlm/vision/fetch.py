@@ -33,7 +33,7 @@ def refused_reason(address: str) -> str | None:
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None and (reason := refused_reason(str(embedded))):
             return reason
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):  # most telling
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     if not ip.is_global:  # shared (100.64/10), documentation, benchmarking ... ranges
@@ -53,7 +53,7 @@ async def check_url(url: str, resolve: Resolver = resolve_host) -> tuple[httpx.U
     if not host:
         raise ImageUrlRefused("the image URL has no host")
     try:
-        addresses = await resolve(host, parsed.port or 443)
+        addresses = [host] if _is_address(host) else await resolve(host, parsed.port or 443)
     except (OSError, UnicodeError) as exc:
         raise ImageFetchFailed(f"could not resolve the image host {host}: {exc}") from None
     if not addresses:
@@ -63,6 +63,14 @@ async def check_url(url: str, resolve: Resolver = resolve_host) -> tuple[httpx.U
             raise ImageUrlRefused(f"the image host {host} resolves to {address}, a {reason} address: images "
                                   "are fetched only from public addresses")
     return parsed, addresses[0]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def fetch_image(
