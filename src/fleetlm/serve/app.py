@@ -67,6 +67,7 @@ from fleetlm.serve.protocol import (
     new_id,
     parse_request,
 )
+from fleetlm.serve.speech import install_speech
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
 from fleetlm.serve.transcribe import install_transcribe
@@ -731,6 +732,7 @@ def create_app(
     install_metrics(app, gw.metrics)  # GET /metrics, in-flight requests
     install_dashboard(app, gw)  # GET /dashboard: spend, traffic share, latency, recent requests
     install_transcribe(app, gw)  # POST /v1/audio/transcriptions and /v1/audio/translations
+    install_speech(app, gw)  # POST /v1/audio/speech; the pronunciation lexicon under /v1/fleet/voice
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
     defs: dict[str, Any] = {}
