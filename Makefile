@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup bwrap demo test lint bench clean
+.PHONY: setup bwrap espeak demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -14,13 +14,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m fleetlm.engine.kernels  # our CPU kernels, compiled once per machine into the fleet home
 	touch $(STAMP)
 
-setup: $(STAMP) bwrap
+setup: $(STAMP) bwrap espeak
 
 # bubblewrap isolates the code that `fleet eval --bench humaneval` runs (fleetlm.sandbox); installed as root.
 bwrap:
 	@command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	else echo "warning: bubblewrap is missing and we are not root; sandboxed tests will be skipped" >&2; fi; }
+
+# espeak-ng: the speech fallback when the Piper voice cannot load (fleetlm.voice.tts); installed as root.
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	else echo "warning: espeak-ng is missing and we are not root; its fallback tests will be skipped" >&2; fi; }
 
 # The demo's fleet: the three catalog models (pulled once, verified), each measured on both engines once per
 # machine (`fleet demo --prepare`, what the gateway's first start would otherwise do), then the demo itself.
@@ -31,7 +37,7 @@ demo: $(STAMP) bwrap
 	$(BIN)/fleet demo --prepare
 	$(BIN)/fleet demo
 
-test: $(STAMP) bwrap
+test: $(STAMP) bwrap espeak
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 
