@@ -18,6 +18,7 @@ CELL_SEPARATOR = " | "
 # A horizontal gap wider than this many text heights separates two cells of a row (or two columns).
 CELL_GAP_HEIGHTS = 1.2
 COLUMN_GAP_HEIGHTS = 1.5
+TABLE_GAP_HEIGHTS = 1.5  # a blank band taller than this many text heights ends a table
 PROSE_WORDS_PER_LINE = 4  # columns whose lines average this many words are prose, read column by column
 MIN_COLOUR_SHARE = 0.05
 UPSCALE_TO, MAX_UPSCALE = 1600, 2.0  # a small image is enlarged to this longer side, at most 2x
@@ -67,6 +68,7 @@ class Row:
 
     lines: list[OcrLine]
     cells: list[str] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # each cell's left and right edge
 
     @property
     def is_table_row(self) -> bool:
@@ -169,12 +171,15 @@ def _rows(lines: list[OcrLine]) -> list[Row]:
 def _row(lines: list[OcrLine]) -> Row:
     height = median(ln.height for ln in lines)
     cells: list[str] = [lines[0].text]
+    spans = [(lines[0].left, lines[0].right)]
     for before, line in itertools.pairwise(lines):
         if line.left - before.right > CELL_GAP_HEIGHTS * height:
             cells.append(line.text)
+            spans.append((line.left, line.right))
         else:  # one phrase the detector cut in two
             cells[-1] += " " + line.text
-    return Row(lines, cells)
+            spans[-1] = (spans[-1][0], line.right)
+    return Row(lines, cells, spans)
 
 
 def _column_split(lines: list[OcrLine]) -> tuple[list, list, list, list] | None:
@@ -218,13 +223,16 @@ def _blocks(rows: list[Row]) -> list[Block]:
     blocks: list[Block] = []
     for row in rows:
         kind = "table" if row.is_table_row else "text"
-        if blocks and blocks[-1].kind == kind:
+        apart = kind == "table" and bool(blocks) and _far_below(blocks[-1].rows[-1], row)
+        if blocks and blocks[-1].kind == kind and not apart:
             blocks[-1].rows.append(row)
         else:
             blocks.append(Block(kind, [row]))
     for block in blocks:  # one row of cells alone is a label and its value, not a table
         if block.kind == "table" and len(block.rows) < 2:
             block.kind = "text"
+        elif block.kind == "table":
+            _align_columns(block.rows)
     merged: list[Block] = []
     for block in blocks:
         if merged and merged[-1].kind == block.kind == "text":
@@ -232,6 +240,36 @@ def _blocks(rows: list[Row]) -> list[Block]:
         else:
             merged.append(block)
     return merged
+
+
+def _far_below(above: Row, row: Row) -> bool:
+    """A blank band between two rows of cells, taller than TABLE_GAP_HEIGHTS lines, ends a table."""
+    height = median(ln.height for ln in row.lines)
+    return min(ln.top for ln in row.lines) - max(ln.bottom for ln in above.lines) > TABLE_GAP_HEIGHTS * height
+
+
+def _align_columns(rows: list[Row]) -> None:
+    """Rows with fewer cells than the table's widest row get empty cells where their columns are missing
+    ("Total | | 9.25" under "Item | Qty | Price"): each cell goes to the column it overlaps most."""
+    widest = max(rows, key=lambda r: len(r.cells))
+    columns = [list(span) for span in widest.spans]
+    for row in rows:  # a column spans every cell of the full rows
+        if len(row.cells) == len(columns):
+            for column, (left, right) in zip(columns, row.spans, strict=True):
+                column[0], column[1] = min(column[0], left), max(column[1], right)
+    for row in rows:
+        if len(row.cells) == len(columns):
+            continue
+        slots: list[str | None] = [None] * len(columns)
+        for cell, span in zip(row.cells, row.spans, strict=True):
+            best = max(range(len(columns)), key=lambda c: (_overlap(span, columns[c]),
+                                                          -abs(sum(span) - sum(columns[c]))))
+            slots[best] = cell if slots[best] is None else f"{slots[best]} {cell}"
+        row.cells = [cell or "" for cell in slots]
+
+
+def _overlap(a: tuple[float, float] | list[float], b: tuple[float, float] | list[float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
 # ---------------------------------------------------------------- image facts
