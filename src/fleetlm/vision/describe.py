@@ -62,7 +62,3 @@ def render(index: int, width: int, height: int, colours: list[tuple[str, float]]
     out.append(f"[end of image {index}]")
     return "\n".join(out)
 
-
-def describe_error(index: int, message: str) -> str:
-    """What the model reads for an image stage one could not read (so it can say so rather than guess)."""
-    return f"[image {index}: could not be read ({message})]"
