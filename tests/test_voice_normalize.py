@@ -32,6 +32,9 @@ RULES = [
     ("from 1990 to 1995", "from nineteen ninety to nineteen ninety-five"),
     ("the 1990s", "the nineteen nineties"),
     ("the '90s", "the nineties"),
+    ("In 1066, the Normans came.", "In ten sixty-six, the Normans came."),
+    ("Q3 2024", "Q three twenty twenty-four"),
+    ("in FY2023", "in F Y twenty twenty-three"),
     # money
     ("$4.50", "four dollars and fifty cents"),
     ("$1", "one dollar"),
@@ -57,6 +60,7 @@ RULES = [
     ("Jan. 5th", "January fifth"),
     ("Sept 2024", "September twenty twenty-four"),
     ("10.5.2024", "the tenth of May, twenty twenty-four"),
+    ("due on 12/25.", "due on December twenty-fifth."),
     ("2024-13-45", "two thousand twenty-four to thirteen to forty-five"),  # no such date: a range
     # times
     ("3:30 pm", "three thirty p m"),
@@ -67,6 +71,9 @@ RULES = [
     ("17:00", "seventeen hundred"),
     ("at 5 p.m. sharp", "at five p m sharp"),
     ("10:15 AM", "ten fifteen a m"),
+    ("10am-2pm", "ten a m to two p m"),
+    ("9:00–17:00", "nine o'clock to seventeen hundred"),
+    ("12:00:30", "twelve o'clock and thirty seconds"),
     # phone numbers
     ("call 555-123-4567", "call five five five, one two three, four five six seven"),
     ("(555) 123-4567", "five five five, one two three, four five six seven"),
@@ -75,6 +82,7 @@ RULES = [
     ("pages 10-20", "pages ten to twenty"),
     ("1990–1995", "nineteen ninety to nineteen ninety-five"),
     ("$5-10", "five dollars to ten"),
+    ("$3.99–$5.99", "three dollars and ninety-nine cents to five dollars and ninety-nine cents"),
     # units
     ("5 kg", "five kilograms"),
     ("1 kg", "one kilogram"),
@@ -85,6 +93,7 @@ RULES = [
     ("8GB", "eight gigabytes"),
     # fractions
     ("1/2 cup", "one half cup"),
+    ("add 3/4 cup", "add three quarters cup"),
     ("5/8 inch", "five eighths inch"),
     ("24/7", "twenty-four seven"),
     # abbreviations

@@ -308,7 +308,20 @@ def _hour_meridiem(match: re.Match[str]) -> str:
     return _spoken_time(hour, 0, None, match.group("meridiem"))
 
 
+# "10am-2pm", "9:00–17:00": the dash of a range of times is "to" (a bare "10-20" is left to the ranges)
+_TIME_RANGE_RE = re.compile(
+    r"(?<![\w:.])(\d{1,2}(?::\d{2})?(?:\s?[AaPp]\.?[Mm]\.?)?)\s?[-–—]\s?"
+    r"(?=\d{1,2}(?::\d{2})?\s?[AaPp]\.?[Mm](?!\w)|\d{1,2}:\d{2})"
+)
+
+
+def _time_range(match: re.Match[str]) -> str:
+    start = match.group(1)
+    return start + " to " if (":" in start or start[-1].isalpha() or start[-1] == ".") else match.group(0)
+
+
 def _expand_times(text: str) -> str:
+    text = _TIME_RANGE_RE.sub(_time_range, text)
     text = _CLOCK_RE.sub(_clock, text)
     return _HOUR_MERIDIEM_RE.sub(_hour_meridiem, text)
 
@@ -433,15 +446,22 @@ def _unit(match: re.Match[str]) -> str:
 
 
 # "10-20" is a range; "10 - 20" with spaces is arithmetic (left to the symbol rules: "minus")
-_RANGE_RE = re.compile(rf"(?<![\d.,:])({_NUM})(?:-|\s?[–—]\s?)(?=\d)")
+_RANGE_RE = re.compile(rf"(?<![\d.,:])({_NUM})(?:-|\s?[–—]\s?)(?={_SYMBOLS}?\d)")
 
 _FRACTIONS = {"1/2": "one half", "1/3": "one third", "2/3": "two thirds", "1/4": "one quarter",
               "3/4": "three quarters", "24/7": "twenty-four seven"}
 _FRACTION_RE = re.compile(r"(?<![\w/.])(\d{1,3})/(\d{1,3})(?![\w/])")
 
 
+_DATE_CUE_RE = re.compile(r"\b(?:on|by|until|till|since|from|before|after|due|dated)\s+$", re.IGNORECASE)
+
+
 def _fraction(match: re.Match[str]) -> str:
+    """ "3/4" -> "three quarters"; after a date word ("on 12/25") a month and day in US order."""
     numerator, denominator = match.group(1), match.group(2)
+    if _DATE_CUE_RE.search(match.string, max(0, match.start() - 8), match.start()) \
+            and _valid_day_month(int(denominator), int(numerator)):
+        return _spoken_date(int(denominator), int(numerator), None)
     if match.group(0) in _FRACTIONS:
         return _FRACTIONS[match.group(0)]
     if 2 < int(denominator) <= 10 and int(numerator) > 0:
@@ -457,9 +477,10 @@ _YEAR_CUES = (
     "around", "through", "early", "late", "mid", "spring", "summer", "autumn", "fall", "winter", "to",
     "and", "c.", "ca.",
 )
-_YEAR_RE = re.compile(r"(?<![\w.,$€£¥₹-])(1[1-9]\d\d|20\d\d)(?![\w%]|[.,]\d|:\d)")
+_YEAR_RE = re.compile(r"(?<![\w.,$€£¥₹-])(1\d{3}|20\d\d)(?![\w%]|[.,]\d|:\d)")
+_FISCAL_YEAR_RE = re.compile(r"\bFY\s?(\d{4})(?!\d)")
 _CUE_BEFORE_RE = re.compile(
-    r"(?:^|\W)(?:" + "|".join(re.escape(c) for c in _YEAR_CUES) + r")\s+$", re.IGNORECASE
+    r"(?:^|\W)(?:" + "|".join(re.escape(c) for c in _YEAR_CUES) + r"|Q[1-4])\s+$", re.IGNORECASE
 )
 _YEAR_AFTER_RE = re.compile(r"\s*(?:$|[.,;:!?)\]]|\s(?:BC|AD|BCE|CE)\b|\s+(?:to|and)\s+\d{4}\b)")
 
@@ -496,6 +517,7 @@ def _number(match: re.Match[str]) -> str:
 
 
 def _expand_numbers(text: str) -> str:
+    text = _FISCAL_YEAR_RE.sub(lambda m: "F Y " + _year(m.group(1)), text)
     text = _YEAR_RE.sub(_year_or_number, text)
     text = _VERSION_RE.sub(_version, text)
     text = _NEGATIVE_RE.sub(lambda m: "minus " + _decimal(m.group("amount").replace(",", "")), text)
