@@ -1,0 +1,130 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from fleetlm.rag.chunking import Chunk, Strategy
+from fleetlm.rag.store import SqliteKnowledgeStore
+from rag_fakes import bag_of_words
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteKnowledgeStore(tmp_path / "kb.db", tmp_path / "files")
+    yield s
+    s.close()
+
+
+def upload(store, tmp_path, name: str, data: bytes, purpose: str = "assistants") -> dict:
+    tmp = tmp_path / f"up-{name}"
+    tmp.write_bytes(data)
+    return store.add_file(name, purpose, tmp, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def index(store, n: int, texts: list[str]) -> int:
+    job = store.job(n)
+    doc = store.start_doc(job["sha256"], job["strategy"].key)
+    chunks = [Chunk(i, t, len(t.split())) for i, t in enumerate(texts)]
+    store.add_chunks(doc, chunks, bag_of_words(texts), final=True)
+    return doc
+
+
+def test_same_bytes_are_stored_once_and_deleted_with_the_last_file(store, tmp_path):
+    a = upload(store, tmp_path, "a.txt", b"same bytes")
+    b = upload(store, tmp_path, "b.txt", b"same bytes")
+    assert a["id"] != b["id"] and a["sha256"] == b["sha256"]
+    assert len(list((tmp_path / "files").iterdir())) == 1
+    assert store.delete_file(a["id"]) and store.blob_path(a["sha256"]).exists()
+    assert store.delete_file(b["id"]) and not store.blob_path(a["sha256"]).exists()
+    assert not store.delete_file(b["id"])
+
+
+def test_listing_pages_and_filters_by_purpose(store, tmp_path):
+    ids = [
+        upload(store, tmp_path, f"{i}.txt", f"{i}".encode(), "batch" if i % 2 else "assistants")["id"]
+        for i in range(5)
+    ]
+    page, more = store.list_files(None, 2, "asc", None)
+    assert [r["id"] for r in page] == ids[:2] and more
+    page, more = store.list_files(None, 2, "asc", ids[3])
+    assert [r["id"] for r in page] == ids[4:] and not more
+    page, _ = store.list_files("batch", 10, "desc", None)
+    assert [r["id"] for r in page] == [ids[3], ids[1]]
+
+
+def test_chunks_are_searchable_only_once_completed_and_go_with_the_last_user(store, tmp_path):
+    f = upload(store, tmp_path, "a.txt", b"x")
+    vs1, vs2 = store.create_store("one", {}, None)["id"], store.create_store("two", {}, None)["id"]
+    n1 = store.attach(vs1, f, {"k": 1}, Strategy())["n"]
+    n2 = store.attach(vs2, f, {}, Strategy())["n"]
+    job = store.job(n1)
+    doc = store.start_doc(job["sha256"], job["strategy"].key)
+    texts = ["the cat sat on the mat", "dogs bark at night"]
+    store.add_chunks(doc, [Chunk(0, texts[0], 6)], bag_of_words(texts[:1]), final=False)
+    assert store.bm25(vs1, '"cat"', ("1", []), 10) == []  # half-indexed: not searchable, not completed
+    assert store.get_store_file(vs1, f["id"])["status"] == "in_progress"
+    store.add_chunks(doc, [Chunk(1, texts[1], 4)], bag_of_words(texts[1:]), final=True)
+    # both stores waited on the same content: one document, completed for both in one transaction
+    assert (
+        store.get_store_file(vs1, f["id"])["status"]
+        == store.get_store_file(vs2, f["id"])["status"]
+        == "completed"
+    )
+    assert store.settle_from_doc(n2) and store.chunk_count() == 2
+    hits = store.bm25(vs1, '"cat"', ("1", []), 10)
+    assert len(hits) == 1 and hits[0][1] == n1
+    (near,) = store.dense(vs2, bag_of_words(["dogs bark"])[0], ("1", []), 1)
+    assert store.hits([near[:2]])[0]["text"] == "dogs bark at night"
+    assert store.get_store(vs1)["file_counts"] == {
+        "in_progress": 0,
+        "completed": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "total": 1,
+    }
+    assert store.detach(vs1, f["id"]) and store.chunk_count() == 2  # vs2 still uses the document
+    assert store.delete_store(vs2) and store.chunk_count() == 0
+
+
+def test_a_restart_deletes_half_written_chunks_before_reingesting(store, tmp_path):
+    f = upload(store, tmp_path, "a.txt", b"x")
+    vs = store.create_store(None, {}, None)["id"]
+    n = store.attach(vs, f, {}, Strategy())["n"]
+    job = store.job(n)
+    doc = store.start_doc(job["sha256"], job["strategy"].key)
+    store.add_chunks(doc, [Chunk(0, "partial", 1)], bag_of_words(["partial"]), final=False)
+    assert store.pending() == [n]  # what a restart re-queues
+    again = store.start_doc(job["sha256"], job["strategy"].key)
+    assert again == doc and store.chunk_count() == 0
+
+
+def test_cancelling_a_batch_and_its_status(store, tmp_path):
+    vs = store.create_store(None, {}, None)["id"]
+    batch = store.create_batch(vs)
+    files = [upload(store, tmp_path, f"{i}.txt", f"{i}".encode()) for i in range(3)]
+    ns = [store.attach(vs, f, {}, Strategy(), batch)["n"] for f in files]
+    index(store, ns[0], ["done"])
+    assert store.get_batch(vs, batch)["status"] == "in_progress"
+    cancelled = store.cancel_batch(vs, batch)
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["file_counts"] == {
+        "in_progress": 0,
+        "completed": 1,
+        "failed": 0,
+        "cancelled": 2,
+        "total": 3,
+    }
+    assert store.job(ns[1]) is None  # the worker skips it
+    assert store.get_batch(vs, "vsfb_nope") is None and store.cancel_batch("vs_nope", batch) is None
+
+
+def test_dense_scores_are_cosine_similarities(store, tmp_path):
+    f = upload(store, tmp_path, "a.txt", b"y")
+    vs = store.create_store(None, {}, None)["id"]
+    n = store.attach(vs, f, {}, Strategy())["n"]
+    index(store, n, ["alpha beta", "gamma delta"])
+    q = bag_of_words(["alpha beta"])[0]
+    (best, second) = store.dense(vs, q, ("1", []), 5)
+    assert best[2] == pytest.approx(1.0, abs=1e-5) and second[2] == pytest.approx(0.0, abs=1e-5)
+    assert store.similarities([best[0]], q)[best[0]] == pytest.approx(float(q @ q), abs=1e-5)
+    assert isinstance(np.float32(best[2]), np.floating)
