@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup bwrap espeak demo test lint bench clean
+.PHONY: setup bwrap espeak kb-corpus demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ espeak:
 	@command -v espeak-ng >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
 	else echo "warning: espeak-ng is missing and we are not root; its fallback tests will be skipped" >&2; fi; }
+
+# The knowledge base's labelled retrieval set is cut from Debian's HTML manual (fleetlm.rag.labelled), read by
+# bench/retrieval.py; not part of `make test` (those tests skip without it). Installed as root.
+kb-corpus:
+	@test -f /usr/share/doc/python3.11/html/library/copy.html || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null; \
+	else echo "error: python3.11-doc is missing; run as root: apt-get install python3.11-doc" >&2; exit 1; fi; }
 
 # The demo's fleet: the three catalog models (pulled once, verified), each measured on both engines once per
 # machine (`fleet demo --prepare`, what the gateway's first start would otherwise do), then the demo itself.
