@@ -215,3 +215,25 @@ def test_too_many_images_is_a_400(gateway):
     url = data_url(png(Image.new("RGB", (8, 8), "white")))
     message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 3}
     _error(ask(client, message), 400, "too_many_images")
+
+
+def test_a_real_small_model_answers_over_an_image(tmp_path, smollm2_gguf):
+    """SmolLM2-135M (llama.cpp) reads stage one's text and answers from it."""
+    pytest.importorskip("llama_cpp")
+    from fleetlm.serve.backends import build_backends
+
+    img = Image.new("RGB", (400, 160), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 15), "CORNER CAFE", fill="black", font=ImageFont.truetype(FONT, 24))
+    font = ImageFont.truetype(FONT, 18)
+    for i, (item, price) in enumerate([("Coffee", "3.50"), ("Bagel", "2.25"), ("Total", "5.75")]):
+        draw.text((20, 60 + i * 30), item, fill="black", font=font)
+        draw.text((250, 60 + i * 30), price, fill="black", font=font)
+    config = parse_config({"models": {"smol": {"gguf": str(smollm2_gguf), "engine": "llama_cpp"}}})
+    store = UsageStore(f"sqlite:///{tmp_path / 's.db'}")
+    with TestClient(create_app(config, store, build_backends(config))) as client:
+        message = image_message(data_url(png(img)), text="What is the total on this receipt?")
+        message["content"].reverse()  # the image first, then the question, as clients often send it
+        r = ask(client, message, model="smol", max_tokens=30, temperature=0)
+    assert r.status_code == 200 and r.headers["x-fleet-vision"].startswith("rapidocr-ppocrv4 (1 image")
+    assert "5.75" in r.json()["choices"][0]["message"]["content"]
