@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
 from fleetlm.mcp.client import AsyncMcpToolbox
-from fleetlm.serve import mcp_tools, vision
+from fleetlm.serve import mcp_tools, vision, voice_chat
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
@@ -113,6 +113,7 @@ class _Call:
     response: str | None = None  # with log_content: the first choice's answer
     mcp: Any = None  # a request with mcp tools: its tool loop so far (serve/mcp_tools.McpRun)
     vision: str | None = None  # a request with images: what read them (serve/vision.py)
+    voice: Any = None  # a request with audio parts or a spoken answer (serve/voice_chat.VoiceTurn)
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -357,6 +358,8 @@ class Gateway:
             await self.authorize(request, call)
             if vision.requested(parsed):  # images become stage one's text, which the router then reads
                 parsed = await vision.prepare(self, parsed, call)
+            if voice_chat.requested(parsed):  # audio parts become their transcripts, which the router reads
+                parsed = await voice_chat.prepare(self, parsed, call)
             chain = await self.resolve(parsed.model, parsed, call)
             self.reserve(parsed, chain, call)
             if mcp_tools.requested(parsed):  # mcp entries become their servers' tools (or a 400 / 424)
@@ -458,6 +461,8 @@ class Gateway:
         extension = {**(gen.fleet or {}), **({"attempts": call.attempts} if call.attempts else {})}
         if extension:  # our additions sit under one key, so the OpenAI shape stays as it is
             data["fleet"] = extension
+        if call.voice is not None:  # modalities ["text", "audio"]: the answer spoken (serve/voice_chat.py)
+            await voice_chat.speak(self, data, call)
         return JSONResponse(data, headers=call.headers(cost))
 
     async def _climb(self, req: Any, call: _Call, *, chat: bool, stream: bool = False) -> Any:

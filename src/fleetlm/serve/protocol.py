@@ -52,6 +52,8 @@ class ContentPart(_Request):
     text: str | None = None
     image_url: ImageUrl | None = None
     file: dict[str, Any] | None = None  # {"file_id": ...} or {"file_data": ...}: refused by serve/vision.py
+    # {"data": base64, "format": "wav" | "mp3"}: becomes a text part before routing (serve/voice_chat.py)
+    input_audio: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _image_has_url(self) -> ContentPart:
@@ -202,6 +204,10 @@ class ChatCompletionRequest(_Sampling):
     # which the router of `auto` reads (see serve/routing.py).
     constrained_decoding: bool = Field(True, exclude=True)
     fleet_step: str | None = Field(None, max_length=32, exclude=True)
+    # OpenAI's spoken answers, served by the gateway itself (serve/voice_chat.py), so never forwarded:
+    # modalities ["text", "audio"] with audio {"voice", "format"}.
+    modalities: list[str] | None = Field(None, exclude=True)
+    audio: dict[str, Any] | None = Field(None, exclude=True)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
