@@ -38,6 +38,7 @@ import base64
 import io
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -79,7 +80,8 @@ class Asked:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     answered_by: str = ""
-    stage_one: str = ""
+    stage_one: str = ""  # two-stage: "local" (describe_image here) or the gateway's x-fleet-vision name
+    stage_one_ms: float | None = None  # the gateway's stage-one time for this request (x-fleet-vision)
     error: str | None = None
 
 
@@ -95,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage-one", choices=("gateway", "local"), default="gateway",
                    help="who turns the image into text in the two-stage arm")
+    p.add_argument("--via-gateway", default="",
+                   help="comma-separated models whose two-stage arm sends the image through the gateway")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     p.add_argument("--url", help="a running gateway's /v1 URL (default: fleet serve on the default fleet)")
     p.add_argument("--out", type=Path, help="default: $FLEET_HOME/bench/vqa")
@@ -111,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} takes a comma-separated subset of: {', '.join(ARMS)}")
         setattr(args, name, arms)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.via_gateway = [m.strip() for m in args.via_gateway.split(",") if m.strip()]
     try:
         args.subset = {m: int(n) for m, n in (s.split("=", 1) for s in args.subset)}
     except ValueError:
@@ -127,8 +132,8 @@ def ocr_text(description: Any) -> str:
     return " ".join(" ".join(line.text for line in description.lines).split())
 
 
-def ocr_pass(docs: list[Document], progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stage one on every document: (descriptions by document id, CER and timing figures)."""
+def ocr_pass(docs: list[Document], progress: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """Stage one on every document: (description texts by document id, CER and timing figures)."""
     import jiwer
 
     from fleetlm.vision.describe import describe_image
@@ -136,7 +141,7 @@ def ocr_pass(docs: list[Document], progress: bool) -> tuple[dict[str, Any], dict
     descriptions, per_doc = {}, []
     for doc in tqdm(docs, desc="stage one (OCR)", unit="doc", disable=not progress):
         desc = describe_image(doc.render())
-        descriptions[doc.id] = desc
+        descriptions[doc.id] = desc.text
         ref = " ".join(doc.text.split())
         per_doc.append((doc, ref, ocr_text(desc), desc.elapsed_s))
 
@@ -154,7 +159,7 @@ def ocr_pass(docs: list[Document], progress: bool) -> tuple[dict[str, Any], dict
         "ocr_seconds_mean": round(statistics.mean(times), 3),
         "ocr_seconds_median": round(statistics.median(times), 3),
         "ocr_seconds_max": round(max(times), 3),
-        "stage_one": getattr(next(iter(descriptions.values())), "stage_one", ""),
+        "stage_one": desc.stage_one,
         "first_image_seconds": round(times[0], 3),  # includes loading the ONNX models
     }
     return descriptions, figures
@@ -173,27 +178,35 @@ def ask_text(q: Question) -> str:
 
 
 def messages_for(arm: str, q: Question, doc: Document, stage_one: str,
-                 descriptions: dict[str, Any]) -> list[dict[str, Any]]:
+                 descriptions: dict[str, str]) -> list[dict[str, Any]]:
     """The one user message of a question in an arm."""
     if arm == "no-image":
         content: Any = ask_text(q)
     elif arm == "ground-truth":
         content = f"Document text:\n{doc.text}\n\n{ask_text(q)}"
-    elif stage_one == "local":
-        content = f"{descriptions[doc.id].text}\n\n{ask_text(q)}"
+    elif stage_one == "local":  # what the gateway sends on: the image part made "\n<text>\n", parts joined
+        content = f"\n{descriptions[doc.id]}\n{ask_text(q)}"
     else:
         content = [{"type": "image_url", "image_url": {"url": image_data_url(doc), "detail": "high"}},
                    {"type": "text", "text": ask_text(q)}]
     return [{"role": "user", "content": content}]
 
 
+def stage_one_of(model: str, args: argparse.Namespace) -> str:
+    return "gateway" if model in args.via_gateway else args.stage_one
+
+
+def arms_of(model: str, args: argparse.Namespace) -> list[str]:
+    return args.auto_arms if model == ROUTER else args.arms
+
+
 def ask(client: Any, model: str, arm: str, q: Question, doc: Document, args: argparse.Namespace,
-        descriptions: dict[str, Any]) -> Asked:
+        descriptions: dict[str, str]) -> Asked:
     out = Asked(model, arm, q.id, q.document, q.kind, q.skill, q.answer)
     started = time.perf_counter()
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=messages_for(arm, q, doc, args.stage_one, descriptions),
+            model=model, messages=messages_for(arm, q, doc, stage_one_of(model, args), descriptions),
             temperature=0, max_tokens=args.max_tokens)
         reply = raw.parse()
     except Exception as exc:  # noqa: BLE001 - a failed request counts as wrong; the benchmark goes on
@@ -209,8 +222,18 @@ def ask(client: Any, model: str, arm: str, q: Question, doc: Document, args: arg
         out.prompt_tokens, out.completion_tokens = reply.usage.prompt_tokens, reply.usage.completion_tokens
     out.cost_usd = float(raw.headers.get("x-fleet-cost-usd") or 0.0)
     out.answered_by = raw.headers.get("x-fleet-model", "")
-    out.stage_one = raw.headers.get("x-fleet-vision", "local" if arm == "two-stage" else "")
+    vision = raw.headers.get("x-fleet-vision")
+    if vision:
+        out.stage_one, out.stage_one_ms = read_vision_header(vision)
+    elif arm == "two-stage":
+        out.stage_one = "local"
     return out
+
+
+def read_vision_header(value: str) -> tuple[str, float | None]:
+    """(stage one's name, its milliseconds) from x-fleet-vision, e.g. "rapidocr-ppocrv4 (1 image, 412 ms)"."""
+    ms = re.search(r"([\d.]+) ms\)\s*$", value)
+    return value.split(" (")[0].strip(), float(ms.group(1)) if ms else None
 
 
 def questions_for(model: str, questions: list[Question], args: argparse.Namespace) -> list[Question]:
@@ -255,9 +278,14 @@ def summarize(asked: list[Asked]) -> list[dict[str, Any]]:
             "cost_usd_per_question": round(sum(a.cost_usd for a in g) / n, 10),
             "answered_by": dict(sorted(_count(a.answered_by or "-" for a in g).items())),
             "stage_one": sorted({a.stage_one for a in g if a.stage_one}),
+            "stage_one_ms_mean": _mean([a.stage_one_ms for a in g if a.stage_one_ms is not None]),
             "by_kind": _accuracy_by(g, "kind", KINDS), "by_skill": _accuracy_by(g, "skill", SKILLS),
         })
     return rows
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(statistics.mean(xs), 1) if xs else None
 
 
 def _count(items: Any) -> dict[str, int]:
@@ -287,11 +315,17 @@ def _table(head: list[str], cells: list[list[str]], left: int = 2) -> str:
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "arm", "n", "exact %", "contains %", "errors", "latency s", "prompt tok", "cost USD/q"]
+    head = ["model", "arm", "n", "exact %", "contains %", "errors", "latency s", "prompt tok", "cost USD/q",
+            "stage one"]
     cells = [[r["model"], r["arm"], str(r["n"]), f"{100 * r['exact']:.1f}", f"{100 * r['contains']:.1f}",
               str(r["errors"]), f"{r['latency_s_mean']:.2f}", f"{r['prompt_tokens_mean']:.0f}",
-              f"{r['cost_usd_per_question']:.2e}"] for r in rows]
+              f"{r['cost_usd_per_question']:.2e}", _stage_one_cell(r)] for r in rows]
     return _table(head, cells)
+
+
+def _stage_one_cell(row: dict[str, Any]) -> str:
+    cell = ",".join(row["stage_one"]) or "-"
+    return cell + (f" ({row['stage_one_ms_mean']:.0f} ms)" if row["stage_one_ms_mean"] is not None else "")
 
 
 def format_breakdown(rows: list[dict[str, Any]], field: str, keys: tuple[str, ...]) -> str:
@@ -396,13 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {d.id: d for d in docs}
     kinds = {k: sum(q.kind == k for q in questions) for k in KINDS}
     print(f"{len(questions)} questions on {len(docs)} documents (seed {args.seed}): {kinds}", file=sys.stderr)
-    ocr_file = out / "ocr.json"
-    two_stage_local = args.stage_one == "local" and "two-stage" in [*args.arms, *args.auto_arms]
-    if args.resume and ocr_file.is_file() and not two_stage_local:  # the figures of the earlier run
-        descriptions, ocr = {}, json.loads(ocr_file.read_text())
+    ocr_file, texts_file = out / "ocr.json", out / "descriptions.json"
+    two_stage_local = any(stage_one_of(m, args) == "local" and "two-stage" in arms_of(m, args)
+                          for m in args.models)
+    kept = json.loads(texts_file.read_text()) if args.resume and texts_file.is_file() else {}
+    if args.resume and ocr_file.is_file() and (not two_stage_local or set(by_id) <= set(kept)):
+        descriptions, ocr = kept, json.loads(ocr_file.read_text())  # the earlier run's stage one
     else:
         descriptions, ocr = ocr_pass(docs, not args.no_progress)
         ocr_file.write_text(json.dumps(ocr, indent=2) + "\n")
+        texts_file.write_text(json.dumps(descriptions, indent=1) + "\n")
     print(format_ocr(ocr), file=sys.stderr)
     gateway = None
     try:
@@ -415,9 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         done = {(a.model, a.arm, a.question) for a in asked}
         with answers.open("a" if args.resume else "w") as sink:
             for model in args.models:
-                arms = args.auto_arms if model == ROUTER else args.arms
                 qs = questions_for(model, questions, args)
-                for arm in arms:
+                for arm in arms_of(model, args):
                     todo = [q for q in qs if (model, arm, q.id) not in done]
                     for q in tqdm(todo, desc=f"{model} {arm}", unit="q", disable=args.no_progress):
                         a = ask(client, model, arm, q, by_id[q.document], args, descriptions)
@@ -434,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = round(time.time() - started, 1)
     print()
     print(f"Visual QA, {len(questions)} questions on {len(docs)} generated documents (seed {args.seed}), "
-          f"stage one: {args.stage_one}, max_tokens {args.max_tokens}, temperature 0, {seconds:.0f} s")
+          f"max_tokens {args.max_tokens}, temperature 0, this run {seconds:.0f} s")
     print(format_ocr(ocr))
     print(format_summary(rows))
     print("\nexact % by document kind (n)")

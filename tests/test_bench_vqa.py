@@ -56,13 +56,17 @@ def test_the_three_arms_messages(bench):
     assert url.startswith("data:image/png;base64,")
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == doc.render().size
     assert q.question in text_part["text"] and bench.INSTRUCTION in text_part["text"]
-    described = {doc.id: SimpleNamespace(text="[image 1: OCR]")}
-    [local] = bench.messages_for("two-stage", q, doc, "local", described)
-    assert local["content"].startswith("[image 1: OCR]") and q.question in local["content"]
+    [local] = bench.messages_for("two-stage", q, doc, "local", {doc.id: "[image 1: OCR]"})
+    assert local["content"] == f"\n[image 1: OCR]\n{bench.ask_text(q)}"  # as the gateway joins the parts
     [truth] = bench.messages_for("ground-truth", q, doc, "gateway", {})
     assert doc.text in truth["content"]
     [floor] = bench.messages_for("no-image", q, doc, "gateway", {})
     assert q.question in floor["content"] and doc.rows[0].text not in floor["content"]
+
+
+def test_the_gateway_vision_header_is_read(bench):
+    assert bench.read_vision_header("rapidocr-ppocrv4 (1 image, 412 ms)") == ("rapidocr-ppocrv4", 412.0)
+    assert bench.read_vision_header("none: m sees the images (1 image)") == ("none: m sees the images", None)
 
 
 def test_a_run_scores_summarises_and_resumes(bench, gw, tmp_path):
