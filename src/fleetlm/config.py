@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
+from fleetlm.rag.config import KnowledgeSettings
 from fleetlm.vision.config import RAPIDOCR, VisionConfig
 from fleetlm.voice.asr import TranscriptionSettings
 from fleetlm.voice.voices import VoiceConfig
@@ -246,6 +247,8 @@ class FleetConfig(_Strict):
         default_factory=TranscriptionSettings, description="/v1/audio/transcriptions: upload limit, window")
     vision: VisionConfig = Field(
         default_factory=VisionConfig, description="images in chat, for models that cannot see")
+    knowledge: KnowledgeSettings = Field(
+        default_factory=KnowledgeSettings, description="files, vector stores and search: index file, upload limit")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:

@@ -32,6 +32,7 @@ from fleetlm.serve import mcp_tools, vision, voice_chat
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
+from fleetlm.serve.files_api import install_files
 from fleetlm.serve.errors import (
     APIError,
     BackendError,
@@ -70,6 +71,7 @@ from fleetlm.serve.protocol import (
 from fleetlm.serve.speech import install_speech
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
+from fleetlm.serve.vector_stores_api import install_vector_stores
 from fleetlm.serve.transcribe import install_transcribe
 
 KEY_CACHE_S = 2.0
@@ -737,6 +739,8 @@ def create_app(
     install_metrics(app, gw.metrics)  # GET /metrics, in-flight requests
     install_dashboard(app, gw)  # GET /dashboard: spend, traffic share, latency, recent requests
     install_transcribe(app, gw)  # POST /v1/audio/transcriptions and /v1/audio/translations
+    install_files(app, gw)  # /v1/files: uploads into the knowledge base (serve/files_api.py)
+    install_vector_stores(app, gw)  # /v1/vector_stores: stores, files, batches, search
     install_speech(app, gw)  # POST /v1/audio/speech; the pronunciation lexicon under /v1/fleet/voice
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
