@@ -50,6 +50,18 @@ def test_windows_are_transcribed_in_turn_with_their_offsets(two_sentences):
     assert t.segments[-1].end <= t.duration
 
 
+def test_silence_and_hiss_come_back_empty_and_fast(tmp_path):
+    # without VAD, tiny.en hears "You" in 10 s of silence and climbs its temperature ladder on hiss
+    from voice_speech import write_wav
+
+    rng = np.random.default_rng(2)
+    for name, samples in [("silence", np.zeros(10 * 22050)), ("hiss", rng.standard_normal(10 * 22050) * 300)]:
+        path = tmp_path / f"{name}.wav"
+        write_wav(path, samples.astype(np.int16), 22050)
+        t = asr.transcribe(path)
+        assert (t.text, t.segments, t.duration) == ("", [], 10.0), name
+
+
 class FakeModel:
     """faster-whisper's transcribe, scripted: one segment per window, reaching a little past its end."""
 

@@ -185,7 +185,7 @@ def _transcribe(gw: Gateway, options: dict[str, Any]) -> asr.Transcript:
         return asr.transcribe(
             upload.file, language=options["language"], prompt=options["prompt"],
             temperature=options["temperature"], word_timestamps=options["words"], window_s=settings.window_s,
-            model=asr.load_model(settings.cpu_threads),
+            vad=settings.vad, model=asr.load_model(settings.cpu_threads),
         )
     except AudioDecodeError as exc:
         raise BadRequest(f"could not read the audio file: {exc}", param="file",

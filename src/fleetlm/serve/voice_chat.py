@@ -155,7 +155,7 @@ def _transcribe_part(gw: Any, part: ContentPart, param: str) -> asr.Transcript:
     settings = gw.config.transcription
     try:
         return asr.transcribe(io.BytesIO(raw), window_s=settings.window_s,
-                              model=asr.load_model(settings.cpu_threads))
+                              vad=settings.vad, model=asr.load_model(settings.cpu_threads))
     except AudioDecodeError as exc:
         raise BadRequest(f"could not read the audio: {exc}", param=f"{param}.input_audio.data",
                          code="invalid_audio") from None

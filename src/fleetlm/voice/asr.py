@@ -48,6 +48,8 @@ class TranscriptionSettings(BaseModel):
     window_s: float = Field(30.0, ge=5.0, le=30.0, description="seconds of audio decoded and transcribed at "
                             "a time (Whisper's own context is 30 s)")
     cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads; 0: its default")
+    vad: bool = Field(True, description="skip what Silero VAD hears as no speech (Whisper invents words "
+                      "in silence, and noise sends it down its slow temperature ladder)")
 
 
 @dataclass
@@ -122,11 +124,14 @@ def transcribe(
     temperature: float = 0.0,
     word_timestamps: bool = False,
     window_s: float = 30.0,
+    vad: bool = True,
     model: Any = None,
 ) -> Transcript:
     """The transcript of an audio file (wav, mp3, flac, ogg, webm, m4a), window by window.
 
-    `temperature` 0 uses Whisper's fallback ladder; above 0, that one temperature. `model` is for tests
+    `temperature` 0 uses Whisper's fallback ladder; above 0, that one temperature. `vad` skips the stretches
+    that faster-whisper's Silero VAD hears as no speech (a silent window then costs ~0.2 s, not a Whisper
+    pass that may come back with an invented "You"). `model` is for tests
     (anything with faster-whisper's `transcribe`); by default the shared tiny.en. Raises AudioDecodeError
     for a file that is not readable audio and UnsupportedLanguage for a language other than English.
     """
@@ -140,7 +145,8 @@ def transcribe(
     carried = ""
     for window in windows(path_or_file, window_s=window_s):
         found = _transcribe_window(model, window, _prompt(prompt, carried), temperatures, word_timestamps,
-                                   first_id=len(segments), not_before=segments[-1].end if segments else 0.0)
+                                   vad, first_id=len(segments),
+                                   not_before=segments[-1].end if segments else 0.0)
         segments.extend(found)
         duration = window.start + window.duration
         carried = "".join(s.text for s in found)[-CARRIED_PROMPT_CHARS:] or carried
@@ -160,6 +166,7 @@ def _transcribe_window(
     prompt: str | None,
     temperatures: tuple[float, ...],
     word_timestamps: bool,
+    vad: bool,
     *,
     first_id: int,
     not_before: float,
@@ -167,7 +174,7 @@ def _transcribe_window(
     raw, _info = model.transcribe(
         window.samples, language="en", task="transcribe", initial_prompt=prompt,
         temperature=list(temperatures), word_timestamps=word_timestamps,
-        condition_on_previous_text=True, vad_filter=False,
+        condition_on_previous_text=True, vad_filter=vad,
     )
     return _placed(raw, window, word_timestamps, first_id=first_id, not_before=not_before)
 
