@@ -1,6 +1,7 @@
 """voice/asr.py: Whisper tiny.en on Piper's speech, window by window, timestamps placed in the file."""
 
 import re
+import tracemalloc
 from types import SimpleNamespace
 
 import jiwer
@@ -91,6 +92,25 @@ def test_times_are_clamped_to_their_window_and_the_prompt_carries_over(tmp_path)
     assert {s.temperature for s in t.segments} == {0.4}  # one fixed temperature, no fallback ladder
     assert model.prompts[0] == "Fleet, Whisper." and model.prompts[1] == "Fleet, Whisper. part 1"
     assert t.text == " ".join(f"part {i}" for i in range(1, len(model.prompts) + 1))
+
+
+def test_minutes_of_audio_are_transcribed_in_bounded_memory_with_monotonic_times(tmp_path):
+    # the pipeline around the model over 5 minutes (the model scripted: the real one is the test above)
+    from voice_speech import bursts_wav
+
+    path = bursts_wav(tmp_path / "long.wav", 5)
+    tracemalloc.start()
+    try:
+        t = asr.transcribe(path, model=FakeModel())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert t.duration == pytest.approx(300.0, abs=0.01) and len(t.segments) >= 10
+    starts = [s.start for s in t.segments]
+    assert starts == sorted(starts) and all(a.end <= b.start for a, b in zip(t.segments, t.segments[1:],
+                                                                             strict=False))
+    assert t.segments[-1].start > 270.0 and t.segments[-1].end <= 300.0
+    assert peak < 4 * 30 * SAMPLE_RATE * 4  # a few 30 s windows, where the decoded file is 19 MB
 
 
 def test_placed_segments_keep_their_words_inside_them():

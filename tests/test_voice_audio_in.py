@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fleetlm.voice.audio_in import SAMPLE_RATE, AudioDecodeError, decode, windows
-from voice_speech import encode, write_wav
+from voice_speech import bursts_wav, encode, write_wav
 
 RATE = 22_050
 
@@ -55,15 +55,9 @@ def test_full_windows_are_cut_in_their_quietest_stretch(tmp_path):
 
 
 def test_minutes_of_audio_stream_through_in_bounded_memory(tmp_path):
-    # 5 minutes of speech-like bursts, written a second at a time: 13 MB of WAV, 19 MB once decoded whole
-    path, minutes = tmp_path / "long.wav", 5
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(RATE)
-        for second in range(60 * minutes):
-            burst = tone(0.7, 300.0 + 10 * (second % 20))
-            out.writeframes(np.concatenate([burst, np.zeros(RATE - len(burst), np.int16)]).tobytes())
+    # 5 minutes of speech-like bursts: 13 MB of WAV, 19 MB once decoded whole
+    minutes = 5
+    path = bursts_wav(tmp_path / "long.wav", minutes)
     tracemalloc.start()
     try:
         starts, total, longest = [], 0.0, 0.0

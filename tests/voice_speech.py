@@ -34,6 +34,19 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
         out.writeframes(samples.astype(np.int16).tobytes())
 
 
+def bursts_wav(path: Path, minutes: int) -> Path:
+    """Minutes of speech-like bursts (0.7 s of tone, 0.3 s of silence), written a second at a time."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        t = np.arange(int(0.7 * SAMPLE_RATE)) / SAMPLE_RATE
+        for second in range(60 * minutes):
+            burst = (8000 * np.sin(2 * np.pi * (300.0 + 10 * (second % 20)) * t)).astype(np.int16)
+            out.writeframes(np.concatenate([burst, np.zeros(SAMPLE_RATE - len(burst), np.int16)]).tobytes())
+    return path
+
+
 def encode(source: Path, target: Path, fmt: str) -> Path:
     """`source` (a WAV) re-encoded with PyAV: fmt is mp3, flac, ogg (opus) or webm (opus)."""
     import av
