@@ -26,7 +26,7 @@ def clip(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "ogg", "webm"])
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "ogg", "webm", "m4a"])
 def test_every_container_decodes_to_16k_mono_float_by_content_not_name(clip, tmp_path, fmt):
     path = clip if fmt == "wav" else encode(clip, tmp_path / f"clip.{fmt}", fmt)
     misnamed = tmp_path / "upload.txt"  # the name says nothing: FFmpeg's probe reads the bytes
@@ -116,6 +116,15 @@ def test_a_container_outside_the_list_is_refused_by_name(tmp_path):
         out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     with pytest.raises(AudioDecodeError, match="unsupported file format 'aiff'"):
+        list(windows(path))
+
+
+def test_an_image_is_not_audio(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "photo.wav"
+    Image.new("RGB", (8, 8), "red").save(path, format="PNG")
+    with pytest.raises(AudioDecodeError, match="unsupported file format"):
         list(windows(path))
 
 

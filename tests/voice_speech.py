@@ -48,12 +48,12 @@ def bursts_wav(path: Path, minutes: int) -> Path:
 
 
 def encode(source: Path, target: Path, fmt: str) -> Path:
-    """`source` (a WAV) re-encoded with PyAV: fmt is mp3, flac, ogg (opus) or webm (opus)."""
+    """`source` (a WAV) re-encoded with PyAV: fmt is mp3, flac, ogg (opus), webm (opus) or m4a (aac)."""
     import av
 
     codec, container_format, rate = {
         "mp3": ("libmp3lame", "mp3", 22_050), "flac": ("flac", "flac", 22_050),
-        "ogg": ("libopus", "ogg", 48_000), "webm": ("libopus", "webm", 48_000),
+        "ogg": ("libopus", "ogg", 48_000), "webm": ("libopus", "webm", 48_000), "m4a": ("aac", "mp4", 22_050),
     }[fmt]
     with av.open(str(source)) as src, av.open(str(target), "w", format=container_format) as dst:
         stream = dst.add_stream(codec, rate=rate, layout="mono")
