@@ -1,6 +1,9 @@
 """serve/transcribe.py: /v1/audio/transcriptions and /translations through the official openai client."""
 
+import asyncio
+import json
 import re
+import time
 
 import httpx
 import jiwer
@@ -197,3 +200,31 @@ def test_uploads_past_the_limit_are_413_declared_or_chunked(served):
     r = client.post("/v1/audio/transcriptions", content=chunks(),
                     headers={"content-type": body.headers["content-type"]})
     assert r.status_code == 413 and r.json()["error"]["param"] == "file"
+
+
+def test_an_upload_that_stalls_is_a_408(tmp_path):
+    config = parse_config({**CONFIG, "body_timeout_s": 0.5})
+    app = create_app(config, UsageStore(f"sqlite:///{tmp_path / 'g.db'}"), {})
+    first = b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--zz\r\n'
+    pieces = [{"type": "http.request", "body": first, "more_body": True}]
+    sent = []
+
+    async def receive():
+        if pieces:
+            return pieces.pop()
+        await asyncio.sleep(30)  # the rest of the upload never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/audio/transcriptions", "raw_path": b"/v1/audio/transcriptions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=zz")]}
+    started = time.perf_counter()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    status = next(m for m in sent if m["type"] == "http.response.start")["status"]
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert status == 408 and body["error"]["code"] == "request_timeout"
+    assert time.perf_counter() - started < 5
