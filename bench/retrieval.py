@@ -2,10 +2,12 @@
 
     make kb-corpus   # once, as root: Debian's python3.11-doc, the manual the passages are cut from
     flock /tmp/bench.lock .venv/bin/python bench/retrieval.py [--limit N] [--alphas 0.3,0.5,0.7]
-        [--out $FLEET_HOME/bench/retrieval]
+        [--rerank qwen2.5-coder-0.5b-instruct --rerank-questions 60 --rerank-depth 10]
+        [--out $FLEET_HOME/bench/retrieval] [--fresh]
 
 A gateway is built in-process (create_app over a TestClient: the knowledge endpoints need no language model;
-its knowledge store and blobs go to a temporary directory) and driven with the official `openai` client.
+its knowledge store and blobs live in <out>/work, kept between runs so a rerun skips ingestion unless the
+passages changed or --fresh is given) and driven with the official `openai` client.
 Every passage of fleetlm.rag.labelled's corpus is uploaded as its own file and attached to one vector store
 with its passage id as an attribute and `static` chunking of 800 tokens without overlap, so each passage is
 exactly one chunk (the longest passage is 728 cl100k tokens). A result is judged by its file: the gold is
@@ -18,18 +20,26 @@ other half and vice versa, so the tuned arm is not graded on the questions that 
 
 Printed: recall@5, MRR@10 and nDCG@10 per mode, for all questions and split into lexical (they name their
 key words) and paraphrased ones, search latency p50, and the published BEIR anchors for orientation.
+With --rerank MODEL (a catalog model, served by the same gateway on llama.cpp), the hybrid RRF top
+--rerank-depth of an evenly spread sample of --rerank-questions questions is re-ordered by the model's
+relevance judgement: one chat completion per (question, passage) asking "does the passage answer the
+question? yes or no" (max_tokens 1, temperature 0, logprobs), scored P(yes) from the chosen token's logprob
+(the gateway returns no top_logprobs: "no" with p counts as yes 1 - p), ties kept in hybrid order. The
+sample's hybrid RRF figures are printed beside it, so the two rows compare the same questions.
+
 Written to --out: results.json (every figure, per-question ranks, the settings) and retrieval.png.
-The rerank arm (a fleet model scoring relevance) is not here yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import math
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -67,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="ask only the first N questions (0: all)")
     p.add_argument("--alphas", default="0.3,0.5,0.7", help="convex weights of the dense score to try")
     p.add_argument("--out", type=Path, default=None, help="default: $FLEET_HOME/bench/retrieval")
+    p.add_argument("--fresh", action="store_true", help="ingest again even if <out>/work holds the passages")
+    p.add_argument("--rerank", default="", help="catalog model that reranks the hybrid RRF candidates")
+    p.add_argument("--rerank-questions", type=int, default=60, help="questions in the rerank sample")
+    p.add_argument("--rerank-depth", type=int, default=10, help="hybrid candidates the model judges")
     return p.parse_args(argv)
 
 
@@ -75,20 +89,26 @@ def modes_for(alphas: Sequence[float]) -> list[Mode]:
             + [Mode(f"hybrid convex a={a:g}", "hybrid", "convex", a) for a in alphas])
 
 
-def start_gateway(work: Path):
+def start_gateway(work: Path, rerank_model: str = ""):
     """The gateway with its knowledge base under `work`, and an openai client bound to it (in-process)."""
     import openai
     from fastapi.testclient import TestClient
 
     from fleetlm.config import parse_config
     from fleetlm.serve.app import create_app
+    from fleetlm.serve.backends import build_backends
     from fleetlm.serve.store import UsageStore
 
+    models: dict = {"unused": {"remote": "http://127.0.0.1:9/v1"}}  # search needs no language model
+    if rerank_model:
+        models = {rerank_model: {"catalog": rerank_model, "engine": "llama_cpp",
+                                 "price": {"input": 0.0, "output": 0.0}}}
     config = parse_config({
-        "models": {"unused": {"remote": "http://127.0.0.1:9/v1"}},  # search needs no language model
+        "models": models,
         "knowledge": {"files_dir": str(work / "blobs"), "index_path": str(work / "knowledge.db")},
     })
-    app = create_app(config, UsageStore(f"sqlite:///{work / 'fleet.db'}"), {})
+    backends = build_backends(config) if rerank_model else {}
+    app = create_app(config, UsageStore(f"sqlite:///{work / 'fleet.db'}"), backends)
     tc = TestClient(app)
     tc.__enter__()  # runs the app's startup (the ingest worker); closed by the caller
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="bench", http_client=tc, max_retries=0)
@@ -119,6 +139,32 @@ def upload(client, passages: Sequence[Passage]) -> tuple[str, dict[str, str], fl
     return store.id, by_file, time.perf_counter() - started
 
 
+def corpus_digest(passages: Sequence[Passage]) -> str:
+    return hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in passages).encode()).hexdigest()
+
+
+def saved_store(work: Path, digest: str) -> dict | None:
+    """The manifest of the store an earlier run ingested into `work`, if it holds these very passages."""
+    manifest = work / "manifest.json"
+    if not manifest.is_file():
+        return None
+    saved = json.loads(manifest.read_text())
+    return saved if saved.get("digest") == digest else None
+
+
+def reuse_or_upload(client, work: Path, passages: Sequence[Passage], digest: str) -> dict:
+    """The saved store when its files are all there, else every passage ingested into a new one."""
+    saved = saved_store(work, digest)
+    if saved and client.vector_stores.retrieve(saved["store_id"]).file_counts.completed == len(passages):
+        print(f"  reusing the store ingested earlier ({saved['ingest_seconds']:.1f} s then)", file=sys.stderr)
+        return saved
+    store_id, by_file, seconds = upload(client, passages)
+    print(f"  ingested in {seconds:.1f} s", file=sys.stderr)
+    saved = {"digest": digest, "store_id": store_id, "by_file": by_file, "ingest_seconds": seconds}
+    (work / "manifest.json").write_text(json.dumps(saved))
+    return saved
+
+
 def ask(client, store_id: str, by_file: dict[str, str], question: Question,
         mode: Mode) -> tuple[list[str], float]:
     started = time.perf_counter()
@@ -126,6 +172,41 @@ def ask(client, store_id: str, by_file: dict[str, str], question: Question,
                                        extra_body=mode.extra_body())
     took = time.perf_counter() - started
     return [by_file[r.file_id] for r in page.data], took
+
+
+RERANK_SYSTEM = "You judge whether a documentation passage answers a question. Reply with yes or no."
+
+
+def relevance(client, model: str, question: str, passage: str) -> float:
+    """P(yes) that `passage` answers `question`, by the model's first answer token."""
+    reply = client.chat.completions.create(
+        model=model, max_tokens=1, temperature=0, logprobs=True,
+        messages=[{"role": "system", "content": RERANK_SYSTEM},
+                  {"role": "user", "content": f"Question: {question}\n\nPassage:\n{passage}\n\n"
+                                              "Does the passage answer the question? Answer yes or no."}])
+    choice = reply.choices[0]
+    word = (choice.message.content or "").strip().lower()
+    token = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content else None
+    p = math.exp(token.logprob) if token is not None else 1.0
+    if word.startswith("yes"):
+        return p
+    if word.startswith("no"):
+        return 1.0 - p
+    return 0.0
+
+
+def rerank(client, model: str, question: Question, candidates: list[str], texts: dict[str, str]) -> list[str]:
+    scored = [(-relevance(client, model, question.question, texts[pid]), rank, pid)
+              for rank, pid in enumerate(candidates)]
+    return [pid for _, _, pid in sorted(scored)]
+
+
+def spread_sample(questions: Sequence[Question], n: int) -> list[Question]:
+    """n questions evenly spread over the set (so lexical and paraphrased ones both appear)."""
+    if n <= 0 or n >= len(questions):
+        return list(questions)
+    step = len(questions) / n
+    return [questions[int(i * step)] for i in range(n)]
 
 
 def scores_of(questions: Sequence[Question], ranked: dict[str, list[str]]) -> Scores:
@@ -201,21 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(passages)} passages from {pages} pages, {len(questions)} questions "
           f"({sum(q.lexical for q in questions)} lexical)", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="fleet-retrieval-") as tmp:
-        tc, client = start_gateway(Path(tmp))
-        try:
-            store_id, by_file, ingest_s = upload(client, passages)
-            print(f"  ingested in {ingest_s:.1f} s", file=sys.stderr)
-            ranked: dict[str, dict[str, list[str]]] = {}
-            latency: dict[str, list[float]] = {}
-            for mode in modes:
-                ranked[mode.name], latency[mode.name] = {}, []
-                for q in questions:
-                    ranked[mode.name][q.id], took = ask(client, store_id, by_file, q, mode)
-                    latency[mode.name].append(took)
-                print(f"  asked {mode.name}", file=sys.stderr)
-        finally:
-            tc.__exit__(None, None, None)
+    work = out / "work"
+    digest = corpus_digest(passages)
+    if args.fresh or saved_store(work, digest) is None:
+        shutil.rmtree(work, ignore_errors=True)  # an old store of other passages: start clean
+    work.mkdir(exist_ok=True)
+    tc, client = start_gateway(work, args.rerank)
+    reranked: dict[str, list[str]] = {}
+    sample: list[Question] = []
+    try:
+        saved = reuse_or_upload(client, work, passages, digest)
+        store_id, by_file, ingest_s = saved["store_id"], saved["by_file"], saved["ingest_seconds"]
+        ranked: dict[str, dict[str, list[str]]] = {}
+        latency: dict[str, list[float]] = {}
+        for mode in modes:
+            ranked[mode.name], latency[mode.name] = {}, []
+            for q in questions:
+                ranked[mode.name][q.id], took = ask(client, store_id, by_file, q, mode)
+                latency[mode.name].append(took)
+            print(f"  asked {mode.name}", file=sys.stderr)
+        if args.rerank:
+            texts = {p.id: p.text for p in passages}
+            sample = spread_sample(questions, args.rerank_questions)
+            started = time.perf_counter()
+            for n, q in enumerate(sample):
+                candidates = ranked["hybrid rrf"][q.id][: args.rerank_depth]
+                reranked[q.id] = rerank(client, args.rerank, q, candidates, texts)
+                if n % 10 == 0:
+                    print(f"  reranked {n}/{len(sample)} ({time.perf_counter() - started:.0f} s)",
+                          file=sys.stderr)
+    finally:
+        tc.__exit__(None, None, None)
 
     splits = {"all": questions, "lexical": [q for q in questions if q.lexical],
               "paraphrased": [q for q in questions if not q.lexical]}
@@ -233,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
             cv_row.setdefault("alphas_picked", {})[split] = picked
         rows.append(cv_row)
 
+    if reranked:
+        sample_splits = {"all": sample, "lexical": [q for q in sample if q.lexical],
+                         "paraphrased": [q for q in sample if not q.lexical]}
+        rows.append({"mode": f"hybrid rrf, rerank sample (n={len(sample)})", "p50_ms": None,
+                     **{k: asdict(scores_of(qs, ranked["hybrid rrf"])) for k, qs in sample_splits.items()}})
+        rows.append({"mode": f"  + rerank {args.rerank}", "p50_ms": None,
+                     **{k: asdict(scores_of(qs, reranked)) for k, qs in sample_splits.items()}})
+
     print_table(rows)
     by_name = {r["mode"]: r for r in rows}
     best_single = max(by_name["bm25"]["all"]["recall_at_5"], by_name["dense"]["all"]["recall_at_5"])
@@ -246,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                      "questions": len(questions), "ingest_seconds": ingest_s},
         "rows": rows,
         "ranked": ranked,
+        "reranked": reranked,
+        "rerank": {"model": args.rerank, "depth": args.rerank_depth, "questions": [q.id for q in sample]},
         "gold": {q.id: q.passage_id for q in questions},
         "anchors": BEIR_ANCHORS,
     }
