@@ -158,3 +158,20 @@ def test_cancelling_every_waiting_file_abandons_the_document(tmp_path):
     assert store.get_store_file(vs, f["id"])["status"] == "cancelled"
     assert store.chunk_count() == 0  # what was written of it went
     store.close()
+
+
+def test_removing_the_file_while_it_is_embedded_leaves_no_chunks(tmp_path):
+    store = open_store(tmp_path)
+    vs = store.create_store(None, {}, None)["id"]
+    f = upload(store, tmp_path, "long.txt", LONG_TEXT)
+    n = store.attach(vs, f, {}, SMALL)["n"]
+
+    class DetachDuringSecond(CountingEmbed):
+        def __call__(self, texts):
+            if self.calls == 1:
+                store.detach(vs, f["id"])  # the API's DELETE, from another thread in the server
+            return super().__call__(texts)
+
+    Ingestor(store, DetachDuringSecond(), batch=3).run_job(n)
+    assert store.chunk_count() == 0 and store.get_store_file(vs, f["id"]) is None
+    store.close()

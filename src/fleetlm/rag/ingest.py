@@ -111,7 +111,8 @@ class Ingestor:
                     return
                 vectors = self.embed([c.text for c in current])
                 following = next(batches, None)
-                self.store.add_chunks(doc_id, current, vectors, final=following is None)
+                if not self.store.add_chunks(doc_id, current, vectors, final=following is None):
+                    return  # its last file was removed meanwhile, and the document with it
                 current = following
         except ExtractError as exc:
             self.store.fail_doc(doc_id, exc.code, str(exc)[:MAX_ERROR_CHARS])

@@ -116,7 +116,7 @@ class KnowledgeStore(Protocol):
     def settle_from_doc(self, n: int) -> bool: ...
     def start_doc(self, sha256: str, chunking: str) -> int: ...
     def doc_wanted(self, doc_id: int) -> bool: ...
-    def add_chunks(self, doc_id: int, chunks: Sequence[Chunk], vectors: np.ndarray, final: bool) -> None: ...
+    def add_chunks(self, doc_id: int, chunks: Sequence[Chunk], vectors: np.ndarray, final: bool) -> bool: ...
     def fail_doc(self, doc_id: int, code: str, message: str) -> None: ...
     def drop_doc(self, doc_id: int) -> None: ...
     def fail_file(self, n: int, code: str, message: str) -> None: ...
@@ -547,11 +547,14 @@ class SqliteKnowledgeStore:
             is not None
         )
 
-    def add_chunks(self, doc_id: int, chunks: Sequence[Chunk], vectors: np.ndarray, final: bool) -> None:
+    def add_chunks(self, doc_id: int, chunks: Sequence[Chunk], vectors: np.ndarray, final: bool) -> bool:
         """Commit a batch of chunks; with `final`, the document and its waiting files become completed in the
-        same transaction."""
+        same transaction. False (nothing written) when the document was dropped meanwhile (its last file
+        was removed while it was being embedded)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._tx() as db:
+            if self._one("SELECT 1 AS x FROM kb_docs WHERE id = ?", [doc_id]) is None:
+                return False
             for chunk, vec in zip(chunks, vectors, strict=True):
                 db.execute(
                     "INSERT INTO kb_chunks(doc_id, seq, tokens, embedding) VALUES (?, ?, ?, ?)",
@@ -569,6 +572,7 @@ class SqliteKnowledgeStore:
                     "status = 'in_progress'",
                     (doc_id,),
                 )
+        return True
 
     def fail_doc(self, doc_id: int, code: str, message: str) -> None:
         with self._tx() as db:
