@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetlm.rag.chunking import Strategy
+from fleetlm.rag.chunking import Strategy, encoding
 from fleetlm.rag.ingest import Ingestor
 from fleetlm.rag.search import SearchRequest, search
 from fleetlm.rag.store import SqliteKnowledgeStore
@@ -79,12 +79,57 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def big_file_memory(megabytes: int) -> None:
+    """Peak memory Python allocates (tracemalloc) while one generated file of `megabytes` MB is ingested
+    with `auto` chunking and a random-vector embedder: the streaming, not the model, is measured."""
+    import tracemalloc
+
+    rng = random.Random(3)
+    words = vocabulary(rng)
+    noise = np.random.default_rng(0)
+
+    def random_vectors(texts: list[str]) -> np.ndarray:
+        v = noise.standard_normal((len(texts), 384)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    with tempfile.TemporaryDirectory() as root:
+        tmp = Path(root)
+        path, digest = tmp / "big.txt", hashlib.sha256()
+        with path.open("wb") as out:
+            while out.tell() < megabytes * 1_000_000:
+                block = document(rng, words).encode() + b"\n"
+                digest.update(block)
+                out.write(block)
+        size = path.stat().st_size
+        store = SqliteKnowledgeStore(tmp / "kb.db", tmp / "files")
+        vs = store.create_store("big", {}, None)["id"]
+        f = store.add_file("big.txt", "assistants", path, digest.hexdigest(), size)
+        n = store.attach(vs, f, {}, Strategy())["n"]
+        encoding()  # the tokenizer's tables are loaded once per process: not part of a file's cost
+        tracemalloc.start()
+        start = time.perf_counter()
+        Ingestor(store, random_vectors, batch=32).run_job(n)
+        took = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(
+            f"one {size / 1e6:.0f} MB text file, auto chunking: {store.chunk_count()} chunks in {took:.1f} s "
+            f"({store.chunk_count() / took:.0f} chunks/s without MiniLM), status "
+            f"{store.get_store_file(vs, f['id'])['status']}, peak Python allocations {peak / 1e6:.1f} MB"
+        )
+        store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--embedded", type=int, default=1000, help="chunks ingested with the real MiniLM")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--big-mb", type=int, default=0, help="only: peak Python memory ingesting one N MB file")
     args = ap.parse_args()
+    if args.big_mb:
+        big_file_memory(args.big_mb)
+        return
     from fleetlm.serve.embeddings import shared_minilm
 
     minilm = shared_minilm().load()
