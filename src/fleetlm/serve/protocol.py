@@ -81,7 +81,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        """The message's text; content parts other than text are dropped (vision is a later issue)."""
+        """The message's text; other parts are dropped (serve/vision.py has made images text by then)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
