@@ -88,6 +88,7 @@ def test_values_travel_as_parameters_not_sql(db):
             "filters.filters[1].value",
         ),
         ({"type": "eq", "key": "a", "value": 1, "extra": 2}, "filters"),
+        ({"type": "lt", "key": "a", "value": 2**64}, "filters.value"),
     ],
 )
 def test_bad_filters_name_the_bad_part(node, path):

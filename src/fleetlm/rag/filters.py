@@ -67,6 +67,8 @@ def _compound(node: dict, column: str, path: str, depth: int) -> tuple[str, list
 def _scalar(value: Any, path: str) -> Any:
     if isinstance(value, bool):
         return int(value)  # json_extract gives JSON true/false as 1/0
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise FilterError("an integer must fit in 64 bits", path)  # SQLite's integers do
     if isinstance(value, (int, float, str)):
         return value
     raise FilterError(f"a value must be a string, number or boolean, not {type(value).__name__}", path)
