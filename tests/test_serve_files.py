@@ -103,3 +103,4 @@ def test_unknown_ids_and_bad_paging_are_openai_errors(served):
         assert r.status_code == 404 and r.json()["error"]["param"] == "file_id"
     assert tc.get("/v1/files", params={"limit": 0}).json()["error"]["param"] == "limit"
     assert tc.get("/v1/files", params={"order": "up"}).status_code == 400
+    assert tc.get("/v1/files", params={"before": "file-x"}).json()["error"]["param"] == "before"

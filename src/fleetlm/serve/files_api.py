@@ -131,6 +131,8 @@ def page_params(
         raise BadRequest(f"limit must be an integer, not {raw!r}", param="limit") from None
     if not 1 <= limit <= max_limit:
         raise BadRequest(f"limit must be from 1 to {max_limit}", param="limit")
+    if q.get("before"):
+        raise BadRequest("`before` is not supported here; page forward with `after`", param="before")
     order = q.get("order", "desc")
     if order not in ("asc", "desc"):
         raise BadRequest("order must be 'asc' or 'desc'", param="order")
