@@ -59,12 +59,12 @@ def test_every_format_through_the_official_client(served, clips, response_format
     result = sdk.audio.transcriptions.create(file=upload(clips, fmt), model="whisper-1",
                                              response_format=response_format)
     if response_format == "json":
-        assert wer(result.text) <= 0.15, result.text
+        assert wer(result.text) <= 0.3, result.text
         assert result.usage.type == "duration" and result.usage.seconds >= 1
         return
     assert isinstance(result, str)
     if response_format == "text":
-        assert wer(result) <= 0.15, result
+        assert wer(result) <= 0.3, result
     elif response_format == "srt":
         assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n.*fox", result, re.I), result
     else:
@@ -80,7 +80,7 @@ def test_verbose_json_with_words_and_the_usage_row(served, clips):
     assert float(raw.headers["x-fleet-audio-seconds"]) == pytest.approx(result.duration, abs=0.01)
     assert raw.headers["x-fleet-model"] == "whisper-tiny.en"
     assert (result.task, result.language) == ("transcribe", "english")
-    assert 1.0 < result.duration < 4.0 and wer(result.text) <= 0.15
+    assert 1.0 < result.duration < 4.0 and wer(result.text) <= 0.3
     seg = result.segments[0]
     assert seg.id == 0 and 0.0 <= seg.start < seg.end <= result.duration and seg.tokens
     assert seg.avg_logprob < 0 and 0 <= seg.no_speech_prob <= 1 and seg.compression_ratio > 0
@@ -99,7 +99,7 @@ def test_translation_of_english_is_its_transcript(served, clips):
                                                           response_format="verbose_json")
     assert raw.headers["x-fleet-translation"] == "identity"
     result = raw.parse()
-    assert result.task == "translate" and wer(result.text) <= 0.15
+    assert result.task == "translate" and wer(result.text) <= 0.3
 
 
 def test_bad_inputs_are_400s_through_the_client(served, clips):
