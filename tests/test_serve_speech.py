@@ -165,3 +165,11 @@ def test_official_client_streams_mp3_sentence_by_sentence(tmp_path, piper):
                 arrivals.append((time.perf_counter() - start, len(chunk)))
         assert len(arrivals) >= 3
         assert arrivals[0][0] < 0.8 * arrivals[-1][0]
+        # A client that leaves after the first piece stops the synthesis and is logged as a 499.
+        with httpx.stream("POST", f"{base}/audio/speech", timeout=60, json={
+                "model": "tts-1", "voice": "alloy", "input": SENTENCES * 5, "response_format": "mp3"}) as r:
+            next(r.iter_raw())
+        deadline = time.time() + 20
+        while len(store.requests()) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert [row["status"] for row in store.requests()] == [200, 200, 499]

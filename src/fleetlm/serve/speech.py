@@ -171,28 +171,42 @@ def _prepare(gw: Gateway, req: SpeechRequest, call: Any) -> Iterator[bytes]:
     encoder = StreamEncoder(req.response_format)
 
     def encoded() -> Iterator[bytes]:
-        for samples, rate in render(plan):
-            if piece := encoder.feed(samples, rate):
-                yield piece
-        if tail := encoder.close():
-            yield tail
+        finished = False
+        try:
+            for samples, rate in render(plan):
+                if piece := encoder.feed(samples, rate):
+                    yield piece
+            finished = True
+            if tail := encoder.close():
+                yield tail
+        finally:
+            if not finished:  # abandoned (the client left): release FFmpeg's context, the bytes go nowhere
+                encoder.close()
 
     return encoded()
 
 
 async def _sent(gw: Gateway, call: Any, pieces: Iterator[bytes], chars: int) -> AsyncIterator[bytes]:
-    """The encoded pieces, each synthesised in a worker thread; the usage record is written at the end."""
-    status, error = 200, None
+    """The encoded pieces, each synthesised in a worker thread; the usage record is written at the end.
+
+    A client that leaves cancels the stream after the sentence being synthesised (a worker thread is not
+    interrupted); then no await works any more, so the 499 is logged in place, as the chat stream does."""
+    status, error = 499, "client went away"
     try:
         while (piece := await run_in_threadpool(next, pieces, None)) is not None:
             if call.ttft_ms is None:
                 call.ttft_ms = (time.perf_counter() - call.start) * 1000
             yield piece
-    except GeneratorExit:  # the client went away
-        status, error = 499, "client went away"
-        raise
+        await gw.log(call, 200, prompt_tokens=chars)
+        status, error = 200, None
     except Exception as exc:  # mid-stream the status is sent already: the audio ends early, the log says why
         status, error = 500, f"synthesis failed mid-stream: {type(exc).__name__}: {exc}"
-    finally:
-        await run_in_threadpool(getattr(pieces, "close", lambda: None))
         await gw.log(call, status, prompt_tokens=chars, error=error)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # the encoder's FFmpeg context is released now, not by the garbage collector
+        if status == 499:
+            record = gw.record(call, 499, prompt_tokens=chars, error=error)
+            gw.store.log(record)
+            gw.settle(call, record)
