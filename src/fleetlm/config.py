@@ -248,7 +248,8 @@ class FleetConfig(_Strict):
     vision: VisionConfig = Field(
         default_factory=VisionConfig, description="images in chat, for models that cannot see")
     knowledge: KnowledgeSettings = Field(
-        default_factory=KnowledgeSettings, description="files, vector stores and search: index file, upload limit")
+        default_factory=KnowledgeSettings,
+        description="files, vector stores and search: index file, upload limit")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:

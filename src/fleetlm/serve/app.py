@@ -32,7 +32,6 @@ from fleetlm.serve import mcp_tools, vision, voice_chat
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
-from fleetlm.serve.files_api import install_files
 from fleetlm.serve.errors import (
     APIError,
     BackendError,
@@ -45,6 +44,7 @@ from fleetlm.serve.errors import (
     error_body,
 )
 from fleetlm.serve.failover import ClosingStreamingResponse, first_piece, resilient_stream
+from fleetlm.serve.files_api import install_files
 from fleetlm.serve.limits import Limits
 from fleetlm.serve.metrics import Metrics
 from fleetlm.serve.metrics import install as install_metrics
@@ -71,8 +71,8 @@ from fleetlm.serve.protocol import (
 from fleetlm.serve.speech import install_speech
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
-from fleetlm.serve.vector_stores_api import install_vector_stores
 from fleetlm.serve.transcribe import install_transcribe
+from fleetlm.serve.vector_stores_api import install_vector_stores
 
 KEY_CACHE_S = 2.0
 DISCONNECT_POLL_S = 0.25  # how often a whole answer in progress checks that its client is still there
