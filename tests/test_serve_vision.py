@@ -50,12 +50,13 @@ class ReadingRouter:
         return RouteDecision("small", "test", predicted_quality=0.9)
 
 
-def make_config(**vision):
+def make_config(files_dir, **vision):
     return parse_config({
         "models": {"small": {"remote": "http://127.0.0.1:9/v1"},
                    "seer": {"remote": "http://127.0.0.1:9/v1", "vision": True}},
         "router": {"name": "auto"},
         "vision": vision,
+        "knowledge": {"files_dir": str(files_dir)},
     })
 
 
@@ -65,7 +66,8 @@ def gateway(tmp_path):
         store = UsageStore(f"sqlite:///{tmp_path / 'v.db'}")
         backends = {"small": Recording("small"), "seer": Recording("seer", "A receipt from CORNER CAFE.")}
         router = ReadingRouter()
-        client = TestClient(create_app(make_config(**vision), store, backends, router=router))
+        client = TestClient(create_app(make_config(tmp_path / "files", **vision), store, backends,
+                                       router=router))
         return client, store, backends, router
 
     return build
@@ -151,6 +153,26 @@ def test_a_vision_model_as_stage_one_describes_for_a_blind_model(gateway):
     assert "[image 1: described by the vision model seer]\nA receipt from CORNER CAFE." in text
 
 
+def test_an_uploaded_image_is_read_by_its_file_id(gateway):
+    client, _, backends, _ = gateway()
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    blank = oa.files.create(file=("blank.png", io.BytesIO(png(Image.new("RGB", (40, 30), "white")))),
+                            purpose="vision")
+    notes = oa.files.create(file=("notes.txt", io.BytesIO(b"not an image")), purpose="user_data")
+    file_part = {"type": "file", "file": {"file_id": blank.id}}
+    r = ask(client, {"role": "user", "content": [file_part, {"type": "text", "text": "What is this?"}]})
+    assert r.status_code == 200 and r.headers["x-fleet-vision"].startswith("rapidocr-ppocrv4 (1 image")
+    assert backends["small"].requests[0].messages[0].text().startswith(
+        "\n[image 1: OCR found no text in it; 40x30 pixels, mostly white (100%)]")
+    # a model that sees gets the upload as a data: URL (it cannot reach this gateway's files)
+    assert ask(client, {"role": "user", "content": [file_part]}, model="seer").status_code == 200
+    sent = backends["seer"].requests[0].messages[0].content[0]
+    assert sent.type == "image_url" and sent.image_url.url.startswith("data:image/png;base64,iVBOR")
+    err = _error(ask(client, {"role": "user", "content": [{"type": "file", "file": {"file_id": notes.id}}]}),
+                 400, "invalid_image")
+    assert err["param"] == "messages.0.content.0.file.file_id"
+
+
 def _error(r, status, code=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -202,8 +224,9 @@ def test_bad_images_are_clear_4xx_errors(gateway):
         ({"role": "user", "content": [{"type": "image_url"}]}, 400, None),
         ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": small_png.hex(),
                                                                           "detail": "max"}}]}, 400, None),
-        ({"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}, 400,
-         "files_api_unavailable"),
+        ({"role": "user", "content": [{"type": "file", "file": {"file_id": "file-none"}}]}, 400,
+         "file_not_found"),
+        ({"role": "user", "content": [{"type": "file", "file": {}}]}, 400, "invalid_file_part"),
     ]
     for message, status, code in cases:
         _error(ask(client, message), status, code)

@@ -35,7 +35,3 @@ class ImageUrlRefused(BadRequest):
 
 class ImageFetchFailed(BadRequest):
     code = "image_fetch_failed"
-
-
-class FilesApiUnavailable(BadRequest):
-    code = "files_api_unavailable"
