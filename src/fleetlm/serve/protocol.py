@@ -51,7 +51,7 @@ class ContentPart(_Request):
     type: str
     text: str | None = None
     image_url: ImageUrl | None = None
-    file: dict[str, Any] | None = None  # {"file_id": ...} or {"file_data": ...}: refused by serve/vision.py
+    file: dict[str, Any] | None = None  # {"file_id": ...} of an upload (/v1/files), read by serve/vision.py
     # {"data": base64, "format": "wav" | "mp3"}: becomes a text part before routing (serve/voice_chat.py)
     input_audio: dict[str, Any] | None = None
 
