@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/voice_roundtrip.py [--sentences 200] [--seed 0] [--requests 20]
         [--formats mp3,pcm] [--hard-words 38] [--skip-gateway] [--out $FLEET_HOME/bench/voice] [--no-progress]
+    .venv/bin/python bench/voice_roundtrip.py --rescore RESULTS_JSON [--out DIR]
 
 Wrap it in `flock /tmp/bench.lock` on a shared machine: it runs Piper and Whisper for minutes.
 
@@ -23,7 +24,8 @@ Wrap it in `flock /tmp/bench.lock` on a shared machine: it runs Piper and Whispe
    to the last byte: median and p95 over --requests requests of three sentences each, per format.
 
 Written to --out: results.json (settings, every item with both transcripts, the summaries) and voice.png
-(WER per category, with and without normalisation).
+(WER per category, with and without normalisation). --rescore scores a saved results.json's transcripts
+again with the current rules of fleetlm.voice.roundtrip (speed and streaming figures are carried over).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default="mp3,pcm", help="response formats for the streamed requests")
     p.add_argument("--skip-gateway", action="store_true", help="no streamed requests (parts 1-3 only)")
     p.add_argument("--out", type=Path, default=fleet_home() / "bench" / "voice")
+    p.add_argument("--rescore", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="score a run's saved transcripts again with the current rules (no audio is made)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not 1 <= args.sentences <= len(rt.sentence_set(seed=args.seed)):
@@ -307,10 +311,35 @@ def write_plot(table: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def rescore(path: Path, out: Path) -> int:
+    """A saved run's transcripts scored again by the current spoken_form (new rules, the same audio)."""
+    report = json.loads(path.read_text())
+    spellings = {h.word: h.spellings for h in rt.HARD_WORDS}
+    for item in report["items"]:
+        for mode, _ in MODES:
+            item[mode].update(asdict(rt.word_errors(item["reference"], item[mode]["heard"])))
+    for h in report["hard_words"]:
+        for k in ("without", "with_lexicon", "with_lexicon_and_prompt"):
+            h[f"match_{k}"] = rt.contains_word(h[k], spellings.get(h["word"], (h["word"],)))
+    report["wer"] = wer_table(report["items"])
+    report["settings"]["rescored_from"] = str(path)
+    print_report(report["wer"], report["hard_words"], report["speed"], report["streamed_speech"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot = write_plot(report["wer"], out / "voice.png")
+    print(f"\nresults: {out / 'results.json'}  plot: {plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fleetlm.errors import FleetError
 
     args = parse_args(argv)
+    if args.rescore:
+        if not args.rescore.is_file():
+            print(f"error: no results file {args.rescore}", file=sys.stderr)
+            return 2
+        return rescore(args.rescore, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     started = time.time()

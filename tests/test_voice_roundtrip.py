@@ -42,6 +42,10 @@ def test_the_input_text_read_as_a_transcript_scores_zero(sentences):
     ("Dr. Smith paid $4.50 on 3/5/2024.", "doctor smith paid four dollars fifty cents on march fifth twenty "
                                           "twenty four"),
     ("at 3.30pm, the FB-I called NASA", "at three thirty pm the fbi called nasa"),
+    ("land at 645 PM, start at 22.55, rods of 22.55 m", "land at six forty five pm start at twenty two fifty "
+                                                        "five rods of twenty two point five five m"),
+    ("57MPH, 58 kW, 2.5kg, the 17th", "fifty seven mph fifty eight kilowatts two point five kilograms the "
+                                      "seventeenth"),
     ("Call 555-0134 at 9 a.m.", "call five five five zero one three four at nine am"),
     ("the f b i at nine a m", "the fbi at nine am"),
     ("one hundred and five", "one hundred five"),

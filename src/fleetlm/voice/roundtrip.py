@@ -12,12 +12,13 @@ spoken words, not of spelling conventions). Whisper writes what it hears in writ
 written with:
 1. written forms -> words: currency amounts ("$4.50" -> "four dollars and fifty cents", "$1.2 million" ->
    "one point two million dollars", euros, pounds), percentages, dates (m/d/yyyy in US order, yyyy-mm-dd,
-   "March 5" -> "march fifth", "5 March" -> "the fifth of march"), times ("3:30 pm" -> "three
-   thirty pm", minutes 01-09 as "oh five", ":00" dropped), phone numbers (digit by digit), ordinals
-   ("21st"), units after a number ("5 kg" -> "five kilograms"), decimals ("3.14" -> "three point one
-   four"), years (a bare 1100-2099 -> "twenty twenty four"), other numbers (num2words), abbreviations with
-   their period (a table; "St." is "saint" before a capitalised word, else "street"; "Dr." likewise
-   "doctor" or "drive"), symbols (& % + @ #);
+   "March 5" -> "march fifth", "5 March" -> "the fifth of march"), times ("3:30 pm", "3.30pm" and "330 PM"
+   -> "three thirty pm", "at 22.55" -> "at twenty two fifty five", minutes 01-09 as "oh five", ":00"
+   dropped), phone numbers (digit by digit), ordinals ("21st"), units after a number in their written case
+   ("5 kg" -> "five kilograms"; "57MPH" stays letters: the speech said the letters), decimals ("3.14" ->
+   "three point one four"), years (a bare 1100-2099 -> "twenty twenty four"), other numbers (num2words),
+   abbreviations with their period (a table; "St." is "saint" before a capitalised word, else "street";
+   "Dr." likewise "doctor" or "drive"), symbols (& % + @ #);
 2. accents folded, lower case, apostrophes dropped ("o'clock" -> "oclock"), other punctuation -> spaces;
 3. "oh" -> "zero" (phone numbers and times are read either way);
 4. a run of two or more single letters is one token ("f b i" and "FBI" -> "fbi");
@@ -464,6 +465,7 @@ def _title_abbreviation_sub(m: re.Match[str]) -> str:
 
 _REWRITES: tuple[tuple[re.Pattern[str], object], ...] = (
     (re.compile(r"\b([A-Z]+)-(?=[A-Z]+\b)"), r"\1"),  # "FB-I" as Whisper writes a spelled acronym
+    (re.compile(r"(\d)(?!(?:st|nd|rd|th)\b)([A-Za-z]{2,})"), r"\1 \2"),  # "57MPH", "3.30pm": number, word
     (re.compile(r"\b(St|Dr)\.(?:\s+(\w+))?"), _title_abbreviation_sub),
     (re.compile(r"(?<![\w.])(" + "|".join(re.escape(a) for a in ABBREVIATIONS) + r")(?!\w)"),
      lambda m: f" {ABBREVIATIONS[m[1]]} "),
@@ -475,9 +477,11 @@ _REWRITES: tuple[tuple[re.Pattern[str], object], ...] = (
      lambda m: f" {decimal(m[1])} percent "),
     (re.compile(r"\b(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})\b"), _slash_date_sub),
     (re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b"), _iso_date_sub),
-    (re.compile(r"\b(?P<hour>\d{1,2})(?:[:.](?P<min>\d{2}))?\s*(?P<ap>[ap])\.?\s?m\b\.?", re.IGNORECASE),
+    (re.compile(r"\b(?P<hour>\d{1,2})(?:[:.]?(?P<min>[0-5]\d))?\s*(?P<ap>[ap])\.?\s?m\b\.?", re.IGNORECASE),
      _time_sub),
     (re.compile(r"\b(?P<hour>[01]?\d|2[0-3]):(?P<min>[0-5]\d)(?P<ap>)\b"), _time_sub),
+    (re.compile(r"\b(at|by|from|until|till)\s+([01]?\d|2[0-3])\.([0-5]\d)\b(?!\.\d)"),
+     lambda m: f" {m[1]} {clock(int(m[2]), int(m[3]))} "),
     (re.compile(r"\(?\b\d{3}\)?[-. ]\d{3}[-. ]\d{4}\b|\b\d{3}-\d{4}\b"), lambda m: f" {digits(m[0])} "),
     (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: f" {ordinal(m[1])} "),
     (re.compile(r"\b(\d{1,2})\s+(?=" + _MONTH_RE + r"\b)"), lambda m: f" the {ordinal(m[1])} of "),
