@@ -128,3 +128,23 @@ def test_dense_scores_are_cosine_similarities(store, tmp_path):
     assert best[2] == pytest.approx(1.0, abs=1e-5) and second[2] == pytest.approx(0.0, abs=1e-5)
     assert store.similarities([best[0]], q)[best[0]] == pytest.approx(float(q @ q), abs=1e-5)
     assert isinstance(np.float32(best[2]), np.floating)
+
+
+def test_the_vector_matrix_follows_changes_made_by_another_process(store, tmp_path):
+    other = SqliteKnowledgeStore(tmp_path / "kb.db", tmp_path / "files")  # e.g. a second gateway replica
+    vs = store.create_store(None, {}, None)["id"]
+    a = upload(store, tmp_path, "a.txt", b"a")
+    index(store, store.attach(vs, a, {}, Strategy())["n"], ["alpha words"])
+    q = bag_of_words(["alpha words"])[0]
+    assert len(store.dense(vs, q, ("1", []), 5)) == 1  # the matrix is built and cached
+    b = upload(other, tmp_path, "b.txt", b"b")
+    index(other, other.attach(vs, b, {}, Strategy())["n"], ["alpha words too"])
+    assert {n for _, n, _ in store.dense(vs, q, ("1", []), 5)} == {1, 2}
+    other.detach(vs, a["id"])
+    assert [n for _, n, _ in store.dense(vs, q, ("1", []), 5)] == [2]
+    other.close()
+
+
+def test_dense_search_of_an_empty_store_is_empty(store):
+    vs = store.create_store(None, {}, None)["id"]
+    assert store.dense(vs, bag_of_words(["x"])[0], ("1", []), 5) == []

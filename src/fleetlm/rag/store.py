@@ -1,10 +1,12 @@
 """The knowledge store: its interface (KnowledgeStore) and the embedded implementation on SQLite (apsw).
 
 One SQLite file holds everything: file metadata, vector stores, their files and batches, the chunks, a
-full-text index (FTS5, BM25) and each chunk's MiniLM vector (float32, scored with sqlite-vec's
-`vec_distance_cosine`). Python's own `sqlite3` here cannot load extensions, so the file is opened with apsw,
-which brings its own SQLite with FTS5 and loads sqlite-vec. The uploaded bytes live beside it, one blob per
-content hash (`<files_dir>/<sha256>`): the same bytes uploaded twice are stored once.
+full-text index (FTS5, BM25) and each chunk's MiniLM vector (a float32 blob). The file is opened with apsw,
+which brings its own recent SQLite with FTS5 and explicit transactions. Dense search is an exact scan: each
+store's vectors are held as one numpy matrix, rebuilt when a trigger-maintained generation counter says the
+store's completed chunks changed (in this process or another), so a query is one matrix product. The
+uploaded bytes live beside the file, one blob per content hash (`<files_dir>/<sha256>`): the same bytes
+uploaded twice are stored once.
 
 Consistency (the reason everything shares one file): chunks are committed in batches, and a document is
 marked completed in the same transaction that commits its last chunk, together with every vector store file
@@ -62,6 +64,12 @@ CREATE INDEX IF NOT EXISTS kb_store_files_status ON kb_store_files(status);
 CREATE TABLE IF NOT EXISTS kb_batches(
   n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, store_id TEXT NOT NULL, created_at INTEGER NOT NULL,
   cancelled INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS kb_generation(id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+INSERT OR IGNORE INTO kb_generation VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS kb_generation_on_status AFTER UPDATE OF status, doc_id ON kb_store_files
+  BEGIN UPDATE kb_generation SET value = value + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS kb_generation_on_delete AFTER DELETE ON kb_store_files
+  BEGIN UPDATE kb_generation SET value = value + 1 WHERE id = 1; END;
 """
 
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
@@ -138,7 +146,7 @@ def _json(value: Any) -> str:
 
 
 class SqliteKnowledgeStore:
-    """The embedded store: one SQLite file (apsw + FTS5 + sqlite-vec) and a folder of content blobs."""
+    """The embedded store: one SQLite file (apsw, FTS5), a matrix of vectors per store, a folder of blobs."""
 
     def __init__(self, index_path: str | Path, files_dir: str | Path):
         self.index_path = Path(index_path)
@@ -148,6 +156,11 @@ class SqliteKnowledgeStore:
         self._local = threading.local()
         self._conns: list[Any] = []
         self._conns_lock = threading.Lock()
+        # store id -> (generation, chunk ids, store file ns, vectors): each store's completed chunks' vectors
+        # as one matrix, rebuilt when the generation (bumped by triggers on any change to the completed set,
+        # from any process) moves on.
+        self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._matrices_lock = threading.Lock()
         with self._tx() as db:
             db.execute(SCHEMA)
 
@@ -156,13 +169,8 @@ class SqliteKnowledgeStore:
     def _db(self) -> Any:
         db = getattr(self._local, "db", None)
         if db is None:
-            import sqlite_vec
-
             try:
                 db = apsw.Connection(str(self.index_path))
-                db.enable_load_extension(True)
-                db.load_extension(sqlite_vec.loadable_path())
-                db.enable_load_extension(False)
             except apsw.Error as exc:
                 raise StoreError(f"knowledge store: cannot open {self.index_path} ({exc})") from None
             db.set_busy_timeout(BUSY_TIMEOUT_MS)
@@ -644,18 +652,54 @@ class SqliteKnowledgeStore:
         rows = self._rows(sql, [store_id, match, *where[1], limit])
         return [(r["id"], r["n"], float(r["score"])) for r in rows]
 
+    def _matrix(self, store_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Chunk ids, store file ns and the vectors [n, 384] of the store's completed chunks (cached)."""
+        row = self._one("SELECT value FROM kb_generation WHERE id = 1")
+        generation = row["value"] if row else -1
+        with self._matrices_lock:
+            cached = self._matrices.get(store_id)
+        if cached is not None and cached[0] == generation:
+            return cached[1], cached[2], cached[3]
+        rows = (
+            self._db()
+            .execute(
+                f"SELECT c.id, sf.n, c.embedding FROM kb_chunks c {self._MEMBER} ORDER BY c.id", (store_id,)
+            )
+            .fetchall()
+        )
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        ns = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        dim = len(rows[0][2]) // 4 if rows else 0  # float32 blobs: the model's width, 384 for MiniLM
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        with self._matrices_lock:
+            self._matrices[store_id] = (generation, ids, ns, vectors)
+        return ids, ns, vectors
+
     def dense(
         self, store_id: str, vector: np.ndarray, where: tuple[str, list], limit: int
     ) -> list[tuple[int, int, float]]:
-        """(chunk id, store file n, cosine similarity) of the `limit` nearest chunks: an exact scan of the
-        store's chunks that pass the filter (sqlite-vec's distance in C)."""
-        blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-        sql = (
-            "SELECT c.id AS id, sf.n AS n, vec_distance_cosine(c.embedding, ?) AS d FROM kb_chunks c "
-            f"{self._MEMBER} WHERE ({where[0]}) ORDER BY d LIMIT ?"
-        )
-        rows = self._rows(sql, [blob, store_id, *where[1], limit])
-        return [(r["id"], r["n"], 1.0 - float(r["d"])) for r in rows]
+        """(chunk id, store file n, cosine similarity) of the `limit` nearest chunks: an exact scan (one
+        matrix product) of the store's chunks whose files pass the filter."""
+        ids, ns, vectors = self._matrix(store_id)
+        if not len(ids):
+            return []
+        scores = vectors @ np.asarray(vector, dtype=np.float32)
+        if where[0] != "1":
+            allowed = [
+                r["n"]
+                for r in self._rows(
+                    "SELECT sf.n AS n FROM kb_store_files sf WHERE sf.store_id = ? "
+                    f"AND sf.status = 'completed' AND ({where[0]})",
+                    [store_id, *where[1]],
+                )
+            ]
+            scores = np.where(np.isin(ns, allowed), scores, -np.inf)
+        k = min(limit, int(np.isfinite(scores).sum()))
+        if k == 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(int(ids[i]), int(ns[i]), float(scores[i])) for i in top]
 
     def similarities(self, chunk_ids: Sequence[int], vector: np.ndarray) -> dict[int, float]:
         if not chunk_ids:
