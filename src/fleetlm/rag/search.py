@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -42,7 +42,6 @@ class SearchRequest:
     retrieval: Retrieval = "hybrid"
     fusion: Fusion = "rrf"
     alpha: float = DEFAULT_ALPHA
-    where: tuple[str, list] = field(default=("1", []), init=False)
 
 
 def fts_query(text: str) -> str:
