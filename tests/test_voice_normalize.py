@@ -77,6 +77,8 @@ RULES = [
     # phone numbers
     ("call 555-123-4567", "call five five five, one two three, four five six seven"),
     ("(555) 123-4567", "five five five, one two three, four five six seven"),
+    ("Call me at 636-3376.", "Call me at six three six, three three seven six."),
+    ("pages 100-2000", "pages one hundred to two thousand"),
     ("+44 20 7946 0958", "plus four four, two zero, seven nine four six, zero nine five eight"),
     # ranges
     ("pages 10-20", "pages ten to twenty"),

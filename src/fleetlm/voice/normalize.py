@@ -175,6 +175,8 @@ def _dotted_initials(match: re.Match[str]) -> str:
 _PHONE_RE = re.compile(
     r"(?<![\w+])(?:(\+\d{1,3})[\s.-]?)?(?:\((\d{3})\)\s?|(\d{3})[\s.-])(\d{3})[\s.-](\d{4})(?![\w-])"
 )
+# A seven-digit local number ("636-3376"): read digit by digit, never as the range "636 to 3376".
+_LOCAL_PHONE_RE = re.compile(r"(?<![\w+.,$€£¥₹-])(\d{3})-(\d{4})(?![\w-]|[.,]\d)")
 _INTERNATIONAL_PHONE_RE = re.compile(r"(?<![\w+])\+(\d{1,3})((?:[\s.-]\d{2,4}){2,4})(?![\w-])")
 
 
@@ -182,6 +184,16 @@ def _phone(match: re.Match[str]) -> str:
     country, area_parens, area, exchange, line = match.groups()
     groups = [g for g in (country, area_parens or area, exchange, line) if g]
     return ", ".join(_telephone_group(g) for g in groups)
+
+
+_RANGE_CUES = {"pages", "page", "pp", "from", "between", "years", "rows", "lines", "items", "ages", "aged"}
+
+
+def _local_phone(match: re.Match[str]) -> str:
+    before = match.string[:match.start()].split()
+    if before and before[-1].lower().strip(".,:;(") in _RANGE_CUES:  # "pages 100-2000" stays a range
+        return match.group(0)
+    return f"{_digits(match.group(1))}, {_digits(match.group(2))}"
 
 
 def _international_phone(match: re.Match[str]) -> str:
@@ -603,6 +615,7 @@ _Rule = Callable[[str], str]
 _DIGIT_RULES: tuple[_Rule, ...] = (  # skipped for text without a digit (every second pass, most prose)
     lambda t: re.sub(r"#(?=\d)", "number ", t),
     lambda t: _INTERNATIONAL_PHONE_RE.sub(_international_phone, _PHONE_RE.sub(_phone, t)),
+    lambda t: _LOCAL_PHONE_RE.sub(_local_phone, t),
     _expand_dates,
     _expand_times,
     lambda t: _RANGE_RE.sub(lambda m: m.group(1) + " to ", t),
