@@ -9,7 +9,6 @@ it re-queues ingestion a killed process left unfinished.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import secrets
@@ -23,13 +22,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message
 
 from fleetlm.catalog.store import fleet_home
 from fleetlm.rag.ingest import Ingestor
 from fleetlm.rag.store import SqliteKnowledgeStore
-from fleetlm.serve.errors import APIError, BadRequest, PayloadTooLarge, RequestTimeout
+from fleetlm.serve.errors import APIError, BadRequest
+from fleetlm.serve.uploads import read_multipart
 
 if TYPE_CHECKING:
     from fleetlm.serve.app import Gateway
@@ -164,32 +162,9 @@ def file_object(row: dict) -> dict:
 
 
 async def _read_form(gw: Gateway, request: Request) -> FormData:
-    """The multipart body, its size counted as it arrives; the file part is spooled, not kept in memory."""
-    limit = gw.config.knowledge.max_upload_bytes
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise BadRequest("upload files as multipart/form-data with a `file` part and a `purpose` field")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit}", param="file")
-    received = 0
-
-    async def counted_receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes", param="file")
-        return message
-
-    counted = Request(request.scope, receive=counted_receive)
-    try:
-        return await asyncio.wait_for(
-            counted.form(max_files=1, max_fields=8), timeout=gw.config.body_timeout_s
-        )
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"the upload did not arrive within {gw.config.body_timeout_s:g} s") from None
-    except StarletteHTTPException as exc:  # the multipart parser's own complaints
-        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    return await read_multipart(gw, request, limit=gw.config.knowledge.max_upload_bytes, max_fields=8,
+                                how_to="upload files as multipart/form-data with a `file` part and a "
+                                       "`purpose` field")
 
 
 def _spool_to_store(kb: KnowledgeBase, upload: UploadFile, filename: str, purpose: str) -> dict:

@@ -15,7 +15,6 @@ the model cannot tell that it is not English (docs/VOICE.md).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message
 
-from fleetlm.serve.errors import APIError, BadRequest, PayloadTooLarge, RequestTimeout
+from fleetlm.serve.errors import APIError, BadRequest
+from fleetlm.serve.uploads import read_multipart
 from fleetlm.voice import asr
 from fleetlm.voice.audio_in import AudioDecodeError
 from fleetlm.voice.subtitles import FORMATS, srt, verbose_json, vtt
@@ -84,32 +82,9 @@ async def _serve(gw: Gateway, request: Request, *, task: str) -> Response:
 
 
 async def _read_form(gw: Gateway, request: Request) -> FormData:
-    """The multipart body, its size counted as it arrives; the file part is spooled, not kept in memory."""
-    limit = gw.config.transcription.max_upload_bytes
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise BadRequest("send the audio as multipart/form-data with a `file` part and a `model` field")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit}", param="file")
-    received = 0
-
-    async def counted_receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes", param="file")
-        return message
-
-    counted = Request(request.scope, receive=counted_receive)
-    try:
-        return await asyncio.wait_for(counted.form(max_files=1, max_fields=32),
-                                      timeout=gw.config.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"the upload did not arrive within {gw.config.body_timeout_s:g} s") from None
-    except StarletteHTTPException as exc:  # the multipart parser's own complaints
-        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    return await read_multipart(gw, request, limit=gw.config.transcription.max_upload_bytes, max_fields=32,
+                                how_to="send the audio as multipart/form-data with a `file` part and a "
+                                       "`model` field")
 
 
 def _options(form: FormData, task: str) -> dict[str, Any]:
