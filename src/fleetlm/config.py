@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
 from fleetlm.rag.config import KnowledgeSettings
+from fleetlm.serve.assistants import Assistants, check_assistants
 from fleetlm.vision.config import RAPIDOCR, VisionConfig
 from fleetlm.voice.asr import TranscriptionSettings
 from fleetlm.voice.voices import VoiceConfig
@@ -250,6 +251,9 @@ class FleetConfig(_Strict):
     knowledge: KnowledgeSettings = Field(
         default_factory=KnowledgeSettings,
         description="files, vector stores and search: index file, upload limit")
+    assistants: Assistants = Field(
+        default_factory=dict, description="named assistants served as model names: instructions, vector "
+        "stores, tools around a model (serve/assistants.py)")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
@@ -278,6 +282,7 @@ class FleetConfig(_Strict):
             if self.models[name].kind == "remote":
                 raise ValueError(f"ray.models.{name}: a remote model has no deployment (the gateway calls "
                                  "it)")
+        check_assistants(self.assistants, set(seen), self.router.name if self.router else None)
         return self
 
     def resolve(self, name: str) -> str | None:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import FleetConfig
 from fleetlm.mcp.client import AsyncMcpToolbox
-from fleetlm.serve import mcp_tools, vision, voice_chat
+from fleetlm.serve import assistants, chat_grounding, mcp_tools, vision, voice_chat
 from fleetlm.serve.backends import Backend, Delta, Generation, RouteDecision
 from fleetlm.serve.dashboard import install as install_dashboard
 from fleetlm.serve.embeddings import BUILTIN_EMBEDDING_MODEL, MiniLMBackend, encode_base64
@@ -116,6 +116,7 @@ class _Call:
     mcp: Any = None  # a request with mcp tools: its tool loop so far (serve/mcp_tools.McpRun)
     vision: str | None = None  # a request with images: what read them (serve/vision.py)
     voice: Any = None  # a request with audio parts or a spoken answer (serve/voice_chat.VoiceTurn)
+    grounding: Any = None  # a request with fleet_file_search: its sources (serve/chat_grounding.py)
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -358,11 +359,18 @@ class Gateway:
             if self.config.log_content and endpoint != "embeddings":
                 call.prompt = _logged_prompt(parsed)
             await self.authorize(request, call)
+            assistant = assistants.find_assistant(self.config, parsed.model) if endpoint == "chat" else None
+            if assistant is not None:  # its instructions, stores, tools, then its model (serve/assistants.py)
+                asked, parsed = parsed.model, assistants.apply(assistant, parsed)
             if vision.requested(parsed):  # images become stage one's text, which the router then reads
                 parsed = await vision.prepare(self, parsed, call)
             if voice_chat.requested(parsed):  # audio parts become their transcripts, which the router reads
                 parsed = await voice_chat.prepare(self, parsed, call)
+            if chat_grounding.requested(parsed):  # vector store sources become a system message
+                parsed = await chat_grounding.prepare(self, parsed, call)
             chain = await self.resolve(parsed.model, parsed, call)
+            if assistant is not None:  # the log names the assistant asked for and the model that answered
+                call.model_requested, call.route = asked, f"assistant>{call.route}"
             self.reserve(parsed, chain, call)
             if mcp_tools.requested(parsed):  # mcp entries become their servers' tools (or a 400 / 424)
                 parsed = await mcp_tools.prepare(self, parsed, call)
@@ -463,6 +471,8 @@ class Gateway:
         extension = {**(gen.fleet or {}), **({"attempts": call.attempts} if call.attempts else {})}
         if extension:  # our additions sit under one key, so the OpenAI shape stays as it is
             data["fleet"] = extension
+        if call.grounding is not None:  # citations of the sources (serve/chat_grounding.py)
+            chat_grounding.annotate(data, call.grounding)
         if call.voice is not None:  # modalities ["text", "audio"]: the answer spoken (serve/voice_chat.py)
             await voice_chat.speak(self, data, call)
         return JSONResponse(data, headers=call.headers(cost))
@@ -614,6 +624,8 @@ class Gateway:
                         usage = pending.usage
                     if self.config.log_content and pending.index == 0 and pending.text:
                         call.response = (call.response or "") + pending.text
+                    if call.grounding is not None and pending.index == 0 and pending.text:
+                        call.grounding.text += pending.text
                     if pending.text is not None or pending.finish_reason or pending.tool_calls:
                         yield piece(pending, pending.index not in seen)
                         seen.add(pending.index)
@@ -622,6 +634,8 @@ class Gateway:
                 # write before it starts (anyio checks first), and then the finally below must log it
                 await self.log(call, 200, *usage)
                 status, error = 200, None
+                if call.grounding is not None:  # the citations, in a last chunk (serve/chat_grounding.py)
+                    yield chat_grounding.sse(call.grounding, stream_id, created, served)
                 if req.include_usage():
                     yield event([], Usage.of(*(call.mcp.total(usage) if call.mcp else usage)))
                 if call.failovers:  # the switch to a fallback, in a final chunk's metadata
@@ -671,6 +685,7 @@ class Gateway:
         cards += [ModelCard(id=n, owned_by="fleetlm-builtin") for n in builtin]
         if self.config.router is not None:
             cards.append(ModelCard(id=self.config.router.name, owned_by="fleetlm-router"))
+        cards += [ModelCard(id=n, owned_by=assistants.OWNED_BY) for n in self.config.assistants]
         return ModelList(data=cards)
 
 

@@ -188,6 +188,17 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class FileSearchOptions(BaseModel):
+    """`fleet_file_search` on a chat request: answer from vector stores, with citations."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector_store_ids: list[str] = Field(min_length=1, max_length=16)
+    max_num_results: int = Field(5, ge=1, le=50)
+    filters: dict[str, Any] | None = None
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    include_results: bool = False
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
@@ -208,6 +219,8 @@ class ChatCompletionRequest(_Sampling):
     # modalities ["text", "audio"] with audio {"voice", "format"}.
     modalities: list[str] | None = Field(None, exclude=True)
     audio: dict[str, Any] | None = Field(None, exclude=True)
+    # Retrieval from vector stores before the model answers, with citations (serve/chat_grounding.py).
+    fleet_file_search: FileSearchOptions | None = Field(None, exclude=True)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

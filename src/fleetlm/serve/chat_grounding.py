@@ -1,0 +1,151 @@
+"""Grounded chat completions: the `fleet_file_search` extension retrieves from vector stores, adds the sources
+as a system message, and cites them in `message.annotations` (whole answers) or a final chunk (streams)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.concurrency import run_in_threadpool
+
+from fleetlm.serve.errors import APIError, BadRequest
+from fleetlm.serve.protocol import ChatCompletionRequest, ChatMessage
+
+if TYPE_CHECKING:  # rag.grounding is imported when first used: the gateway starts without it loaded
+    from fleetlm.rag import grounding
+    from fleetlm.rag.store import KnowledgeStore
+    from fleetlm.serve.app import Gateway
+
+PARAM = "fleet_file_search"
+MAX_STORES_LISTED = 1000  # a vector store named rather than given by id is looked up among at most this many
+
+
+class VectorStoreNotFound(APIError):
+    status, type = 404, "not_found"
+
+
+@dataclass
+class Grounding:
+    """What a grounded request retrieved, and the answer's text so far (a stream's pieces are added up)."""
+
+    sources: list[grounding.Source]
+    include_results: bool = False
+    text: str = field(default="")
+
+
+def requested(req: Any) -> bool:
+    return isinstance(req, ChatCompletionRequest) and req.fleet_file_search is not None
+
+
+def resolve_stores(
+    store: KnowledgeStore, refs: list[str], param: str = f"{PARAM}.vector_store_ids"
+) -> list[str]:
+    """Vector store ids from ids or names (a name is friendlier in fleet.yaml); an unknown one is a 404."""
+    ids: list[str] = []
+    by_name: dict[str, str] | None = None
+    for ref in refs:
+        if store.get_store(ref) is not None:
+            ids.append(ref)
+            continue
+        if by_name is None:
+            rows, _ = store.list_stores(MAX_STORES_LISTED, "desc", None)
+            by_name = {r["name"]: r["id"] for r in rows if r.get("name")}
+        if ref not in by_name:
+            raise VectorStoreNotFound(f"no vector store with id or name {ref!r}", param=param)
+        ids.append(by_name[ref])
+    return ids
+
+
+def last_user_text(req: ChatCompletionRequest) -> str:
+    for message in reversed(req.messages):
+        if message.role == "user":
+            return message.text()
+    return ""
+
+
+def with_sources(req: ChatCompletionRequest, prompt: str) -> ChatCompletionRequest:
+    """The request with the grounding prompt as a system message after its own leading system messages
+    (an assistant's instructions stay first)."""
+    messages = list(req.messages)
+    at = 0
+    while at < len(messages) and messages[at].role in ("system", "developer"):
+        at += 1
+    messages.insert(at, ChatMessage(role="system", content=prompt))
+    return req.model_copy(update={"messages": messages, "fleet_file_search": None})
+
+
+async def prepare(gw: Gateway, req: ChatCompletionRequest, call: Any) -> ChatCompletionRequest:
+    """Retrieve for the last user message and put the sources in front of the model; `call.grounding` keeps
+    them for the citations. The request has been authorized already."""
+    from fleetlm.rag import grounding
+    from fleetlm.serve.files_api import knowledge_base  # files_api imports app.py, which imports this module
+
+    options = req.fleet_file_search
+    assert options is not None
+    query = last_user_text(req).strip()
+    if not query:
+        raise BadRequest(f"{PARAM} needs a user message with text to search for", param="messages")
+    kb = await run_in_threadpool(knowledge_base, gw)
+    ids = await run_in_threadpool(resolve_stores, kb.store, options.vector_store_ids)
+    try:
+        sources = await run_in_threadpool(
+            grounding.retrieve, kb.store, ids, query, kb.ingestor.embed,
+            max_num_results=options.max_num_results, filters=options.filters,
+            score_threshold=options.score_threshold,
+        )
+    except ValueError as exc:  # a malformed filter
+        raise BadRequest(f"{PARAM}.filters: {exc}", param=f"{PARAM}.filters") from None
+    call.grounding = Grounding(sources, options.include_results)
+    return with_sources(req, grounding.grounding_prompt(sources))
+
+
+def chat_annotations(text: str, sources: list[grounding.Source]) -> tuple[str, list[dict]]:
+    """The answer's text and OpenAI chat-shaped `file_citation` annotations (grounding.cite's, nested)."""
+    from fleetlm.rag import grounding
+
+    cited, found = grounding.cite(text, sources)
+    out = [
+        {"type": "file_citation",
+         "file_citation": {"file_id": a["file_id"], "filename": a["filename"], "index": a["index"]}}
+        for a in found
+    ]
+    return cited, out
+
+
+def results(sources: list[grounding.Source]) -> list[dict]:
+    return [
+        {"file_id": s.file_id, "filename": s.filename, "score": s.score, "vector_store_id": s.vector_store_id,
+         "attributes": s.attributes, "content": [{"type": "text", "text": s.text}]}
+        for s in sources
+    ]
+
+
+def annotate(data: dict, found: Grounding) -> None:
+    """A whole answer's body: each choice's content cited, its annotations added, the results if asked."""
+    for choice in data.get("choices", []):
+        message = choice.get("message", {})
+        text, annotations = chat_annotations(message.get("content") or "", found.sources)
+        if message.get("content") is not None:
+            message["content"] = text
+        message["annotations"] = annotations
+    if found.include_results:
+        data["fleet_file_search_results"] = results(found.sources)
+
+
+def final_chunk(found: Grounding) -> dict:
+    """A stream's citations: one last chunk after the answer, whose delta carries only the annotations of
+    choice 0 (the text as streamed is what they index into; markers are not rewritten after the fact)."""
+    _, annotations = chat_annotations(found.text, found.sources)
+    chunk: dict[str, Any] = {"choices": [{"index": 0, "delta": {"annotations": annotations},
+                                          "finish_reason": None}]}
+    if found.include_results:
+        chunk["fleet_file_search_results"] = results(found.sources)
+    return chunk
+
+
+def sse(found: Grounding, stream_id: str, created: int, model: str) -> str:
+    """final_chunk as a server-sent event of the stream `stream_id`."""
+    data = {"id": stream_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            **final_chunk(found)}
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
