@@ -24,8 +24,9 @@ def two_stores(tmp_path):
         ids.append(vs)
         for text in texts:
             (tmp_path / "up").write_bytes(text.encode())
-            f = store.add_file(f"{text}.txt", "assistants", tmp_path / "up",
-                               hashlib.sha256(text.encode()).hexdigest(), 1)
+            f = store.add_file(
+                f"{text}.txt", "assistants", tmp_path / "up", hashlib.sha256(text.encode()).hexdigest(), 1
+            )
             n = store.attach(vs, f, {"t": text}, Strategy())["n"]
             doc = store.start_doc(store.job(n)["sha256"], Strategy().key)
             store.add_chunks(doc, [Chunk(0, text, 4)], bag_of_words([text]), final=True)

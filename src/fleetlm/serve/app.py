@@ -68,6 +68,7 @@ from fleetlm.serve.protocol import (
     new_id,
     parse_request,
 )
+from fleetlm.serve.responses_api import install_responses
 from fleetlm.serve.speech import install_speech
 from fleetlm.serve.store import ApiKey, RequestRecord, UsageStore
 from fleetlm.serve.tracing import Tracing
@@ -757,6 +758,7 @@ def create_app(
     install_files(app, gw)  # /v1/files: uploads into the knowledge base (serve/files_api.py)
     install_vector_stores(app, gw)  # /v1/vector_stores: stores, files, batches, search
     install_speech(app, gw)  # POST /v1/audio/speech; the pronunciation lexicon under /v1/fleet/voice
+    install_responses(app, gw)  # /v1/responses: file_search with citations, stored chains
 
     # Nested request models (ChatMessage, Tool, ...), hoisted into the OpenAPI components their $refs name.
     defs: dict[str, Any] = {}
