@@ -187,3 +187,42 @@ def test_unknown_ids_and_bad_json(served):
     assert tc.get("/v1/responses/resp_none").status_code == 404
     assert tc.delete("/v1/responses/resp_none").json()["error"]["param"] == "response_id"
     assert tc.post("/v1/responses", content=b"{not json").status_code == 400
+
+
+def test_a_real_small_model_cites_the_file_that_answers(tmp_path, smollm2_gguf):
+    """SmolLM2-135M through llama.cpp, a two-file store: the citation points at the tides file."""
+    pytest.importorskip("llama_cpp")
+    from fleetlm.serve.backends import build_backends
+
+    config = parse_config(
+        {
+            "models": {"smol": {"gguf": str(smollm2_gguf), "engine": "llama_cpp"}},
+            "knowledge": {"files_dir": str(tmp_path / "blobs")},
+        }
+    )
+    app = create_app(config, UsageStore(f"sqlite:///{tmp_path / 'fleet.db'}"), build_backends(config))
+    app.state.gateway.knowledge_embed = bag_of_words
+    with TestClient(app) as tc:
+        client = connect(tc)
+        texts = {
+            "cats.txt": "A cat purrs when it is content and sleeps on the sofa all afternoon.",
+            "tides.txt": "Tides rise and fall twice a day because the moon pulls the oceans.",
+        }
+        ids = {
+            n: client.files.create(file=(n, io.BytesIO(t.encode())), purpose="assistants").id
+            for n, t in texts.items()
+        }
+        vs = client.vector_stores.create(name="kb")
+        client.vector_stores.file_batches.create_and_poll(
+            vector_store_id=vs.id, file_ids=list(ids.values()), poll_interval_ms=50
+        )
+        r = client.responses.create(
+            model="smol",
+            input="Why do tides rise and fall?",
+            max_output_tokens=40,
+            temperature=0,
+            tools=[{"type": "file_search", "vector_store_ids": [vs.id]}],
+        )
+    annotations = r.output[1].content[0].annotations
+    assert r.output_text and annotations, r.output_text
+    assert annotations[0].file_id == ids["tides.txt"] and annotations[0].filename == "tides.txt"
