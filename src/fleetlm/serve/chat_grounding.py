@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
+from fleetlm.rag.filters import FilterError, compile_filter
 from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.protocol import ChatCompletionRequest, ChatMessage
 
@@ -86,16 +87,18 @@ async def prepare(gw: Gateway, req: ChatCompletionRequest, call: Any) -> ChatCom
     query = last_user_text(req).strip()
     if not query:
         raise BadRequest(f"{PARAM} needs a user message with text to search for", param="messages")
+    if options.filters is not None:  # checked before any search, so a bad one is a 400 naming its part
+        try:
+            compile_filter(options.filters, "attributes", f"{PARAM}.filters")
+        except FilterError as exc:
+            raise BadRequest(str(exc), param=exc.param) from None
     kb = await run_in_threadpool(knowledge_base, gw)
     ids = await run_in_threadpool(resolve_stores, kb.store, options.vector_store_ids)
-    try:
-        sources = await run_in_threadpool(
-            grounding.retrieve, kb.store, ids, query, kb.ingestor.embed,
-            max_num_results=options.max_num_results, filters=options.filters,
-            score_threshold=options.score_threshold,
-        )
-    except ValueError as exc:  # a malformed filter
-        raise BadRequest(f"{PARAM}.filters: {exc}", param=f"{PARAM}.filters") from None
+    sources = await run_in_threadpool(
+        grounding.retrieve, kb.store, ids, query, kb.ingestor.embed,
+        max_num_results=options.max_num_results, filters=options.filters,
+        score_threshold=options.score_threshold,
+    )
     call.grounding = Grounding(sources, options.include_results)
     return with_sources(req, grounding.grounding_prompt(sources))
 
@@ -135,7 +138,7 @@ def annotate(data: dict, found: Grounding) -> None:
 
 def final_chunk(found: Grounding) -> dict:
     """A stream's citations: one last chunk after the answer, whose delta carries only the annotations of
-    choice 0 (the text as streamed is what they index into; markers are not rewritten after the fact)."""
+    choice 0; their offsets count in the text without its [n] markers, which the stream has already sent."""
     _, annotations = chat_annotations(found.text, found.sources)
     chunk: dict[str, Any] = {"choices": [{"index": 0, "delta": {"annotations": annotations},
                                           "finish_reason": None}]}
