@@ -65,3 +65,17 @@ def minimal_pdf(pages: list[str]) -> bytes:
     out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return out
+
+
+def index_text(store, tmp_path, vector_store_id: str, filename: str, text: str, attributes: dict) -> dict:
+    """Put TEXT in the store as one file of one chunk, attached and indexed at once (no ingestor)."""
+    from fleetlm.rag.chunking import Chunk, Strategy
+
+    (tmp_path / "up").write_bytes(text.encode())
+    file = store.add_file(
+        filename, "assistants", tmp_path / "up", hashlib.sha256(text.encode()).hexdigest(), 1
+    )
+    n = store.attach(vector_store_id, file, attributes, Strategy())["n"]
+    doc = store.start_doc(store.job(n)["sha256"], Strategy().key)
+    store.add_chunks(doc, [Chunk(0, text, len(text.split()))], bag_of_words([text]), final=True)
+    return file

@@ -1,11 +1,9 @@
-import hashlib
 
 import pytest
 
-from fleetlm.rag.chunking import Chunk, Strategy
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import SqliteKnowledgeStore
-from rag_fakes import bag_of_words
+from rag_fakes import bag_of_words, index_text
 
 
 def _source(i: int, text: str) -> Source:
@@ -23,13 +21,7 @@ def two_stores(tmp_path):
         vs = store.create_store(None, {}, None)["id"]
         ids.append(vs)
         for text in texts:
-            (tmp_path / "up").write_bytes(text.encode())
-            f = store.add_file(
-                f"{text}.txt", "assistants", tmp_path / "up", hashlib.sha256(text.encode()).hexdigest(), 1
-            )
-            n = store.attach(vs, f, {"t": text}, Strategy())["n"]
-            doc = store.start_doc(store.job(n)["sha256"], Strategy().key)
-            store.add_chunks(doc, [Chunk(0, text, 4)], bag_of_words([text]), final=True)
+            index_text(store, tmp_path, vs, f"{text}.txt", text, {"t": text})
     yield store, ids
     store.close()
 

@@ -1,11 +1,9 @@
-import hashlib
 
 import pytest
 
-from fleetlm.rag.chunking import Chunk, Strategy
 from fleetlm.rag.search import SearchRequest, convex, fts_query, rrf, search
 from fleetlm.rag.store import SqliteKnowledgeStore
-from rag_fakes import bag_of_words
+from rag_fakes import bag_of_words, index_text
 
 TEXTS = ["the quick brown fox jumps", "a lazy dog sleeps all day", "quick thinking saves the day"]
 
@@ -33,13 +31,7 @@ def indexed(tmp_path):
     store = SqliteKnowledgeStore(tmp_path / "kb.db", tmp_path / "files")
     vs = store.create_store(None, {}, None)["id"]
     for i, text in enumerate(TEXTS):
-        (tmp_path / "up").write_bytes(text.encode())
-        f = store.add_file(
-            f"{i}.txt", "assistants", tmp_path / "up", hashlib.sha256(text.encode()).hexdigest(), 1
-        )
-        n = store.attach(vs, f, {"n": i}, Strategy())["n"]
-        doc = store.start_doc(store.job(n)["sha256"], Strategy().key)
-        store.add_chunks(doc, [Chunk(0, text, 5)], bag_of_words([text]), final=True)
+        index_text(store, tmp_path, vs, f"{i}.txt", text, {"n": i})
     yield store, vs
     store.close()
 

@@ -5,8 +5,8 @@ from fleetlm.config import parse_config
 from fleetlm.errors import ConfigError
 from fleetlm.serve.app import create_app
 from fleetlm.serve.assistants import find_assistant
-from fleetlm.serve.backends import Choice, Generation
 from fleetlm.serve.store import UsageStore
+from recording_backend import RecordingBackend
 
 WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
 CONFIG = {
@@ -17,25 +17,11 @@ CONFIG = {
 }
 
 
-class Recording:
-    name = "m"
-
-    def __init__(self):
-        self.requests = []
-
-    async def chat(self, req):
-        self.requests.append(req)
-        return Generation([Choice(0, "sunny", "stop")], prompt_tokens=3, completion_tokens=1)
-
-    async def aclose(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("assistants")
     store = UsageStore(f"sqlite:///{root / 'fleet.db'}")
-    backend = Recording()
+    backend = RecordingBackend("sunny", 3, 1)
     with TestClient(create_app(parse_config(CONFIG), store, {"m": backend})) as tc:
         yield tc, backend, store
 

@@ -7,38 +7,15 @@ from fastapi.testclient import TestClient
 
 from fleetlm.config import parse_config
 from fleetlm.serve.app import create_app
-from fleetlm.serve.backends import Choice, Delta, Generation
 from fleetlm.serve.store import UsageStore
 from rag_fakes import bag_of_words
+from recording_backend import RecordingBackend
 
 DOCS = {
     "tides.txt": "Tides rise and fall twice a day because of the pull of the moon on the oceans.",
     "bread.txt": "Knead the dough, let it rise overnight in a cool place, then bake it at 230 C.",
 }
 ANSWER = "The moon pulls the oceans, so tides rise and fall [1]."
-
-
-class Recording:
-    """A backend that answers ANSWER and keeps every request it was sent."""
-
-    name = "m"
-
-    def __init__(self):
-        self.requests = []
-
-    async def chat(self, req):
-        self.requests.append(req)
-        return Generation([Choice(0, ANSWER, "stop")], prompt_tokens=10, completion_tokens=5)
-
-    async def stream_chat(self, req):
-        self.requests.append(req)
-        for word in ANSWER.split(" "):
-            yield Delta(0, word + " ")
-        yield Delta(0, None, "stop")
-        yield Delta(usage=(10, 5))
-
-    async def aclose(self):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +26,7 @@ def served(tmp_path_factory):
                            "assistants": {"librarian": {"model": "m", "instructions": "Cite your sources.",
                                                         "vector_store_ids": ["notes"],
                                                         "max_num_results": 1}}})
-    backend = Recording()
+    backend = RecordingBackend(ANSWER, 10, 5)
     app = create_app(config, UsageStore(f"sqlite:///{root / 'fleet.db'}"), {"m": backend})
     app.state.gateway.knowledge_embed = bag_of_words  # no MiniLM load: the tests are about the wiring
     with TestClient(app) as tc:
