@@ -1,0 +1,120 @@
+"""fit_context: a conversation cut to a model's context by summarising and archiving its older turns.
+
+The system/developer messages and the newest turns that fit stay as they are; the older turns go to the
+archive (searchable) and into one incremental summary; then the archived turns that best match the newest
+user message come back as a marked system message, as far as the budget allows (MemGPT-style paging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from fleetlm.errors import FleetError
+from fleetlm.memory.archive import Archive
+
+SUMMARY_PREFIX = "Summary of the earlier conversation: "
+RECALL_PREFIX = "Earlier in this conversation:\n"
+MAX_SUMMARY_CHARS = 1200  # bounds the summary so it cannot grow with the conversation
+RECALL_K = 4
+KEEP_SHARE = 0.5  # share of the budget the newest turns may take; the rest is for summary and recall
+
+
+class ContextOverflow(FleetError):
+    """Even the system messages and the newest message alone do not fit the context."""
+
+
+def text_of(message: dict) -> str:
+    """The text of a chat message whose content is a string or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def conversation_key(turns: list[dict]) -> str:
+    """A stable id for a conversation: the hash of its first turn, which never changes as it grows."""
+    first = f"{turns[0].get('role')}:{text_of(turns[0])}" if turns else ""
+    return "conv_" + hashlib.sha256(first.encode()).hexdigest()[:24]
+
+
+def _update_summary(
+    archive: Archive, conv: str, evicted: list[dict], summarize: Callable[[list[dict]], str]
+) -> str:
+    summary, covered = archive.summary(conv)
+    fresh = evicted[covered:]
+    if not fresh:
+        return summary
+    prompt = ([{"role": "system", "content": SUMMARY_PREFIX + summary}] if summary else []) + fresh
+    summary = summarize(prompt).strip()[:MAX_SUMMARY_CHARS]
+    archive.set_summary(conv, summary, len(evicted))
+    return summary
+
+
+def fit_context(
+    messages: list[dict],
+    *,
+    context_tokens: int,
+    count_tokens: Callable[[list[dict]], int],
+    summarize: Callable[[list[dict]], str],
+    archive: Archive,
+    reserve_tokens: int = 512,
+    conversation_id: str | None = None,
+) -> list[dict]:
+    """The messages cut to fit `context_tokens - reserve_tokens`, with summary and recalled turns."""
+    budget = context_tokens - reserve_tokens
+    if budget <= 0:
+        raise ContextOverflow(
+            f"reserve_tokens {reserve_tokens} leaves no room in a {context_tokens}-token context"
+        )
+    if count_tokens(messages) <= budget:
+        return messages
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    turns = [m for m in messages if m.get("role") not in ("system", "developer")]
+    if not turns or count_tokens(system + turns[-1:]) > budget:
+        raise ContextOverflow(f"the system messages and the newest message exceed {budget} tokens")
+    conv = conversation_id or conversation_key(turns)
+
+    start = len(turns) - 1
+    while start > 0 and count_tokens(system + turns[start - 1 :]) <= budget * KEEP_SHARE:
+        start -= 1
+    kept, evicted = turns[start:], turns[:start]
+    archive.add(
+        conv, [{"role": m.get("role"), "content": text_of(m)} for m in evicted[archive.archived(conv) :]]
+    )
+    summary = _update_summary(archive, conv, evicted, summarize)
+
+    head = list(system)
+    if summary:
+        note = {"role": "system", "content": SUMMARY_PREFIX + summary}
+        if count_tokens(head + [note] + kept) <= budget:
+            head.append(note)
+    query = next((text_of(m) for m in reversed(turns) if m.get("role") == "user"), "")
+    recalled: list[str] = []
+    for hit in archive.search(conv, query, RECALL_K):
+        if hit["seq"] >= len(evicted):
+            continue
+        trial = recalled + [f"[{hit['role']}] {hit['content']}"]
+        note = {"role": "system", "content": RECALL_PREFIX + "\n".join(trial)}
+        if count_tokens(head + [note] + kept) <= budget:
+            recalled = trial
+    if recalled:
+        head.append({"role": "system", "content": RECALL_PREFIX + "\n".join(recalled)})
+    return head + kept
+
+
+def truncate_context(
+    messages: list[dict],
+    *,
+    context_tokens: int,
+    count_tokens: Callable[[list[dict]], int],
+    reserve_tokens: int = 512,
+) -> list[dict]:
+    """The baseline: system messages plus the newest turns that fit, older turns dropped."""
+    budget = context_tokens - reserve_tokens
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    turns = [m for m in messages if m.get("role") not in ("system", "developer")]
+    start = len(turns)
+    while start > 0 and count_tokens(system + turns[start - 1 :]) <= budget:
+        start -= 1
+    return system + turns[start:]
