@@ -98,34 +98,14 @@ def test_summary_is_incremental_and_not_redone(tmp_path):
 
 def test_short_conversation_is_unchanged_and_overflow_is_typed(tmp_path):
     archive = Archive(tmp_path / "memory.db")
+
+    def fit(messages, reserve_tokens):
+        return fit_context(messages, context_tokens=100, count_tokens=words, summarize=scripted_summary,
+                           archive=archive, reserve_tokens=reserve_tokens)
+
     short = [{"role": "user", "content": "hi"}]
-    assert (
-        fit_context(
-            short,
-            context_tokens=100,
-            count_tokens=words,
-            summarize=scripted_summary,
-            archive=archive,
-            reserve_tokens=10,
-        )
-        == short
-    )
-    huge = [{"role": "user", "content": "word " * 500}]
+    assert fit(short, 10) == short
     with pytest.raises(ContextOverflow):
-        fit_context(
-            huge,
-            context_tokens=100,
-            count_tokens=words,
-            summarize=scripted_summary,
-            archive=archive,
-            reserve_tokens=10,
-        )
+        fit([{"role": "user", "content": "word " * 500}], 10)
     with pytest.raises(ContextOverflow):
-        fit_context(
-            short,
-            context_tokens=100,
-            count_tokens=words,
-            summarize=scripted_summary,
-            archive=archive,
-            reserve_tokens=100,
-        )
+        fit(short, 100)
