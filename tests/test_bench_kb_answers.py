@@ -1,0 +1,123 @@
+"""bench/kb_answers.py's parts: the answer judge on real labelled questions, the seeded spread sample, the
+arguments, and scoring / printing / plotting of kept arms (no model, no corpus)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetlm.rag.labelled import Question, load_questions
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))  # kb_answers imports bench/retrieval.py's store helpers
+    spec = importlib.util.spec_from_file_location("kb_answers_bench", BENCH_DIR / "kb_answers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+    sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.fixture(scope="module")
+def questions() -> dict[str, Question]:
+    return {q.id: q for q in load_questions()}
+
+
+@pytest.mark.parametrize(("qid", "reply", "correct"), [
+    ("q025", "Use `copy.deepcopy(obj)` to copy nested lists.", True),  # the key identifier, qualified
+    ("q025", "Call deepcopy() from the copy module.", True),  # its last part alone is distinctive
+    ("q025", "Use copy.copy(obj), a shallow copy.", False),
+    ("q031", "Pass `frozen = True` to the @dataclass decorator.", True),  # spaces around '=' do not matter
+    ("q031", "Pass frozen=False.", False),
+    ("q011", "collections.ChainMap groups several mappings.", True),
+    ("q011", "a chainmap", False),  # a capitalised key matches case-sensitively
+    ("q083", "Call logger.exception('failed') inside the except block.", True),
+    ("q083", "Log an exception with logger.error(msg, exc_info=True).", False),  # the question says except
+    ("q215", "Use zip(questions, answers) in the for loop.", True),
+    ("q215", "Zip them together.", False),  # a short name counts only when written as code
+    ("q119", "Pass re.I as the flags argument.", True),  # an alternative of 're.IGNORECASE / re.I'
+    ("q119", "I would pass a flag.", False),  # a one-letter key needs its qualified form
+    ("q117", "random.normalvariate(mu, sigma) is the one", True),
+    ("q117", "random.gauss(mu, sigma)", False),  # an alternative the question itself names
+    ("q177", "It is monotonic: the clock cannot go backwards.", True),  # phrase: its content words
+    ("q177", "It returns seconds as a float.", False),
+    ("q195", "Use the ** operator, e.g. 2 ** 10.", True),
+    ("q195", "Use the **pow** function.", False),  # markdown bold is not the operator
+    ("q225", "Put an __init__.py file in the directory.", True),
+    ("q225", "Add a setup.py.", False),
+])
+def test_judge_on_labelled_questions(bench, questions, qid, reply, correct):
+    verdict = bench.judge(questions[qid], reply)
+    assert verdict.correct is correct, verdict.rule
+
+
+def test_key_identifiers_and_alternatives(bench):
+    keys = {k.name: k for k in bench.key_identifiers("os.path.getmtime()", "When was the file last changed?")}
+    assert list(keys) == ["getmtime"] and not keys["getmtime"].strict
+    (auto,) = bench.key_identifiers("enum.auto", "Which enum helper assigns values automatically?")
+    assert auto.strict and auto.full == "enum.auto"
+    assert bench.key_identifiers("it cannot go backwards", "Why use monotonic()?") == []
+    assert bench.alternatives("'>' (or '!')") == [">", "!"]
+    assert bench.alternatives("re.VERBOSE / re.X") == ["re.VERBOSE", "re.X"]
+    assert bench.flatten("“x”  `a = b` **bold**") == '"x" a=b bold'
+
+
+def test_sample_is_spread_seeded_and_stable(bench, questions):
+    qs = list(questions.values())
+    a = bench.sample_questions(qs, 100, seed=0)
+    assert len(a) == 100 and len({q.id for q in a}) == 100
+    assert [q.id for q in a] == [q.id for q in bench.sample_questions(qs, 100, seed=0)]  # deterministic
+    b = bench.sample_questions(qs, 100, seed=1)
+    assert [q.id for q in a] != [q.id for q in b]
+    # evenly spread: one question per stride of len/n, so consecutive picks are at most two strides apart
+    positions = [qs.index(q) for q in a]
+    gaps = [y - x for x, y in zip(positions, positions[1:], strict=False)]
+    assert positions == sorted(positions) and max(gaps) <= 6
+    assert 30 <= sum(q.lexical for q in a) <= 70
+    assert bench.sample_questions(qs, 10_000, seed=0) == qs
+
+
+def test_arguments_and_their_errors(bench):
+    args = bench.parse_args([])
+    assert args.arms == list(bench.DEFAULT_ARMS) and args.limit == 100 and args.k == 3
+    assert bench.parse_args(["--arms", "1.5b+fs,1.5b+fs,0.5b"]).arms == ["1.5b+fs", "0.5b"]
+    for bad in (["--arms", "7b"], ["--arms", ","], ["--limit", "0"], ["--k", "0"], ["--k", "11"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def _kept(arm: str, fs: bool, answers: list[dict], cost: float) -> dict:
+    return {"arm": arm, "model": f"model-{arm}", "file_search": fs, "answers": answers,
+            "logged_cost_usd": cost, "logged_requests": len(answers)}
+
+
+def test_scoring_table_and_plot(bench, questions, tmp_path, capsys):
+    q1, q2 = questions["q025"], questions["q011"]
+    with_fs = _kept("0.5b+fs", True, [
+        {"id": q1.id, "reply": "copy.deepcopy()", "cited": [q1.passage_id], "retrieved": [q1.passage_id],
+         "seconds": 1.0, "input_tokens": 900, "output_tokens": 10},
+        {"id": q2.id, "reply": "ChainMap", "cited": ["other#x"], "retrieved": ["other#x", q2.passage_id],
+         "seconds": 3.0, "input_tokens": 800, "output_tokens": 12}], cost=0.002)
+    without = _kept("1.5b", False, [
+        {"id": q1.id, "reply": "Use copy.copy", "seconds": 2.0, "input_tokens": 40, "output_tokens": 30},
+        {"id": q2.id, "error": "APITimeoutError: timed out", "seconds": 600.0}], cost=0.004)
+    rows = [bench.score_arm(k, questions) for k in (with_fs, without)]
+    fs, no = rows
+    assert fs["accuracy"] == 1.0 and fs["gold_cited_of_correct"] == 0.5 and fs["gold_retrieved"] == 1.0
+    assert fs["cost_per_answer_usd"] == pytest.approx(0.001) and fs["latency_p50_s"] == 2.0
+    assert no["accuracy"] == 0.0 and no["errors"] == 1 and no["gold_cited_of_correct"] is None
+    assert no["verdicts"]["q011"] == [False, "error"]
+    bench.print_table(rows)
+    bench.print_claim(rows)
+    out = capsys.readouterr().out
+    assert "0.5b+fs vs 1.5b: +100.0 points, cost ratio 0.50" in out and "50.0%" in out
+    bench.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
