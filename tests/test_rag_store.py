@@ -148,3 +148,116 @@ def test_the_vector_matrix_follows_changes_made_by_another_process(store, tmp_pa
 def test_dense_search_of_an_empty_store_is_empty(store):
     vs = store.create_store(None, {}, None)["id"]
     assert store.dense(vs, bag_of_words(["x"])[0], ("1", []), 5) == []
+
+
+# ---------------------------------------------------------------- search gives what a plain join gives
+
+WORDS = "apple river stone cloud paper tiger lamp orange glass music violet mountain".split()
+
+
+def reference_bm25(store, store_id: str, match: str, where: tuple[str, list], limit: int) -> list:
+    """The answer by definition: every match joined to the store's completed files, ranked in SQL."""
+    rows = store._rows(
+        "SELECT c.id AS id, sf.n AS n, -bm25(kb_chunks_fts) AS s FROM kb_chunks_fts "
+        f"JOIN kb_chunks c ON c.id = kb_chunks_fts.rowid {store._MEMBER} "
+        f"WHERE kb_chunks_fts MATCH ? AND ({where[0]})",
+        [store_id, match, *where[1]],
+    )
+    return sorted(((r["id"], r["n"], r["s"]) for r in rows), key=lambda t: (-t[2], t[0], t[1]))[:limit]
+
+
+def reference_dense(store, store_id: str, q: np.ndarray, where: tuple[str, list], limit: int) -> list:
+    rows = store._rows(
+        f"SELECT c.id AS id, sf.n AS n, c.embedding AS e FROM kb_chunks c {store._MEMBER} WHERE ({where[0]})",
+        [store_id, *where[1]],
+    )
+    scored = [(r["id"], r["n"], float(np.frombuffer(r["e"], dtype=np.float32) @ q)) for r in rows]
+    return sorted(scored, key=lambda t: (-t[2], t[0], t[1]))[:limit]
+
+
+def add_random_file(store, tmp_path, vs: str, rng: np.random.Generator, i: int, data: bytes | None = None):
+    """A file of 1 to 3 chunks of random words and random unit vectors, attached to `vs` and completed."""
+    data = data if data is not None else f"file {i} {rng.random()}".encode()
+    f = upload(store, tmp_path, f"f{i}.txt", data)
+    n = store.attach(vs, f, {"i": i}, Strategy())["n"]
+    job = store.job(n)
+    if job is None:  # the content was already completed
+        return f, n
+    if store.settle_from_doc(n):
+        return f, n
+    doc = store.start_doc(job["sha256"], job["strategy"].key)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(3, 9))) for _ in range(rng.integers(1, 4))]
+    vectors = rng.standard_normal((len(texts), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.add_chunks(doc, [Chunk(k, t, 5) for k, t in enumerate(texts)], vectors, final=True)
+    return f, n
+
+
+def assert_same_answers(store, stores: list[str], rng: np.random.Generator) -> None:
+    from fleetlm.rag.filters import compile_filter
+
+    wheres = [("1", []), compile_filter({"type": "gt", "key": "i", "value": 25}, "sf.attributes")]
+    for vs in stores:
+        for where in wheres:
+            for limit in (1, 5, 50):
+                for words in (["apple"], ["tiger", "lamp"], ["glass", "river", "cloud"]):
+                    match = " OR ".join(f'"{w}"' for w in words)
+                    got, want = (
+                        store.bm25(vs, match, where, limit),
+                        reference_bm25(store, vs, match, where, limit),
+                    )
+                    assert [g[:2] for g in got] == [w[:2] for w in want]
+                    assert [g[2] for g in got] == pytest.approx([w[2] for w in want])
+                q = rng.standard_normal(384).astype(np.float32)
+                q /= np.linalg.norm(q)
+                got, want = store.dense(vs, q, where, limit), reference_dense(store, vs, q, where, limit)
+                assert [g[:2] for g in got] == [w[:2] for w in want]
+                assert [g[2] for g in got] == pytest.approx([w[2] for w in want], abs=1e-5)
+
+
+def test_bm25_and_dense_give_the_plain_joins_answers_as_the_stores_change(store, tmp_path, monkeypatch):
+    import fleetlm.rag.store as store_module
+
+    # small depths, so that a store holding a small share of the index grows its prefix and falls back
+    monkeypatch.setattr(store_module, "BM25_FIRST_DEPTH", 2)
+    monkeypatch.setattr(store_module, "BM25_MAX_DEPTH", 8)
+    rng = np.random.default_rng(7)
+    big, small, third = (store.create_store(name, {}, None)["id"] for name in ("big", "small", "third"))
+    files = [add_random_file(store, tmp_path, big, rng, i) for i in range(40)]
+    for i in range(40, 46):
+        add_random_file(store, tmp_path, small, rng, i)
+    shared = b"the same bytes in two stores"
+    add_random_file(store, tmp_path, third, rng, 46, shared)
+    assert_same_answers(store, [big, small, third], rng)  # the matrices are built here
+
+    before = store._matrices[big]
+    for i in range(50, 55):  # new documents: appended in place to the cached matrix
+        add_random_file(store, tmp_path, big, rng, i)
+    assert_same_answers(store, [big, small, third], rng)
+    assert store._matrices[big].vectors is before.vectors and store._matrices[big].size > before.size
+    old_ids, _, old_vectors = before.view()
+    assert old_vectors.shape[0] == len(old_ids)  # an older view keeps its rows
+
+    add_random_file(store, tmp_path, big, rng, 60, shared)  # older chunk ids join: rows re-sorted
+    add_random_file(store, tmp_path, big, rng, 61, shared)  # the same document twice in one store
+    for f, _ in files[:5]:
+        store.detach(big, f["id"])
+    store.delete_store(small)
+    assert_same_answers(store, [big, third], rng)
+    ids, ns, _ = store._vectors(big)
+    pairs = list(zip(ids.tolist(), ns.tolist(), strict=True))
+    assert pairs == sorted(pairs)
+
+
+def test_hits_come_in_the_order_asked_and_none_for_what_went(store, tmp_path):
+    rng = np.random.default_rng(1)
+    vs = store.create_store(None, {}, None)["id"]
+    (fa, na), (fb, nb) = (add_random_file(store, tmp_path, vs, rng, i) for i in range(2))
+    ranked = store.dense(vs, np.ones(384, dtype=np.float32), ("1", []), 50)
+    chunks = {n: [cid for cid, m, _ in ranked if m == n] for n in (na, nb)}
+    pairs = [(chunks[nb][0], nb), (chunks[na][0], na), (10_000, na)]
+    got = store.hits(pairs)
+    assert [h["filename"] if h else None for h in got] == ["f1.txt", "f0.txt", None]
+    assert got[0]["attributes"] == {"i": 1} and got[0]["file_id"] == fb["id"] and got[0]["text"]
+    store.detach(vs, fa["id"])
+    assert store.hits(pairs)[1] is None and store.hits([]) == []

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +74,9 @@ CREATE TRIGGER IF NOT EXISTS kb_generation_on_delete AFTER DELETE ON kb_store_fi
 """
 
 STATUSES = ("in_progress", "completed", "failed", "cancelled")
+# BM25 ranks the whole FTS5 index's best matches first and checks only those against the store (bm25()).
+BM25_FIRST_DEPTH = 100
+BM25_MAX_DEPTH = 6400
 
 
 class StoreError(FleetError):
@@ -156,11 +160,11 @@ class SqliteKnowledgeStore:
         self._local = threading.local()
         self._conns: list[Any] = []
         self._conns_lock = threading.Lock()
-        # store id -> (generation, chunk ids, store file ns, vectors): each store's completed chunks' vectors
-        # as one matrix, rebuilt when the generation (bumped by triggers on any change to the completed set,
-        # from any process) moves on.
-        self._matrices: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
+        # store id -> its completed chunks' vectors as one matrix (_StoreVectors), refreshed when the
+        # generation (bumped by triggers on any change to a completed set, from any process) moves on.
+        self._matrices: dict[str, _StoreVectors] = {}
         self._matrices_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         with self._tx() as db:
             db.execute(SCHEMA)
 
@@ -640,48 +644,102 @@ class SqliteKnowledgeStore:
 
     _MEMBER = "JOIN kb_store_files sf ON sf.doc_id = c.doc_id AND sf.store_id = ? AND sf.status = 'completed'"
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        """A read transaction: its statements all see one committed state (WAL: writers do not wait)."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     def bm25(
         self, store_id: str, match: str, where: tuple[str, list], limit: int
     ) -> list[tuple[int, int, float]]:
-        """(chunk id, store file n, BM25 score, higher is better) of the best `limit` matches."""
-        sql = (
-            "SELECT c.id AS id, sf.n AS n, -bm25(kb_chunks_fts) AS score FROM kb_chunks_fts "
-            f"JOIN kb_chunks c ON c.id = kb_chunks_fts.rowid {self._MEMBER} "
-            f"WHERE kb_chunks_fts MATCH ? AND ({where[0]}) ORDER BY bm25(kb_chunks_fts) LIMIT ?"
-        )
-        rows = self._rows(sql, [store_id, match, *where[1], limit])
-        return [(r["id"], r["n"], float(r["score"])) for r in rows]
+        """(chunk id, store file n, BM25 score, higher is better) of the best `limit` matches among the
+        store's completed chunks that pass the filter; ties go by chunk id, then n.
 
-    def _matrix(self, store_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chunk ids, store file ns and the vectors [n, 384] of the store's completed chunks (cached)."""
+        FTS5 ranks the matches of the whole index on its own first (joining every match to its store file
+        before ranking was most of the time at 100,000 chunks) and only the best `depth` are checked against
+        the store and the filter. Such a prefix gives exactly the answer once it holds `limit` passing
+        chunks or every match; if not, it grows, and past BM25_MAX_DEPTH (a store holding a small share of
+        the index, or a narrow filter) the join ranks every match as before."""
+        if limit <= 0:
+            return []
+        depth = max(BM25_FIRST_DEPTH, 2 * limit)
+        with self._snapshot() as db:
+            while depth <= BM25_MAX_DEPTH:
+                ranked = db.execute(
+                    "SELECT rowid, bm25(kb_chunks_fts) AS s FROM kb_chunks_fts WHERE kb_chunks_fts MATCH ? "
+                    "ORDER BY s, rowid LIMIT ?",
+                    (match, depth),
+                ).fetchall()
+                members: dict[int, list[int]] = {}
+                for chunk_id, n in db.execute(
+                    f"SELECT c.id, sf.n FROM kb_chunks c {self._MEMBER} WHERE c.id IN "
+                    f"(SELECT value FROM json_each(?)) AND ({where[0]}) ORDER BY c.id, sf.n",
+                    (store_id, json.dumps([r[0] for r in ranked]), *where[1]),
+                ):
+                    members.setdefault(chunk_id, []).append(n)
+                out = [(cid, n, -float(s)) for cid, s in ranked for n in members.get(cid, ())]
+                if len(out) >= limit or len(ranked) < depth:
+                    return out[:limit]
+                depth *= 4
+            rows = db.execute(
+                "SELECT c.id, sf.n, bm25(kb_chunks_fts) AS s FROM kb_chunks_fts "
+                f"JOIN kb_chunks c ON c.id = kb_chunks_fts.rowid {self._MEMBER} "
+                f"WHERE kb_chunks_fts MATCH ? AND ({where[0]}) ORDER BY s, c.id, sf.n LIMIT ?",
+                (store_id, match, *where[1], limit),
+            ).fetchall()
+        return [(cid, n, -float(s)) for cid, n, s in rows]
+
+    def _vectors(self, store_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Chunk ids, store file ns and vectors [n, dim] of the store's completed chunks, in (chunk id, n)
+        order. Cached per store and refreshed when the generation (bumped by triggers whenever the set of
+        completed store files changes, in any process) moves: only the files that came or went are read."""
         row = self._one("SELECT value FROM kb_generation WHERE id = 1")
-        generation = row["value"] if row else -1
         with self._matrices_lock:
             cached = self._matrices.get(store_id)
-        if cached is not None and cached[0] == generation:
-            return cached[1], cached[2], cached[3]
-        rows = (
-            self._db()
-            .execute(
-                f"SELECT c.id, sf.n, c.embedding FROM kb_chunks c {self._MEMBER} ORDER BY c.id", (store_id,)
-            )
-            .fetchall()
-        )
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        ns = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-        dim = len(rows[0][2]) // 4 if rows else 0  # float32 blobs: the model's width, 384 for MiniLM
-        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        if cached is None or row is None or cached.generation != row["value"]:
+            with self._refresh_lock:  # one refresh at a time; who waited finds the matrix fresh
+                cached = self._refreshed(store_id)
+        return cached.view()
+
+    def _refreshed(self, store_id: str) -> _StoreVectors:
         with self._matrices_lock:
-            self._matrices[store_id] = (generation, ids, ns, vectors)
-        return ids, ns, vectors
+            cached = self._matrices.get(store_id)
+        with self._snapshot() as db:
+            row = db.execute("SELECT value FROM kb_generation WHERE id = 1").fetchone()
+            generation = row[0] if row else -1
+            if cached is not None and cached.generation == generation:
+                return cached
+            members = dict(
+                db.execute(
+                    "SELECT n, doc_id FROM kb_store_files WHERE store_id = ? AND status = 'completed' AND "
+                    "doc_id IS NOT NULL",
+                    (store_id,),
+                ).fetchall()
+            )
+            old = cached.members if cached is not None else {}
+            gone = [n for n, doc in old.items() if members.get(n) != doc]
+            came = {n: doc for n, doc in members.items() if old.get(n) != doc}
+            if cached is None or (gone and len(gone) * 2 > len(old)):
+                fresh = _read_vectors(db, members, spare=True)  # first build, or most of it changed
+            else:
+                fresh = cached.merged(gone, _read_vectors(db, came, spare=False))
+        fresh = _StoreVectors(generation, members, fresh.ids, fresh.ns, fresh.vectors, fresh.size)
+        with self._matrices_lock:
+            self._matrices[store_id] = fresh
+        return fresh
 
     def dense(
         self, store_id: str, vector: np.ndarray, where: tuple[str, list], limit: int
     ) -> list[tuple[int, int, float]]:
         """(chunk id, store file n, cosine similarity) of the `limit` nearest chunks: an exact scan (one
         matrix product) of the store's chunks whose files pass the filter."""
-        ids, ns, vectors = self._matrix(store_id)
-        if not len(ids):
+        ids, ns, vectors = self._vectors(store_id)
+        if not len(ids) or limit <= 0:
             return []
         scores = vectors @ np.asarray(vector, dtype=np.float32)
         if where[0] != "1":
@@ -693,34 +751,150 @@ class SqliteKnowledgeStore:
                     [store_id, *where[1]],
                 )
             ]
-            scores = np.where(np.isin(ns, allowed), scores, -np.inf)
+            scores[~np.isin(ns, allowed)] = -np.inf
         k = min(limit, int(np.isfinite(scores).sum()))
         if k == 0:
             return []
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.lexsort((top, -scores[top]))]  # best first; equal scores in matrix order
         return [(int(ids[i]), int(ns[i]), float(scores[i])) for i in top]
 
     def similarities(self, chunk_ids: Sequence[int], vector: np.ndarray) -> dict[int, float]:
         if not chunk_ids:
             return {}
-        marks = ", ".join("?" * len(chunk_ids))
-        rows = self._rows(f"SELECT id, embedding FROM kb_chunks WHERE id IN ({marks})", list(chunk_ids))
         q = np.asarray(vector, dtype=np.float32)
-        return {r["id"]: float(np.frombuffer(r["embedding"], dtype=np.float32) @ q) for r in rows}
+        rows = self._db().execute(
+            "SELECT id, embedding FROM kb_chunks WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(chunk_ids)),),
+        )
+        return {cid: float(np.frombuffer(blob, dtype=np.float32) @ q) for cid, blob in rows}
 
     def hits(self, pairs: Sequence[tuple[int, int]]) -> list[dict | None]:
         """Text, file and attributes of (chunk id, store file n) pairs, in the order given (None for a pair
-        removed since it was ranked)."""
-        out = []
-        for chunk_id, n in pairs:
-            row = self._one(
-                "SELECT f.text AS text, sf.file_id AS file_id, sf.filename AS filename, "
-                "sf.attributes AS attributes FROM kb_chunks_fts f, kb_store_files sf "
-                "WHERE f.rowid = ? AND sf.n = ?",
-                [chunk_id, n],
+        removed since it was ranked); two queries, whatever the number of pairs."""
+        if not pairs:
+            return []
+        with self._snapshot() as db:
+            texts = dict(
+                db.execute(
+                    "SELECT rowid, text FROM kb_chunks_fts WHERE rowid IN (SELECT value FROM json_each(?))",
+                    (json.dumps([c for c, _ in pairs]),),
+                ).fetchall()
             )
-            if row is not None:
-                row["attributes"] = json.loads(row["attributes"])
-            out.append(row)
+            files = {
+                n: (file_id, filename, attributes)
+                for n, file_id, filename, attributes in db.execute(
+                    "SELECT n, file_id, filename, attributes FROM kb_store_files WHERE n IN "
+                    "(SELECT value FROM json_each(?))",
+                    (json.dumps([n for _, n in pairs]),),
+                )
+            }
+        out: list[dict | None] = []
+        for chunk_id, n in pairs:
+            if chunk_id not in texts or n not in files:
+                out.append(None)
+                continue
+            file_id, filename, attributes = files[n]
+            out.append(
+                {
+                    "text": texts[chunk_id],
+                    "file_id": file_id,
+                    "filename": filename,
+                    "attributes": json.loads(attributes),
+                }
+            )
         return out
+
+
+@dataclass(frozen=True)
+class _StoreVectors:
+    """One store's completed chunks as arrays in (chunk id, store file n) order: rows [:size] of buffers
+    that may have spare rows, so the chunks of newly completed files are usually written in place. A
+    reader holding an older view sees only rows below its own size, which nothing writes again."""
+
+    generation: int
+    members: dict[int, int]  # completed store file n -> its document
+    ids: np.ndarray
+    ns: np.ndarray
+    vectors: np.ndarray
+    size: int
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.ids[: self.size], self.ns[: self.size], self.vectors[: self.size]
+
+    def merged(self, gone: Sequence[int], came: _StoreVectors) -> _StoreVectors:
+        """These rows without those of the store files `gone`, with `came`'s rows, in order."""
+        ids, ns, vectors = self.view()
+        new_ids, new_ns, new_vectors = came.view()
+        if len(ids) and len(new_ids) and vectors.shape[1] != new_vectors.shape[1]:
+            raise StoreError(
+                f"a vector store holds vectors of {vectors.shape[1]} and {new_vectors.shape[1]} dimensions"
+            )
+        if not gone and (not len(ids) or not len(new_ids) or new_ids[0] > ids[-1]):
+            if not len(new_ids):
+                return self
+            if len(ids) and self.size + len(new_ids) <= len(self.ids):  # room left: append in place
+                end = self.size + len(new_ids)
+                self.ids[self.size : end], self.ns[self.size : end] = new_ids, new_ns
+                self.vectors[self.size : end] = new_vectors
+                return _StoreVectors(self.generation, self.members, self.ids, self.ns, self.vectors, end)
+        keep = ~np.isin(ns, list(gone)) if gone else np.ones(len(ids), dtype=bool)
+        total = int(keep.sum()) + len(new_ids)
+        dim = vectors.shape[1] if len(ids) else new_vectors.shape[1]
+        cap = _capacity(total)
+        out_ids, out_ns = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
+        out_vectors = np.empty((cap, dim), dtype=np.float32)
+        kept = total - len(new_ids)
+        out_ids[:kept], out_ns[:kept], out_vectors[:kept] = ids[keep], ns[keep], vectors[keep]
+        if len(new_ids):
+            out_ids[kept:total], out_ns[kept:total] = new_ids, new_ns
+            out_vectors[kept:total] = new_vectors
+        if kept and len(new_ids) and new_ids[0] <= out_ids[kept - 1]:  # out of order: sort the rows
+            order = np.lexsort((out_ns[:total], out_ids[:total]))
+            out_ids[:total], out_ns[:total] = out_ids[:total][order], out_ns[:total][order]
+            out_vectors[:total] = out_vectors[:total][order]
+        return _StoreVectors(self.generation, self.members, out_ids, out_ns, out_vectors, total)
+
+
+def _capacity(rows: int) -> int:
+    """Rows to allocate for `rows`: a quarter spare, so that a store being filled is rarely copied."""
+    return rows + rows // 4 + 64
+
+
+def _read_vectors(db: Any, members: dict[int, int], spare: bool) -> _StoreVectors:
+    """The chunks of the documents of store files `members` (n -> document), one row per (chunk, n), in
+    (chunk id, n) order, written straight into the arrays (no list of blobs held beside them)."""
+    by_doc: dict[int, list[int]] = {}
+    for n, doc in sorted(members.items()):
+        by_doc.setdefault(doc, []).append(n)
+    docs = json.dumps(list(by_doc))
+    counts = db.execute(
+        "SELECT doc_id, COUNT(*) FROM kb_chunks WHERE doc_id IN (SELECT value FROM json_each(?)) "
+        "GROUP BY doc_id",
+        (docs,),
+    ).fetchall()
+    total = sum(c * len(by_doc[doc]) for doc, c in counts)
+    if total == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return _StoreVectors(-1, {}, empty, empty, np.empty((0, 0), dtype=np.float32), 0)
+    first = db.execute(
+        "SELECT length(embedding) FROM kb_chunks WHERE doc_id IN (SELECT value FROM json_each(?)) LIMIT 1",
+        (docs,),
+    ).fetchone()
+    dim = first[0] // 4  # float32 blobs: the embedder's width, 384 for MiniLM
+    cap = _capacity(total) if spare else total
+    ids, ns = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
+    vectors = np.empty((cap, dim), dtype=np.float32)
+    i = 0
+    for chunk_id, doc, blob in db.execute(
+        "SELECT id, doc_id, embedding FROM kb_chunks WHERE doc_id IN (SELECT value FROM json_each(?)) "
+        "ORDER BY id",
+        (docs,),
+    ):
+        if len(blob) != 4 * dim:
+            raise StoreError(f"a vector store holds vectors of {dim} and {len(blob) // 4} dimensions")
+        row = np.frombuffer(blob, dtype=np.float32)
+        for n in by_doc[doc]:
+            ids[i], ns[i], vectors[i] = chunk_id, n, row
+            i += 1
+    return _StoreVectors(-1, {}, ids, ns, vectors, i)
