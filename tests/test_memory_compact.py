@@ -100,8 +100,14 @@ def test_short_conversation_is_unchanged_and_overflow_is_typed(tmp_path):
     archive = Archive(tmp_path / "memory.db")
 
     def fit(messages, reserve_tokens):
-        return fit_context(messages, context_tokens=100, count_tokens=words, summarize=scripted_summary,
-                           archive=archive, reserve_tokens=reserve_tokens)
+        return fit_context(
+            messages,
+            context_tokens=100,
+            count_tokens=words,
+            summarize=scripted_summary,
+            archive=archive,
+            reserve_tokens=reserve_tokens,
+        )
 
     short = [{"role": "user", "content": "hi"}]
     assert fit(short, 10) == short
@@ -109,3 +115,41 @@ def test_short_conversation_is_unchanged_and_overflow_is_typed(tmp_path):
         fit([{"role": "user", "content": "word " * 500}], 10)
     with pytest.raises(ContextOverflow):
         fit(short, 100)
+
+
+def test_a_conversation_that_diverges_from_the_archive_gets_its_own_key(tmp_path):
+    archive = Archive(tmp_path / "memory.db")
+    msgs = conversation(300) + [{"role": "user", "content": "Remind me: when does the ferry leave?"}]
+    assert msgs[3]["content"] == "Note this: the ferry to Tromsø leaves at 06:35."
+
+    def fit(messages):
+        return fit_context(
+            messages,
+            context_tokens=300,
+            count_tokens=words,
+            summarize=scripted_summary,
+            archive=archive,
+            reserve_tokens=50,
+            conversation_id="chain-1",
+        )
+
+    fit(msgs)
+    # the same first turn, then another story: it must not be answered from the first one's archive
+    other = [dict(m) for m in msgs]
+    other[3] = {"role": "user", "content": "Note this: the ferry to Bergen leaves at 09:10."}
+    fitted = " ".join(m["content"] for m in fit(other))
+    assert "09:10" in fitted and "06:35" not in fitted
+    assert archive.archived("chain-1") > 0
+    forks = [key for (key,) in archive._conn.execute("SELECT DISTINCT conversation_id FROM mem_turns")]
+    assert len(forks) == 2 and all(k.startswith("chain-1") for k in forks)
+    fit(msgs)  # the first conversation again: its own key, nothing archived twice
+    assert archive.turns("chain-1")[:4] == [(m["role"], m["content"]) for m in msgs[1:5]]
+    assert archive.archived("chain-1") == len(archive.turns("chain-1"))
+
+
+def test_add_with_start_skips_turns_a_concurrent_caller_archived(tmp_path):
+    archive = Archive(tmp_path / "memory.db")
+    turns = [{"role": "user", "content": f"turn {i}"} for i in range(4)]
+    archive.add("c", turns[:3], start=0)
+    archive.add("c", turns, start=0)  # a second caller that saw none archived yet
+    assert [c for _, c in archive.turns("c")] == [t["content"] for t in turns]

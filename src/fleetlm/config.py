@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleetlm.errors import ConfigError
 from fleetlm.mcp.config import McpServers
+from fleetlm.memory.config import MemorySettings
 from fleetlm.rag.config import KnowledgeSettings
 from fleetlm.serve.assistants import Assistants, check_assistants
 from fleetlm.vision.config import RAPIDOCR, VisionConfig
@@ -254,6 +255,9 @@ class FleetConfig(_Strict):
     assistants: Assistants = Field(
         default_factory=dict, description="named assistants served as model names: instructions, vector "
         "stores, tools around a model (serve/assistants.py)")
+    memory: MemorySettings = Field(
+        default_factory=MemorySettings,
+        description="conversations past a model's context: summary, archive, recall (fleetlm.memory)")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> FleetConfig:
@@ -283,6 +287,8 @@ class FleetConfig(_Strict):
                 raise ValueError(f"ray.models.{name}: a remote model has no deployment (the gateway calls "
                                  "it)")
         check_assistants(self.assistants, set(seen), self.router.name if self.router else None)
+        if self.memory.summarizer is not None and self.memory.summarizer not in seen:
+            raise ValueError(f"memory.summarizer: unknown model {self.memory.summarizer!r}")
         return self
 
     def resolve(self, name: str) -> str | None:

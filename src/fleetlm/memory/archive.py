@@ -63,15 +63,29 @@ class Archive:
             ).fetchone()
         return int(row[0])
 
-    def add(self, conversation_id: str, turns: list[dict]) -> None:
-        """Append turns after the ones already archived for the conversation."""
-        start = self.archived(conversation_id)
+    def turns(self, conversation_id: str) -> list[tuple[str, str]]:
+        """The archived (role, content) turns of the conversation, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT role, content FROM mem_turns WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            ).fetchall()
+        return [(role, content) for role, content in rows]
+
+    def add(self, conversation_id: str, turns: list[dict], start: int | None = None) -> None:
+        """Append turns after the ones already archived for the conversation; with `start` (the position of
+        turns[0] in the conversation), turns already archived by a concurrent caller are skipped."""
         with self._lock, self._conn:
-            for offset, turn in enumerate(turns):
+            (have,) = self._conn.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM mem_turns WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            skip = 0 if start is None else max(0, int(have) - start)
+            for offset, turn in enumerate(turns[skip:]):
                 content = str(turn.get("content") or "")
                 cur = self._conn.execute(
                     "INSERT INTO mem_turns(conversation_id, seq, role, content) VALUES (?, ?, ?, ?)",
-                    (conversation_id, start + offset, str(turn.get("role", "user")), content),
+                    (conversation_id, int(have) + offset, str(turn.get("role", "user")), content),
                 )
                 del cur
                 rowid = self._conn.last_insert_rowid()

@@ -18,6 +18,7 @@ RECALL_PREFIX = "Earlier in this conversation:\n"
 MAX_SUMMARY_CHARS = 1200  # bounds the summary so it cannot grow with the conversation
 RECALL_K = 4
 KEEP_SHARE = 0.5  # share of the budget the newest turns may take; the rest is for summary and recall
+MAX_FORKS = 8  # forks of forks followed before a conversation's key is taken as it stands
 
 
 class ContextOverflow(FleetError):
@@ -36,6 +37,22 @@ def conversation_key(turns: list[dict]) -> str:
     """A stable id for a conversation: the hash of its first turn, which never changes as it grows."""
     first = f"{turns[0].get('role')}:{text_of(turns[0])}" if turns else ""
     return "conv_" + hashlib.sha256(first.encode()).hexdigest()[:24]
+
+
+def branch_key(archive: Archive, conversation_id: str, turns: list[dict]) -> str:
+    """The key this conversation's turns are archived under: `conversation_id`, unless the turns archived
+    there diverge from these (another conversation with the same beginning, or a fork of a stored chain);
+    then a key of its own, named by the turns up to the first difference, checked the same way."""
+    ours = [(str(m.get("role", "user")), text_of(m)) for m in turns]
+    key = conversation_id
+    for _ in range(MAX_FORKS):
+        stored = archive.turns(key)
+        split = next((i for i, (a, b) in enumerate(zip(stored, ours, strict=False)) if a != b), None)
+        if split is None:
+            return key
+        head = "\x00".join(f"{role}:{text}" for role, text in ours[: split + 1])
+        key = f"{conversation_id}_{hashlib.sha256(head.encode()).hexdigest()[:16]}"
+    return key
 
 
 def _update_summary(
@@ -73,15 +90,13 @@ def fit_context(
     turns = [m for m in messages if m.get("role") not in ("system", "developer")]
     if not turns or count_tokens(system + turns[-1:]) > budget:
         raise ContextOverflow(f"the system messages and the newest message exceed {budget} tokens")
-    conv = conversation_id or conversation_key(turns)
+    conv = branch_key(archive, conversation_id or conversation_key(turns), turns)
 
     start = len(turns) - 1
     while start > 0 and count_tokens(system + turns[start - 1 :]) <= budget * KEEP_SHARE:
         start -= 1
     kept, evicted = turns[start:], turns[:start]
-    archive.add(
-        conv, [{"role": m.get("role"), "content": text_of(m)} for m in evicted[archive.archived(conv) :]]
-    )
+    archive.add(conv, [{"role": m.get("role", "user"), "content": text_of(m)} for m in evicted], start=0)
     summary = _update_summary(archive, conv, evicted, summarize)
 
     head = list(system)
