@@ -1,4 +1,5 @@
-"""`fleet export ...`: write checkpoints in other runtimes' formats (GGUF for llama.cpp)."""
+"""`fleet compress`: quantize a model with RTN, GPTQ, AWQ or HQQ into our kernels' formats (and GGUF);
+`fleet export ...`: write checkpoints in other runtimes' formats (GGUF for llama.cpp)."""
 
 from __future__ import annotations
 
@@ -45,5 +46,34 @@ def _report(path: Path, kind: str, start: float) -> None:
     typer.echo(f"wrote {path} ({size:.1f} MiB, {kind}) in {time.perf_counter() - start:.1f}s")
 
 
+def compress_command(
+    model: str = typer.Argument(..., help="catalog name, .gguf file or HF checkpoint directory"),
+    out: Path = typer.Option(..., "--out", help="output directory (a checkpoint with the codes beside it)"),
+    method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | hqq"),
+    bits: int = typer.Option(4, "--bits", help="8 | 4 | 3 (3-bit codes in 4-bit containers)"),
+    group_size: int = typer.Option(128, "--group-size", help="32 | 64 | 128 input columns per scale"),
+    calib: list[Path] = typer.Option(None, "--calib", help="calibration text files or directories "
+                                     "(default: the Python 3.11 library reference, gptq/awq only)"),
+    samples: int = typer.Option(128, "--samples", help="calibration sequences"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sequence"),
+    sym: bool = typer.Option(False, "--sym", help="symmetric 4/3-bit grids (GGUF Q4_0) instead of min/max"),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by diag(H)"),
+    gguf_out: Path = typer.Option(None, "--gguf", help="also write this .gguf file (Q8_0 / Q4_0 / Q4_1)"),
+) -> None:
+    """Quantize MODEL's block linears with METHOD and write them where our int8/int4 kernels load them."""
+    from fleetlm.compress.pipeline import compress_to_dir
+
+    start = time.perf_counter()
+    info = compress_to_dir(model, out, method=method, bits=bits, group=group_size, calib=calib or None,
+                           samples=samples, seq_len=seq_len, sym=sym, act_order=act_order, progress=True)
+    typer.echo(f"wrote {out} ({info['codes_mib']:.1f} MiB of codes, {method} {bits}-bit, group "
+               f"{group_size}) in {time.perf_counter() - start:.1f}s")
+    if gguf_out is not None:
+        from fleetlm.compress.gguf import export_compressed_gguf
+
+        _report(export_compressed_gguf(out, gguf_out), f"{method} {bits}-bit codes", start)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(export_app, name="export")
+    app.command("compress")(compress_command)

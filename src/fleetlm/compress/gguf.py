@@ -318,7 +318,8 @@ def _file_type(out_type: str) -> int:
     import gguf
 
     ft = gguf.LlamaFileType
-    types = {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}
+    types = {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0,
+             "q4_0": ft.MOSTLY_Q4_0, "q4_1": ft.MOSTLY_Q4_1}
     return int(types[out_type])
 
 
@@ -446,3 +447,92 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, qtype: str = "q4_0"
     if rc != 0:
         raise GGUFExportError(f"llama.cpp could not quantize {src} to {qtype} (code {rc})")
     return dst
+
+
+# ----------------------------------------------------------------------------------------------------
+# export of codes chosen by fleetlm.compress (GPTQ, AWQ, HQQ, RTN), written block for block without rounding
+
+
+def code_type(bits: int, sym: bool) -> str:
+    """The GGUF block type that holds a grid exactly: Q8_0 (8-bit), Q4_0 (symmetric 4/3-bit: m = -8 d, or
+    -4 d in 3 bits, which Q4_0 cannot express, so 3-bit symmetric goes to Q4_1 too), Q4_1 (asymmetric)."""
+    if bits == 8:
+        return "q8_0"
+    return "q4_0" if sym and bits == 4 else "q4_1"
+
+
+def code_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, qtype: str) -> np.ndarray:
+    """Codes q [N, K] with grid d, m [N, K / group] as GGUF blocks of 32 (uint8 [N, K / 32 * block bytes]).
+
+    Q8_0: f16 d, 32 int8. Q4_0: f16 d, 16 bytes (code j in the low nibble of byte j, code j+16 in its high
+    nibble), w = (q - 8) d. Q4_1: f16 d, f16 m, the same 16 bytes, w = q d + m."""
+    n, k = q.shape
+    if k % Q8_BLOCK or group % Q8_BLOCK:
+        raise GGUFExportError(f"rows of {k} with groups of {group} do not split into blocks of {Q8_BLOCK}")
+    per = group // Q8_BLOCK
+    nb = k // Q8_BLOCK
+    d16 = d.repeat_interleave(per, dim=1).to(torch.float16).contiguous().numpy().view(np.uint8)
+    d16 = d16.reshape(n, nb, 2)
+    if qtype == "q8_0":
+        qs = q.to(torch.int8).contiguous().numpy().view(np.uint8).reshape(n, nb, Q8_BLOCK)
+        return np.concatenate([d16, qs], axis=-1).reshape(n, -1)
+    if qtype == "q4_0" and not bool(torch.allclose(m, -8 * d)):
+        raise GGUFExportError("Q4_0 needs symmetric codes (m = -8 d): compress with --sym")
+    c = q.to(torch.uint8).reshape(n, nb, 2, 16)
+    qs = (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous().numpy()
+    if qtype == "q4_0":
+        return np.concatenate([d16, qs], axis=-1).reshape(n, -1)
+    m16 = m.repeat_interleave(per, dim=1).to(torch.float16).contiguous().numpy().view(np.uint8)
+    m16 = m16.reshape(n, nb, 2)
+    return np.concatenate([d16, m16, qs], axis=-1).reshape(n, -1)
+
+
+def export_compressed_gguf(compressed_dir: str | Path, out_path: str | Path) -> Path:
+    """Write a `fleet compress` output directory as GGUF: its block linears from the stored codes (Q8_0, Q4_0
+    or Q4_1, see code_type), everything else as `export_gguf(..., "f16")` writes it."""
+    import gguf
+
+    from fleetlm.compress.store import hf_name, read_codes
+
+    ckpt, out = Path(compressed_dir), Path(out_path)
+    codes, meta = read_codes(ckpt)
+    by_hf = {hf_name(name): qw for name, qw in codes.items()}
+    qname = code_type(meta["bits"], meta["sym"])
+    qtype = getattr(gguf.GGMLQuantizationType, qname.upper())
+    cfg = load_config(ckpt)
+    files = _weight_files(ckpt)
+    vocab = read_vocab(ckpt, cfg.vocab_size, cfg)
+    plan = _plan(cfg, files, "f16")
+    for t in plan:
+        if t.hf_name in by_hf:
+            t.qtype = qtype
+    if not out.parent.is_dir():
+        raise GGUFExportError(f"output directory {out.parent} does not exist")
+    w = gguf.GGUFWriter(str(out), GGUF_ARCH[cfg.arch])
+    _write_metadata(w, cfg, vocab, qname, ckpt.resolve().name)
+    for t in plan:
+        w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), _nbytes(t.shape, t.qtype),
+                          raw_dtype=t.qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t, data in _tensor_data(plan, files):
+            qw = by_hf.get(t.hf_name or "")
+            if qw is None:
+                arr = _to_numpy(data, t.qtype)
+            else:
+                q, d, m = qw.q, qw.d, qw.m
+                if t.permute_heads:  # the same row order as the float tensor (grids are per row)
+                    q, d, m = (permute_rotate_half(x, t.permute_heads) for x in (q, d, m))
+                arr = code_blocks(q, d, m, qw.group, qname)
+            if arr.nbytes != _nbytes(t.shape, t.qtype):
+                raise GGUFExportError(f"tensor {t.gguf_name} has {arr.nbytes} bytes, expected "
+                                      f"{_nbytes(t.shape, t.qtype)}")
+            w.write_tensor_data(arr)
+    except BaseException:
+        w.close()
+        out.unlink(missing_ok=True)
+        raise
+    w.close()
+    return out

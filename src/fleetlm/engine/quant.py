@@ -348,3 +348,31 @@ def quantized_bytes(model: nn.Module) -> int:
     from fleetlm.engine.packed import packed_bytes  # weights in opaque packed tensors (no storage to count)
 
     return total + packed_bytes(model)
+
+
+@torch.no_grad()
+def kernel_linear_from_codes(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, group: int,
+                             bias: torch.Tensor | None = None) -> KernelLinear:
+    """One of our kernels' linears from codes chosen elsewhere (fleetlm.compress: GPTQ, AWQ, HQQ), without
+    rounding again: w = q * d + m per group of `group` input columns (d, m [N, K / group]).
+
+    bits 8: symmetric codes in [-127, 127] (m = 0) on the int8 kernel, d repeated per block of 32; bits 4 and
+    3: codes in [0, 15] (3-bit codes use half the range) on the int4 kernel at the same group size."""
+    from fleetlm.engine import kernels
+
+    n, k = q.shape
+    weight = (q.float().view(n, k // group, group) * d[..., None] + m[..., None]).view(n, k)
+    linear = nn.Linear(k, n, bias=bias is not None)
+    linear.weight.data = weight
+    if bias is not None:
+        linear.bias.data = bias.detach().float()
+    if bits == 8:
+        if bool((m != 0).any()):
+            raise QuantizationError("8-bit codes must be symmetric (m = 0) for the int8 kernel")
+        out: KernelLinear = KernelInt8Linear(linear)
+        packed = kernels.pack_int8_codes(q, d.repeat_interleave(group // kernels.QBLOCK, dim=1))
+    else:
+        out = KernelInt4Linear(linear, group)
+        packed = kernels.pack_int4_codes(q, d, m, group)
+    out.weight, out.scales = packed
+    return out

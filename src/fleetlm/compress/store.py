@@ -1,0 +1,116 @@
+"""A compressed checkpoint on disk, and loading it exactly into our int8/int4 kernels.
+
+Layout of the output directory (`fleet compress ... --out DIR`):
+- config.json, tokenizer files, model.safetensors: a plain HF checkpoint whose block linears hold what the
+  codes stand for, in float16 (any loader works, `fleet export gguf` too; float16 rounds the grid values by
+  at most 2^-11 relative, so it is close to, not bit-equal with, the codes);
+- quantized.safetensors: per linear `<hf name>.q` (int8 codes at 8 bits, uint8 at 4 and 3), `.d` and `.m`
+  (float16, one per group), exactly what the method chose;
+- quantization.json: method, bits, group size, symmetric or not, calibration, and the list of linears.
+`load_compressed` reads the codes into our kernels' packed layout without rounding them again (engine
+`Engine.load` on this directory would round the float copy with RTN: not what was optimised).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fleetlm.compress.grid import CompressError, QuantizedWeight
+
+CODES = "quantized.safetensors"
+META = "quantization.json"
+
+
+def hf_name(module: str) -> str:
+    """The HF tensor name of one of our linears' weight ("layers.0.mlp.up_proj" -> "model.layers...")."""
+    return f"model.{module}.weight"
+
+
+def save_compressed(model: nn.Module, codes: dict[str, QuantizedWeight], src: str | Path, out: str | Path,
+                    meta: dict[str, Any]) -> Path:
+    """Write `model` (its linears already replaced by the codes' values) and the codes into `out`."""
+    from safetensors.torch import save_file
+
+    from fleetlm.model.checkpoint import save_checkpoint
+
+    out = Path(out)
+    save_checkpoint(copy.deepcopy(model).half(), out, tokenizer_dir=src)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qw in codes.items():
+        key = hf_name(name)
+        tensors[f"{key}.q"] = qw.q.to(torch.int8 if qw.bits == 8 else torch.uint8).contiguous()
+        tensors[f"{key}.d"] = qw.d.to(torch.float16).contiguous()
+        tensors[f"{key}.m"] = qw.m.to(torch.float16).contiguous()
+    save_file(tensors, str(out / CODES), metadata={"format": "fleetlm-codes"})
+    first = next(iter(codes.values()))
+    info = {**meta, "bits": first.bits, "group_size": first.group, "sym": first.sym,
+            "linears": sorted(codes), "format": "w = q * d + m per group of input columns"}
+    (out / META).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def read_codes(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+    """The codes and metadata of a compressed directory, by module name."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not (root / META).is_file() or not (root / CODES).is_file():
+        raise CompressError(f"{root} is not a compressed checkpoint (no {META} / {CODES})")
+    meta = json.loads((root / META).read_text())
+    codes: dict[str, QuantizedWeight] = {}
+    with safe_open(str(root / CODES), framework="pt") as f:
+        for name in meta["linears"]:
+            key = hf_name(name)
+            q = f.get_tensor(f"{key}.q").to(torch.int16)
+            d, m = f.get_tensor(f"{key}.d").float(), f.get_tensor(f"{key}.m").float()
+            codes[name] = QuantizedWeight(q, d, m, meta["bits"], meta["group_size"], meta["sym"])
+    return codes, meta
+
+
+def _fused(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Codes of linears stacked by rows (q/k/v, gate/up): grids are per row, so they stack as they are."""
+    first = parts[0]
+    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
+                           torch.cat([p.m for p in parts]), first.bits, first.group, first.sym)
+
+
+@torch.no_grad()
+def load_compressed(path: str | Path, kernels: bool = True) -> nn.Module:
+    """The compressed model of directory `path`, ready to generate.
+
+    kernels: q/k/v and gate/up fused and every block linear on our int8/int4 kernels, built from the stored
+    codes (lm_head in int8, as the engine's int4 path does); else a float32 model whose block linears are
+    exactly the codes' values (for perplexity)."""
+    from fleetlm.model.checkpoint import load_checkpoint
+
+    codes, _meta = read_codes(path)
+    model = load_checkpoint(path, dtype=torch.float32)
+    for name, qw in codes.items():
+        lin = model.get_submodule(name)
+        lin.weight.data = qw.dequantize()
+    if not kernels:
+        return model
+    from fleetlm.engine.quant import kernel_linear_from_codes
+
+    model.fuse_projections()
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                  "self_attn.o_proj": ["self_attn.o_proj"],
+                  "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj": ["mlp.down_proj"]}
+        for target, parts in groups.items():
+            qw = _fused([codes[f"{p}.{n}"] for n in parts])
+            parent_name, child = target.rsplit(".", 1)
+            parent = layer.get_submodule(parent_name)
+            old = getattr(parent, child)
+            setattr(parent, child, kernel_linear_from_codes(qw.q, qw.d, qw.m, qw.bits, qw.group, old.bias))
+    from fleetlm.engine.quant import KernelInt8Linear
+
+    model.lm_head = KernelInt8Linear(model.lm_head)
+    return model
