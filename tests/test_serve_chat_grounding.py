@@ -1,12 +1,15 @@
 import io
 import json
+import random
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from fleetlm.config import parse_config
+from fleetlm.rag.grounding import Source, cite
 from fleetlm.serve.app import create_app
+from fleetlm.serve.chat_grounding import Grounding, MarkerFilter
 from fleetlm.serve.store import UsageStore
 from rag_fakes import bag_of_words
 from recording_backend import RecordingBackend
@@ -124,3 +127,29 @@ def test_an_assistant_grounds_in_its_named_store(served):
     assert "overnight" in sent.messages[1].content and "moon" not in sent.messages[1].content
     cited = {a["file_citation"]["file_id"] for a in r.json()["choices"][0]["message"]["annotations"]}
     assert cited == {files["bread.txt"].id}
+
+
+# ---------------------------------------------------------------- markers in a stream
+
+
+def test_the_marker_filter_holds_what_may_become_a_marker():
+    f = MarkerFilter()
+    assert [f.feed(p) for p in ["The sea", " ", "[", "1", "]", ". Next", " [", "x]"]] == [
+        "The sea", "", "", "", "", ". Next", "", " [x]"]
+    assert f.flush() == ""
+    g = Grounding([])
+    assert g.feed("up [2") == "up" and g.flush() == " [2" and g.text == "up [2"  # never closed: kept
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_marker_filter_streams_exactly_what_cite_returns(seed):
+    """Any answer, cut anywhere: the pieces add up to cite's text, so its annotation offsets hold."""
+    rng = random.Random(seed)
+    words = ["tides", "rise", " ", "[1]", "[2, 3]", "[", "1", "]", ",", ".", "  ", "\n", "[x]", "[12", " [3]"]
+    text = "".join(rng.choice(words) for _ in range(40))
+    sources = [Source(i, f"file-{i}", f"{i}.txt", 1.0, "tides rise") for i in (1, 2, 3)]
+    clean, _ = cite(text, sources)
+    for cuts in (sorted(rng.sample(range(1, len(text)), 6)), list(range(1, len(text)))):
+        f = MarkerFilter()
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert "".join(f.feed(p) for p in pieces) + f.flush() == clean

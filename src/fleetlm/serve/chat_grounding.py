@@ -4,6 +4,7 @@ as a system message, and cites them in `message.annotations` (whole answers) or 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,45 @@ if TYPE_CHECKING:  # rag.grounding is imported when first used: the gateway star
     from fleetlm.serve.app import Gateway
 
 PARAM = "fleet_file_search"
+# The end of a text that may still grow into a [n] marker (grounding.MARKER, with its one leading space):
+# a stream holds it back until it is known.
+_MARKER_START = re.compile(r"\s?(?:\[[\d\s,]*)?$")
 MAX_STORES_LISTED = 1000  # a vector store named rather than given by id is looked up among at most this many
 
 
 class VectorStoreNotFound(APIError):
     status, type = 404, "not_found"
+
+
+class MarkerFilter:
+    """A streamed answer without its [n] markers, as grounding.cite removes them from the whole answer.
+
+    `feed` takes the model's pieces and returns what can be sent: the text so far with its markers removed,
+    less a tail that may still become a marker (a space, `[`, `[1, 2`), which later pieces resolve. Every
+    piece sent is a prefix of cite's text of the whole answer, so its annotations' offsets hold for it.
+    """
+
+    def __init__(self) -> None:
+        self.raw = ""  # what the model wrote, markers and all
+        self.done = 0  # raw[:done] has been sent (markers removed); no marker can span this point
+
+    def feed(self, text: str) -> str:
+        from fleetlm.rag.grounding import MARKER
+
+        self.raw += text
+        held = _MARKER_START.search(self.raw, self.done)
+        safe = held.start() if held else len(self.raw)
+        piece = MARKER.sub("", self.raw[self.done:safe])
+        self.done = safe
+        return piece
+
+    def flush(self) -> str:
+        """The held tail, at the end of the answer."""
+        from fleetlm.rag.grounding import MARKER
+
+        piece = MARKER.sub("", self.raw[self.done:])
+        self.done = len(self.raw)
+        return piece
 
 
 @dataclass
@@ -33,6 +68,16 @@ class Grounding:
     sources: list[grounding.Source]
     include_results: bool = False
     text: str = field(default="")
+    markers: MarkerFilter = field(default_factory=MarkerFilter)
+
+    def feed(self, piece: str) -> str:
+        """A streamed piece of choice 0 as the client should see it: added to `text`, its markers removed
+        (the gateway's stream sends this instead of the raw piece, then `flush()` at the end)."""
+        self.text += piece
+        return self.markers.feed(piece)
+
+    def flush(self) -> str:
+        return self.markers.flush()
 
 
 def requested(req: Any) -> bool:

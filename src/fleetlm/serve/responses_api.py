@@ -1,39 +1,54 @@
-"""POST/GET/DELETE /v1/responses: OpenAI's Responses API over the fleet, with file_search and citations.
+"""POST/GET/DELETE /v1/responses: OpenAI's Responses API over the fleet, with file_search, function tools,
+citations and streaming.
 
-Non-streaming only (streaming and function tools are not built yet: they answer a 400 naming the param).
-The file_search query is the user's last input text. Responses with `store` (the default) are kept in a
-`fleet_responses` table of the fleet's SQLite file (files_api.index_path), so `previous_response_id` chains
-survive a restart: a chain's conversation is rebuilt from the stored input and output items.
+A request becomes a chat request (items and tools: responses_items.py), answered through the gateway's own
+chat path (routing, fallbacks, the local models' constrained tool calls); a streamed one is turned into
+Responses events by responses_stream.py. The file_search query is the user's last input text. Responses
+with `store` (the default) are kept in a `fleet_responses` table of the fleet's SQLite file
+(files_api.index_path), so `previous_response_id` chains survive a restart: a chain's conversation is rebuilt
+from the stored input and output items. `model` in a response is the model the client asked for; the one
+that answered is in x-fleet-model / x-fleet-route and the usage log, as for chat completions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fleetlm.rag.filters import compile_filter
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import new_id
 from fleetlm.serve import assistants
 from fleetlm.serve.errors import APIError, BadRequest
-from fleetlm.serve.files_api import NotFound, api_errors, index_path, open_knowledge
+from fleetlm.serve.files_api import NotFound, api_errors, index_path, listing, open_knowledge, page_params
 from fleetlm.serve.protocol import ChatCompletionRequest, parse_request
+from fleetlm.serve.responses_items import (
+    ToolPlan,
+    call_ids,
+    function_call_item,
+    normalise_input,
+    output_message,
+    plan_tools,
+    text_of,
+    to_messages,
+)
 
-ROLES = ("user", "assistant", "system", "developer")
+INCLUDES = ("file_search_call.results",)
 
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(min_length=1)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -46,10 +61,9 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
     user: str | None = None
     parallel_tool_calls: bool | None = None
-
-
 # ------------------------------------------------------------------ storage
 
 
@@ -102,19 +116,22 @@ class ResponseStore:
         finally:
             db.close()
 
-    def history(self, response_id: str) -> list[dict]:
-        """The chain's items, oldest first: each stored response's input items, then its output items."""
+    def history(self, response_id: str) -> tuple[list[dict], str]:
+        """The chain's items, oldest first (each stored response's input items, then its output items), and
+        the id of its first response (the conversation's id)."""
         turns: list[list[dict]] = []
         seen: set[str] = set()
         current: str | None = response_id
+        root = response_id
         while current is not None and current not in seen:
             seen.add(current)
             found = self.get(current)
             if found is None:
                 break
+            root = current
             response, items, current = found
             turns.append(items + response["output"])
-        return [item for turn in reversed(turns) for item in turn]
+        return [item for turn in reversed(turns) for item in turn], root
 
 
 def response_store(gw: Any) -> ResponseStore:
@@ -125,222 +142,120 @@ def response_store(gw: Any) -> ResponseStore:
     return store
 
 
-# ------------------------------------------------------------------ input items -> chat messages
+# ------------------------------------------------------------------ the request, prepared
 
 
-def _text_of(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-                raise BadRequest(
-                    "only input_text and output_text content parts are supported", param=f"{param}[{i}].type"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise BadRequest("content must be a string or a list of parts", param=param)
-
-
-def normalise_input(value: str | list[dict]) -> list[dict]:
-    """The request's input as message items (a string is one user message); a 400 for anything else."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise BadRequest("input must not be empty", param="input")
-        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
-    if not value:
-        raise BadRequest("input must not be empty", param="input")
-    items = []
-    for i, item in enumerate(value):
-        kind = item.get("type", "message")
-        if kind == "function_call_output":
-            raise BadRequest("function tools are not supported yet", param=f"input[{i}].type")
-        if kind != "message":
-            raise BadRequest(f"unsupported input item type {kind!r}", param=f"input[{i}].type")
-        if item.get("role") not in ROLES:
-            raise BadRequest(f"role must be one of {', '.join(ROLES)}", param=f"input[{i}].role")
-        text = _text_of(item.get("content"), f"input[{i}].content")
-        part = "output_text" if item["role"] == "assistant" else "input_text"
-        items.append({"type": "message", "role": item["role"], "content": [{"type": part, "text": text}]})
-    return items
-
-
-def to_messages(items: list[dict]) -> list[dict]:
-    messages = []
-    for item in items:
-        if item.get("type") == "message":
-            role = "system" if item["role"] == "developer" else item["role"]
-            messages.append({"role": role, "content": _text_of(item["content"], "input")})
-    return messages
-
-
-def fit_context(messages: list[dict]) -> list[dict]:
+async def fit_context(gw: Any, model: str, messages: list[dict], conversation_id: str | None) -> list[dict]:
     """The one place a chain's rebuilt conversation is fitted to the model's context: unchanged for now
-    (fleetlm.memory.fit_context was not committed when this was written)."""
+    (serve/conversation_memory.fit_conversation, which compacts older turns, is to take its place)."""
     return messages
 
 
-# ------------------------------------------------------------------ tools
+@dataclass
+class Prepared:
+    """A request made ready to answer: what is stored, what the chat path is asked, what was retrieved."""
+
+    req: ResponsesRequest
+    items: list[dict]  # the input items, with their ids, as stored
+    chat: ChatCompletionRequest
+    chain: list[str]
+    tools: ToolPlan
+    sources: list[Source] = field(default_factory=list)
+    search_item: dict | None = None  # the file_search_call output item, when file_search ran
 
 
-def _file_search(tools: list[dict] | None) -> dict | None:
-    found = None
-    for i, tool in enumerate(tools or []):
-        kind = tool.get("type")
-        if kind == "function":
-            raise BadRequest("function tools are not supported yet", param=f"tools[{i}].type")
-        if kind != "file_search":
-            raise BadRequest(f"unsupported tool type {kind!r}", param=f"tools[{i}].type")
-        ids = tool.get("vector_store_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(x, str) for x in ids):
-            raise BadRequest(
-                "vector_store_ids must be a non-empty list of ids", param=f"tools[{i}].vector_store_ids"
-            )
-        limit = tool.get("max_num_results", 10)
-        if not isinstance(limit, int) or not 1 <= limit <= 50:
-            raise BadRequest("max_num_results must be between 1 and 50", param=f"tools[{i}].max_num_results")
-        if tool.get("filters") is not None:
-            try:
-                compile_filter(tool["filters"], "a")
-            except Exception as exc:
-                raise BadRequest(f"bad filters: {exc}", param=f"tools[{i}].filters") from None
-        threshold = (tool.get("ranking_options") or {}).get("score_threshold", 0.0)
-        if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
-            raise BadRequest(
-                "score_threshold must be between 0 and 1", param=f"tools[{i}].ranking_options.score_threshold"
-            )
-        found = {
-            "vector_store_ids": ids,
-            "max_num_results": limit,
-            "filters": tool.get("filters"),
-            "score_threshold": float(threshold),
-        }
-    return found
-
-
-def _result(source: Source) -> dict:
-    return {
-        "file_id": source.file_id,
-        "filename": source.filename,
-        "score": source.score,
-        "text": source.text,
-        "attributes": source.attributes,
-    }
-
-
-# ------------------------------------------------------------------ the endpoint
-
-
-async def create_response(gw: Any, request: Request) -> Response:
-    from fleetlm.serve.app import _Call  # app.py imports this module
-
-    call = _Call("responses")
-    try:
-        body = await gw.read_body(request)
-        req = parse_request(ResponsesRequest, body)
-        call.model_requested = req.model
-        await gw.authorize(request, call)
-        if req.stream:
-            raise BadRequest("streaming responses are not supported yet", param="stream")
-        for i, name in enumerate(req.include or []):
-            if name != "file_search_call.results":
-                raise BadRequest(f"unsupported include {name!r}", param=f"include[{i}]")
-        return await _answer(gw, request, req, call)
-    except APIError as exc:
-        if call.model_requested != "?":
-            await gw.log(call, exc.status, error=exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-
-async def _answer(gw: Any, request: Request, req: ResponsesRequest, call: Any) -> Response:
-    items = normalise_input(req.input)
+async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -> Prepared:
+    """Validate the request, rebuild its chain, run file_search and resolve the model (400/404s here,
+    before any answer or stream begins)."""
+    for i, name in enumerate(req.include or []):
+        if name not in INCLUDES:
+            raise BadRequest(f"unsupported include {name!r}", param=f"include[{i}]")
     store = response_store(gw)
     history: list[dict] = []
+    conversation: str | None = None  # the chain's first response id (None: this one starts a chain)
     if req.previous_response_id is not None:
         if await run_in_threadpool(store.get, req.previous_response_id) is None:
             raise NotFound(f"no response {req.previous_response_id!r}", param="previous_response_id")
-        history = await run_in_threadpool(store.history, req.previous_response_id)
-    model, instructions, tools = req.model, [req.instructions] if req.instructions else [], req.tools
+        history, conversation = await run_in_threadpool(store.history, req.previous_response_id)
+    items = normalise_input(req.input, call_ids(history))
+    model, tools = req.model, list(req.tools or [])
+    instructions = [req.instructions] if req.instructions else []
     assistant = assistants.find_assistant(gw.config, req.model)
-    if assistant is not None:  # its instructions first, its stores as file_search, its model
+    if assistant is not None:  # its instructions first, its stores as file_search, its tools, its model
         model = assistant.model
         instructions = [assistant.instructions or "", *instructions]
-        if assistant.vector_store_ids and not any(t.get("type") == "file_search" for t in tools or []):
-            tools = [
-                *(tools or []),
-                {
-                    "type": "file_search",
-                    "vector_store_ids": assistant.vector_store_ids,
-                    "max_num_results": assistant.max_num_results,
-                },
-            ]
-    search = _file_search(tools)
-    output: list[dict] = []
+        if assistant.vector_store_ids and not any(t.get("type") == "file_search" for t in tools):
+            tools.append({"type": "file_search", "vector_store_ids": assistant.vector_store_ids,
+                          "max_num_results": assistant.max_num_results})
+        tools += [{"type": "function", **t.function.model_dump(exclude_none=True)} for t in assistant.tools]
+    plan = plan_tools(tools, req.tool_choice)
+    prepared_system = [i for i in instructions if i]
     sources: list[Source] = []
-    system = [i for i in instructions if i]
-    if search is not None:
+    search_item = None
+    if plan.search is not None:
         kb = await open_knowledge(gw, request)
-        for i, vs in enumerate(search["vector_store_ids"]):
+        for i, vs in enumerate(plan.search["vector_store_ids"]):
             if kb.store.get_store(vs) is None:
                 raise NotFound(f"no vector store {vs!r}", param=f"tools.vector_store_ids[{i}]")
-        query = to_messages([m for m in items if m["role"] == "user"][-1:] or items)[-1]["content"]
+        users = [m for m in history + items if m.get("type") == "message" and m["role"] == "user"]
+        query = text_of(users[-1]["content"], "input") if users else ""
+        if not query.strip():
+            raise BadRequest("file_search needs a user message with text to search for", param="input")
         sources = await run_in_threadpool(
-            retrieve,
-            kb.store,
-            search["vector_store_ids"],
-            query,
-            kb.ingestor.embed,
-            max_num_results=search["max_num_results"],
-            filters=search["filters"],
-            score_threshold=search["score_threshold"],
+            retrieve, kb.store, plan.search["vector_store_ids"], query, kb.ingestor.embed,
+            max_num_results=plan.search["max_num_results"], filters=plan.search["filters"],
+            score_threshold=plan.search["score_threshold"],
         )
         include = "file_search_call.results" in (req.include or [])
-        output.append(
-            {
-                "id": new_id("fs"),
-                "type": "file_search_call",
-                "status": "completed",
-                "queries": [query],
-                "results": [_result(s) for s in sources] if include else None,
-            }
-        )
-        system.append(grounding_prompt(sources, max_chars=6000))
-    messages = [{"role": "system", "content": "\n\n".join(system)}] if system else []
-    messages += fit_context(to_messages(history + items))
-    chat = ChatCompletionRequest.model_validate(
-        {
-            "model": model,
-            "messages": messages,
-            "max_tokens": req.max_output_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-    )
+        search_item = {"id": new_id("fs"), "type": "file_search_call", "status": "completed",
+                       "queries": [query], "results": [_result(s) for s in sources] if include else None}
+        prepared_system.append(grounding_prompt(sources, max_chars=6000))
+    system = [{"role": "system", "content": "\n\n".join(prepared_system)}] if prepared_system else []
+    messages = await fit_context(gw, model, system + to_messages(history + items), conversation)
+    fields: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": req.max_output_tokens,
+                              "temperature": req.temperature, "top_p": req.top_p, "user": req.user,
+                              "stream": req.stream}
+    if plan.functions:
+        fields.update(tools=plan.functions, tool_choice=plan.chat_choice,
+                      parallel_tool_calls=req.parallel_tool_calls)
+    try:
+        chat = ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:  # checked above already; a gap there is still the client's 400
+        raise BadRequest(f"the request cannot be served: {exc.errors()[0]['msg']}") from None
     chain = await gw.resolve(model, chat, call)
     if assistant is not None:
         call.model_requested, call.route = req.model, f"assistant>{call.route}"
-    gen = await gw.first_success(chain, call, lambda b: b.chat(chat))
-    text = (gen.choices[0].text or "") if gen.choices else ""
-    annotations: list[dict] = []
-    if search is not None:
-        text, annotations = cite(text, sources)
-    output.append(
-        {
-            "id": new_id("msg"),
-            "type": "message",
-            "role": "assistant",
-            "status": "completed",
-            "content": [{"type": "output_text", "text": text, "annotations": annotations}],
-        }
-    )
-    await gw.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
-    response = {
-        "id": new_id("resp"),
+    gw.reserve(chat, chain, call)
+    return Prepared(req, items, chat, chain, plan, sources, search_item)
+
+
+def _result(source: Source) -> dict:
+    return {"file_id": source.file_id, "filename": source.filename, "score": source.score,
+            "text": source.text, "attributes": source.attributes}
+
+
+def answer_items(p: Prepared, text: str | None, tool_calls: list[dict] | None) -> list[dict]:
+    """The output items of one answer: the file_search_call, the message (cited; left out when the model
+    only called functions), then one function_call per call."""
+    text, annotations = text or "", []
+    if p.search_item is not None:
+        text, annotations = cite(text, p.sources)
+    out = [p.search_item] if p.search_item is not None else []
+    if text or not tool_calls:
+        out.append(output_message(text, annotations))
+    return out + [function_call_item(c) for c in tool_calls or []]
+
+
+def response_object(p: Prepared, response_id: str, created: int, output: list[dict],
+                    usage: tuple[int, int] | None, status: str = "completed",
+                    error: dict | None = None) -> dict:
+    req = p.req
+    return {
+        "id": response_id,
         "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed",
-        "model": call.served_as or call.model_used or model,
+        "created_at": created,
+        "status": status,
+        "model": req.model,  # what the client asked for; x-fleet-model says which model answered
         "output": output,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
@@ -349,24 +264,86 @@ async def _answer(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
         "metadata": req.metadata or {},
         "tools": req.tools or [],
         "tool_choice": req.tool_choice or "auto",
-        "parallel_tool_calls": True,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id,
         "store": req.store,
-        "error": None,
+        "user": req.user,
+        "error": error,
         "incomplete_details": None,
         "text": {"format": {"type": "text"}},
         "truncation": "disabled",
-        "usage": {
-            "input_tokens": gen.prompt_tokens,
-            "output_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+        "usage": None if usage is None else {
+            "input_tokens": usage[0],
+            "output_tokens": usage[1],
+            "total_tokens": usage[0] + usage[1],
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         },
     }
-    if req.store:
-        await run_in_threadpool(store.put, response, items, req.previous_response_id)
-    return JSONResponse(response)
+
+
+async def keep(gw: Any, p: Prepared, response: dict) -> None:
+    if p.req.store:
+        await run_in_threadpool(response_store(gw).put, response, p.items, p.req.previous_response_id)
+
+
+# ------------------------------------------------------------------ the endpoint
+
+
+async def create_response(gw: Any, request: Request) -> Response:
+    from fleetlm.serve.app import _Call  # app.py imports this module
+    from fleetlm.serve.responses_stream import stream_response
+
+    call = _Call("responses")
+    try:
+        body = await gw.read_body(request)
+        req = parse_request(ResponsesRequest, body)
+        call.model_requested, call.user, call.stream = req.model, req.user, req.stream
+        await gw.authorize(request, call)
+        p = await prepare(gw, request, req, call)
+        if req.stream:
+            return await stream_response(gw, p, call)
+        return await gw._unless_client_leaves(request, call, _whole(gw, p, call))
+    except APIError as exc:
+        if call.model_requested != "?":
+            await gw.log(call, exc.status, error=exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
+
+
+async def _whole(gw: Any, p: Prepared, call: Any) -> Response:
+    gen = await gw.first_success(p.chain, call, lambda b: b.chat(p.chat))
+    choice = gen.choices[0] if gen.choices else None
+    output = answer_items(p, choice.text if choice else "", choice.tool_calls if choice else None)
+    cost = await gw.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
+    response = response_object(p, new_id("resp"), int(time.time()), output,
+                               (gen.prompt_tokens, gen.completion_tokens))
+    await keep(gw, p, response)
+    return JSONResponse(response, headers=call.headers(cost))
+
+
+# ------------------------------------------------------------------ input_items
+
+
+def _with_ids(response_id: str, items: list[dict]) -> list[dict]:
+    """Stored items with their ids; rows stored before items had ids get one derived from the response's
+    id and the item's place, the same on every read."""
+    out = []
+    for i, item in enumerate(items):
+        if not item.get("id"):
+            digest = hashlib.sha256(f"{response_id}:{i}".encode()).hexdigest()[:24]
+            item = {"id": f"msg_{digest}", **item}
+        out.append(item)
+    return out
+
+
+def page_items(items: list[dict], limit: int, order: str, after: str | None) -> dict:
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        at = next((i for i, item in enumerate(ordered) if item["id"] == after), None)
+        if at is None:
+            raise BadRequest(f"no input item {after!r} in this response", param="after")
+        ordered = ordered[at + 1:]
+    return listing(ordered[:limit], len(ordered) > limit)
 
 
 def install_responses(app: FastAPI, gw: Any) -> None:
@@ -391,16 +368,9 @@ def install_responses(app: FastAPI, gw: Any) -> None:
     @app.get("/v1/responses/{response_id}/input_items")
     @api_errors
     async def input_items(request: Request, response_id: str) -> Response:
-        items = [{"id": new_id("msg"), **item} for item in (await stored(request, response_id))[1]]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": items,
-                "has_more": False,
-                "first_id": items[0]["id"] if items else None,
-                "last_id": items[-1]["id"] if items else None,
-            }
-        )
+        limit, order, after = page_params(request)  # OpenAI's defaults: 20, newest first
+        items = _with_ids(response_id, (await stored(request, response_id))[1])
+        return JSONResponse(page_items(items, limit, order, after))
 
     @app.delete("/v1/responses/{response_id}")
     @api_errors

@@ -1,0 +1,254 @@
+"""The Responses API's items and tools, and how they map onto the chat path the gateway already serves.
+
+Input items (`message`, `function_call`, `function_call_output`) become chat messages: a function_call is an
+assistant `tool_calls` entry (consecutive calls, and the assistant text just before them, make one message),
+its output a `tool` message with the same `call_id`. Every stored item has an id of its own (`msg_...`,
+`fc_...`, `fco_...`, or the one the client sent), kept with it so input_items lists are stable.
+
+Tools: `function` tools become chat function tools (the chat path's constrained decoding then holds the
+calls to their schemas); `file_search` stays ours (responses_api.py). `tool_choice` is mapped as described
+in `plan_tools`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetlm.rag.store import new_id
+from fleetlm.serve.errors import BadRequest
+
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text", "text")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+
+
+# ------------------------------------------------------------------ input items
+
+
+def text_of(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
+                raise BadRequest(
+                    "only input_text and output_text content parts are supported", param=f"{param}[{i}].type"
+                )
+            if not isinstance(part.get("text", ""), str):
+                raise BadRequest("a text part's text must be a string", param=f"{param}[{i}].text")
+            texts.append(part.get("text", ""))
+        return "".join(texts)
+    raise BadRequest("content must be a string or a list of parts", param=param)
+
+
+def _string(item: dict, key: str, param: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or (key != "arguments" and not value):
+        raise BadRequest(f"{key} must be a {'' if key == 'arguments' else 'non-empty '}string",
+                         param=f"{param}.{key}")
+    return value
+
+
+def _item_id(item: dict, prefix: str) -> str:
+    given = item.get("id")
+    return given if isinstance(given, str) and given else new_id(prefix)
+
+
+def message_item(role: str, text: str, item_id: str | None = None) -> dict:
+    part = "output_text" if role == "assistant" else "input_text"
+    content: dict[str, Any] = {"type": part, "text": text}
+    if role == "assistant":
+        content["annotations"] = []
+    return {"id": item_id or new_id("msg"), "type": "message", "role": role, "status": "completed",
+            "content": [content]}
+
+
+def normalise_input(value: str | list[Any], known_calls: set[str]) -> list[dict]:
+    """The request's input as stored items, each with its id; `known_calls` holds the call_ids of the
+    chain's earlier function calls, so that a function_call_output naming none of them is a 400."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRequest("input must not be empty", param="input")
+        return [message_item("user", value)]
+    if not value:
+        raise BadRequest("input must not be empty", param="input")
+    calls = set(known_calls)
+    items = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest("an input item must be an object", param=param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            if item.get("role") not in ROLES:
+                raise BadRequest(f"role must be one of {', '.join(ROLES)}", param=f"{param}.role")
+            text = text_of(item.get("content"), f"{param}.content")
+            items.append(message_item(item["role"], text, _item_id(item, "msg")))
+        elif kind == "function_call":
+            call_id = _string(item, "call_id", param)
+            calls.add(call_id)
+            items.append({"id": _item_id(item, "fc"), "type": "function_call", "status": "completed",
+                          "call_id": call_id, "name": _string(item, "name", param),
+                          "arguments": _string(item, "arguments", param)})
+        elif kind == "function_call_output":
+            call_id = _string(item, "call_id", param)
+            if call_id not in calls:
+                raise BadRequest(f"no function call with call_id {call_id!r} in this input or the previous "
+                                 "response's chain", param=f"{param}.call_id")
+            output = item.get("output")
+            output = output if isinstance(output, str) else text_of(output, f"{param}.output")
+            items.append({"id": _item_id(item, "fco"), "type": "function_call_output", "status": "completed",
+                          "call_id": call_id, "output": output})
+        else:
+            raise BadRequest(f"unsupported input item type {kind!r}", param=f"{param}.type")
+    return items
+
+
+def call_ids(items: list[dict]) -> set[str]:
+    return {i["call_id"] for i in items if i.get("type") == "function_call"}
+
+
+def to_messages(items: list[dict]) -> list[dict]:
+    """Stored items (input and output) as chat messages, oldest first."""
+    messages: list[dict] = []
+    after_assistant = False  # the item before was an assistant message or call: a call joins its message
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append({"role": role, "content": text_of(item["content"], "input")})
+            after_assistant = role == "assistant"
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if after_assistant:
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            after_assistant = True
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+            after_assistant = False
+    return messages
+
+
+# ------------------------------------------------------------------ tools and tool_choice
+
+
+@dataclass
+class ToolPlan:
+    """What a request's tools and tool_choice become."""
+
+    search: dict | None = None  # the file_search tool's options, when it runs
+    functions: list[dict] = field(default_factory=list)  # chat function tools
+    chat_choice: Any = None  # the chat request's tool_choice (None: no function tools)
+
+
+def _file_search(tool: dict, param: str) -> dict:
+    from fleetlm.rag.filters import compile_filter
+
+    ids = tool.get("vector_store_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(x, str) for x in ids):
+        raise BadRequest("vector_store_ids must be a non-empty list of ids",
+                         param=f"{param}.vector_store_ids")
+    limit = tool.get("max_num_results", 10)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 50:
+        raise BadRequest("max_num_results must be between 1 and 50", param=f"{param}.max_num_results")
+    if tool.get("filters") is not None:
+        try:
+            compile_filter(tool["filters"], "a")
+        except Exception as exc:
+            raise BadRequest(f"bad filters: {exc}", param=f"{param}.filters") from None
+    ranking = tool.get("ranking_options") or {}
+    threshold = ranking.get("score_threshold", 0.0) if isinstance(ranking, dict) else None
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise BadRequest("score_threshold must be between 0 and 1",
+                         param=f"{param}.ranking_options.score_threshold")
+    return {"vector_store_ids": ids, "max_num_results": limit, "filters": tool.get("filters"),
+            "score_threshold": float(threshold)}
+
+
+def _function(tool: dict, param: str) -> dict:
+    name = tool.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BadRequest("a function tool needs a name of letters, digits, _ and - (at most 64)",
+                         param=f"{param}.name")
+    for key, kind in (("description", str), ("parameters", dict), ("strict", bool)):
+        if tool.get(key) is not None and not isinstance(tool[key], kind):
+            raise BadRequest(f"{key} must be a {kind.__name__ if kind is not dict else 'JSON object'}",
+                             param=f"{param}.{key}")
+    keys = ("name", "description", "parameters", "strict")
+    function = {k: tool[k] for k in keys if tool.get(k) is not None}
+    return {"type": "function", "function": function}
+
+
+def plan_tools(tools: list[Any] | None, choice: Any) -> ToolPlan:
+    """Validate tools and tool_choice (a 400 naming the field), and map them:
+
+    - `auto` (the default): file_search runs, the model may call functions;
+    - `none`: no file_search, and the model answers in text (the functions are still shown to it);
+    - `required`: the model must call a function (file_search alone satisfies it when there is none);
+    - `{type: function, name}`: that function, forced; `{type: file_search}`: file_search, no functions.
+    """
+    plan = ToolPlan()
+    names: list[str] = []
+    for i, tool in enumerate(tools or []):
+        param = f"tools[{i}]"
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "file_search":
+            if plan.search is not None:
+                raise BadRequest("at most one file_search tool", param=f"{param}.type")
+            plan.search = _file_search(tool, param)
+        elif kind == "function":
+            plan.functions.append(_function(tool, param))
+            names.append(tool["name"])
+            if names.count(tool["name"]) > 1:
+                raise BadRequest(f"function names must be unique: {tool['name']!r} twice",
+                                 param=f"{param}.name")
+        else:
+            raise BadRequest(f"unsupported tool type {kind!r} (function and file_search are supported)",
+                             param=f"{param}.type")
+    if choice is None or choice == "auto":
+        plan.chat_choice = "auto"
+    elif choice == "none":
+        plan.search, plan.chat_choice = None, "none"
+    elif choice == "required":
+        if not names and plan.search is None:
+            raise BadRequest("tool_choice 'required' needs at least one tool", param="tool_choice")
+        plan.chat_choice = "required" if names else None
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name")
+        if name not in names:
+            raise BadRequest(f"tool_choice names {name!r}, which is not one of the function tools",
+                             param="tool_choice.name")
+        plan.chat_choice = {"type": "function", "function": {"name": name}}
+    elif isinstance(choice, dict) and choice.get("type") == "file_search":
+        if plan.search is None:
+            raise BadRequest("tool_choice file_search needs a file_search tool", param="tool_choice.type")
+        plan.chat_choice = "none"
+    else:
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise BadRequest(f"unsupported tool_choice {kind!r}", param="tool_choice.type"
+                         if isinstance(choice, dict) else "tool_choice")
+    if not plan.functions:
+        plan.chat_choice = None
+    return plan
+
+
+# ------------------------------------------------------------------ output items
+
+
+def function_call_item(call: dict, status: str = "completed") -> dict:
+    """A chat tool call (`{"id", "function": {"name", "arguments"}}`) as a function_call output item."""
+    function = call.get("function") or {}
+    return {"id": new_id("fc"), "type": "function_call", "status": status, "call_id": call.get("id") or
+            new_id("call"), "name": function.get("name", ""), "arguments": function.get("arguments", "")}
+
+
+def output_message(text: str, annotations: list[dict], status: str = "completed",
+                   item_id: str | None = None) -> dict:
+    return {"id": item_id or new_id("msg"), "type": "message", "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": annotations}]}
