@@ -126,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default: $FLEET_HOME/bench/kb_answers")
     p.add_argument("--rerun", action="store_true", help="ask the arms again even if their replies are kept")
     p.add_argument("--report-only", action="store_true", help="ask nothing: the table over the kept arms")
+    p.add_argument("--ingest-only", action="store_true", help="only build (or check) the store: no model")
     return p.parse_args(argv)
 
 
@@ -273,12 +274,14 @@ def fleet_config(work: Path, models: Sequence[str], engine: str):
     from fleetlm.fleet.default import default_config_data
     from fleetlm.fleet.measure import price_local_models
 
-    data = default_config_data()
+    data = default_config_data() if models else {"models": {}}
     missing = [m for m in models if m not in data["models"]]
     if missing:
         raise SystemExit(f"not installed: {', '.join(missing)}; run: fleet models pull {' '.join(missing)}")
     data["models"] = {m: {**data["models"][m], "timeout": REQUEST_TIMEOUT_S, "retries": 0,
                           **({} if engine == "auto" else {"engine": engine})} for m in models}
+    if not models:  # --ingest-only: the knowledge endpoints need no language model
+        data["models"] = {"unused": {"remote": "http://127.0.0.1:9/v1"}}
     data.pop("router", None)  # each arm names its model: no cascade
     data["knowledge"] = {"files_dir": str(work / "blobs"), "index_path": str(work / "knowledge.db")}
     config = parse_config(data, "the kb_answers fleet")
@@ -490,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = sample_questions(list(by_id.values()), args.limit, args.seed)
     settings = settings_of(args, sample)
     todo = [a for a in args.arms if args.rerun or kept_arm(out / "arms" / f"{a}.json", settings) is None]
-    if args.report_only:
+    if args.report_only or args.ingest_only:
         todo = []
     print(f"{len(passages)} passages, sample of {len(sample)} questions (seed {args.seed}, "
           f"{sum(q.lexical for q in sample)} lexical); asking {', '.join(todo) or 'nothing'}",
@@ -501,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if saved_store(work, digest) is None:
         shutil.rmtree(work, ignore_errors=True)  # an old store of other passages: start clean
     work.mkdir(exist_ok=True)
-    if todo:
+    if todo or args.ingest_only:
         config, costs = fleet_config(work, sorted({ARMS[a].model for a in todo}), args.engine)
         tc, client, usage = start_gateway(config, work)
         try:
