@@ -285,6 +285,11 @@ FS = {"type": "file_search", "vector_store_ids": ["vs_x"]}
          "tool_choice.type"),
         ({"model": "m", "input": "x", "previous_response_id": "resp_none"}, 404, "previous_response_id"),
         ({"model": "m", "input": "x", "include": ["reasoning"]}, 400, "include[0]"),
+        ({"model": "m", "input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type"),
+        ({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, 400,
+         "text.format.schema"),
+        ({"model": "m", "input": "x", "truncation": "sometimes"}, 400, "truncation"),
+        ({"model": "m", "input": "x", "background": True}, 400, "background"),
     ],
 )
 def test_bad_requests_are_openai_errors(served, body, status, param, stream):
@@ -293,6 +298,17 @@ def test_bad_requests_are_openai_errors(served, body, status, param, stream):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+
+
+def test_text_format_becomes_the_chat_response_format(api):
+    _, client, backend, *_ = api
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    say(backend, '{"n": 3}')
+    r = client.responses.create(model="m", input="a number", truncation="auto",
+                                text={"format": {"type": "json_schema", "name": "num", "schema": schema}})
+    fmt = backend.requests[-1].response_format
+    assert fmt.type == "json_schema" and fmt.json_schema == {"name": "num", "schema": schema}
+    assert r.text.format.type == "json_schema" and r.truncation == "auto" and r.output_text == '{"n": 3}'
 
 
 def test_an_unknown_call_id_is_named(api):

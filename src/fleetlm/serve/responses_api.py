@@ -38,6 +38,7 @@ from fleetlm.serve.responses_items import (
     normalise_input,
     output_message,
     plan_tools,
+    text_format,
     text_of,
     to_messages,
 )
@@ -64,6 +65,11 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     user: str | None = None
     parallel_tool_calls: bool | None = None
+    # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: the chat path's response_format,
+    # so a JSON answer is held to its schema by constrained decoding on local models
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # echoed; conversations are fitted either way
+    reasoning: dict[str, Any] | None = None  # accepted and ignored: the fleet's models do not reason apart
 # ------------------------------------------------------------------ storage
 
 
@@ -218,6 +224,9 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
     if plan.functions:
         fields.update(tools=plan.functions, tool_choice=plan.chat_choice,
                       parallel_tool_calls=req.parallel_tool_calls)
+    response_format = text_format(req.text)
+    if response_format is not None:
+        fields["response_format"] = response_format
     try:
         chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:  # checked above already; a gap there is still the client's 400
@@ -270,8 +279,8 @@ def response_object(p: Prepared, response_id: str, created: int, output: list[di
         "user": req.user,
         "error": error,
         "incomplete_details": None,
-        "text": {"format": {"type": "text"}},
-        "truncation": "disabled",
+        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+        "truncation": req.truncation or "disabled",
         "usage": None if usage is None else {
             "input_tokens": usage[0],
             "output_tokens": usage[1],

@@ -238,6 +238,27 @@ def plan_tools(tools: list[Any] | None, choice: Any) -> ToolPlan:
     return plan
 
 
+def text_format(text: dict | None) -> dict | None:
+    """`text.format` as the chat request's response_format (None: free text); a 400 naming what is wrong."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise BadRequest("text.format.type must be text, json_object or json_schema",
+                         param="text.format.type")
+    if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+        raise BadRequest("a json_schema format needs a name", param="text.format.name")
+    if not isinstance(fmt.get("schema"), dict):
+        raise BadRequest("a json_schema format needs a schema object", param="text.format.schema")
+    spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
+    return {"type": "json_schema", "json_schema": spec}
+
+
 # ------------------------------------------------------------------ output items
 
 
