@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from fleetlm.errors import CheckpointError
 from fleetlm.model.config import ModelConfig
 from fleetlm.model.decoder import Transformer
+from fleetlm.model.moe import hf_moe_tensors, is_moe_tensor, our_moe_name, stack_experts
 from fleetlm.model.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -103,17 +104,28 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32) 
         model = Transformer(config)
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     state: dict[str, torch.Tensor] = {}
+    experts: list[tuple[str, torch.Tensor]] = []  # per-expert HF tensors, stacked below
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
                     name = _our_name(key)
+                    if config.num_experts and is_moe_tensor(key):
+                        name = our_moe_name(key) or ""
+                        if not name:
+                            experts.append((key, f.get_tensor(key).to(dtype)))
+                            continue
                     if name in expected:
                         state[name] = f.get_tensor(key).to(dtype)
                     elif not name.endswith("rotary_emb.inv_freq") and name != "lm_head.weight":
                         raise CheckpointError(f"checkpoint {root} has an unexpected tensor {key}")
     except (OSError, RuntimeError) as exc:  # safetensors reports a corrupt file as either
         raise CheckpointError(f"unreadable safetensors in {root}: {exc}") from None
+    if experts:
+        stacked, problems = stack_experts(experts, config.arch, config.num_experts)
+        if problems:
+            raise CheckpointError(f"checkpoint {root}: {problems[0]}")
+        state.update(stacked)
     missing = sorted(expected - state.keys())
     if missing:
         raise CheckpointError(
@@ -150,11 +162,15 @@ def save_checkpoint(
         raise CheckpointError(
             f"cannot save this model as an HF checkpoint (unexpected tensor {odd}); save before quantizing"
         )
-    tensors = {
-        _hf_name(k): v.detach().contiguous().cpu()
-        for k, v in state.items()
-        if not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if config.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        v = v.detach().contiguous().cpu()
+        if config.num_experts and ".mlp." in k and model.config.is_moe_layer(int(k.split(".")[1])):
+            tensors.update(hf_moe_tensors(k, v, config.arch))
+        else:
+            tensors[_hf_name(k)] = v
     dtype = model.embed_tokens.weight.dtype
     hf = config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

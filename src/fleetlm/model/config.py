@@ -12,7 +12,10 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
+MOE_ARCHS = ("mixtral", "qwen2_moe")
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -35,13 +38,34 @@ class ModelConfig:
     attention_bias: bool = False  # qwen2: q/k/v only; llama: q/k/v/o (as in transformers)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # mistral only
+    sliding_window: int | None = None  # mistral and mixtral only
+    # Mixture of experts (mixtral, qwen2_moe; num_experts 0: a dense MLP in every layer).
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0  # each expert's width; 0 means intermediate_size (Mixtral)
+    norm_topk_prob: bool = True  # renormalise the k kept router weights (Mixtral always; Qwen2-MoE's flag)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    decoder_sparse_step: int = 1  # Qwen2-MoE: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.01  # the load-balancing loss's weight in training
 
     def __post_init__(self) -> None:
         if self.arch not in HF_CLASS:
             raise CheckpointError(
                 f"unsupported architecture {self.arch!r} (supported: {', '.join(HF_CLASS)})"
             )
+        if self.arch in MOE_ARCHS and self.num_experts <= 0:
+            raise CheckpointError(f"{self.arch} needs num_experts >= 1, got {self.num_experts}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise CheckpointError(f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
+                                  f"1..num_experts={self.num_experts}")
+        if self.num_experts and self.arch not in MOE_ARCHS:
+            raise CheckpointError(f"num_experts is set but {self.arch} has no experts (use mixtral or "
+                                  "qwen2_moe)")
+        if self.decoder_sparse_step < 1:
+            raise CheckpointError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        if not self.moe_intermediate_size:
+            self.moe_intermediate_size = self.intermediate_size
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
@@ -55,6 +79,11 @@ class ModelConfig:
                     f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})"
                 )
 
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i has experts (Qwen2-MoE may keep some layers dense)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
     @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
@@ -67,7 +96,7 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None and not archs:
-            arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}.get(hf.get("model_type", ""))
+            arch = {a: a for a in HF_CLASS}.get(hf.get("model_type", ""))
         if arch is None:
             name = ", ".join(archs) or hf.get("model_type") or "unknown"
             raise CheckpointError(f"unsupported architecture {name} (supported: {', '.join(ARCHITECTURES)})")
@@ -83,9 +112,10 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         # Released Qwen2 models run full attention (use_sliding_window=false); we do the same for qwen2.
-        sliding = hf.get("sliding_window") if arch == "mistral" else None
+        sliding = hf.get("sliding_window") if arch in ("mistral", "mixtral") else None
         n_heads = int(hf["num_attention_heads"])
         return cls(
+            **_moe_fields(hf, arch),
             arch=arch,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
@@ -99,7 +129,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=True if arch == "qwen2" else bool(hf.get("attention_bias", False)),
+            attention_bias=(True if arch == "qwen2" else bool(hf.get("qkv_bias", True)) if arch == "qwen2_moe"
+                            else bool(hf.get("attention_bias", False))),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_window=int(sliding) if sliding else None,
@@ -137,6 +168,37 @@ class ModelConfig:
             hf["mlp_bias"] = False
         if self.arch == "qwen2":
             hf["use_sliding_window"] = False
-        if self.arch == "mistral":
+        if self.arch in ("mistral", "mixtral"):
             hf["sliding_window"] = self.sliding_window
+        if self.arch == "mixtral":
+            hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                      router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
+            if self.mlp_only_layers:  # not a Mixtral field: only fleetlm reads such a partly upcycled model
+                hf["mlp_only_layers"] = self.mlp_only_layers
+        if self.arch == "qwen2_moe":
+            hf.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                      shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=self.mlp_only_layers,
+                      router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False,
+                      use_sliding_window=False, qkv_bias=True)
         return hf
+
+
+def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The expert fields of a Mixtral or Qwen2-MoE config.json (none for a dense architecture)."""
+    if arch == "mixtral":
+        return dict(num_experts=int(hf["num_local_experts"]),
+                    num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.02)),
+                    mlp_only_layers=[int(i) for i in hf.get("mlp_only_layers") or []])
+    if arch == "qwen2_moe":
+        return dict(
+            num_experts=int(hf["num_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+            moe_intermediate_size=int(hf["moe_intermediate_size"]),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+            decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+            mlp_only_layers=[int(i) for i in hf.get("mlp_only_layers") or []],
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    return {}

@@ -1,8 +1,9 @@
-"""One compact decoder for the Llama family (Llama, Qwen2, Mistral), gpt-fast style.
+"""One compact decoder for the Llama family (Llama, Qwen2, Mistral; Mixtral and Qwen2-MoE), gpt-fast style.
 
 Submodule names mirror Hugging Face's (`embed_tokens`, `layers[i].self_attn.q_proj`, ...), so that checkpoint
 tensors map 1:1 by dropping the `model.` prefix, and every projection is a plain nn.Linear that the quantizer
-can swap for a quantized one.
+can swap for a quantized one. A mixture-of-experts layer's `mlp` is a MoEFeedForward (model/moe.py), whose
+experts are stacked tensors instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.model.config import ModelConfig
+from fleetlm.model.moe import MoEFeedForward
 
 # Which cache rows a batch's rows use: None = rows 0..B-1, a slice of rows, or an index tensor [B].
 CacheRows = slice | torch.Tensor | None
@@ -214,13 +216,22 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def feed_forward(config: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward: a dense MLP, or top-k of the config's experts."""
+    if not config.is_moe_layer(layer):
+        return MLP(config)
+    return MoEFeedForward(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                          config.num_experts_per_tok, config.norm_topk_prob,
+                          config.shared_expert_intermediate_size)
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = feed_forward(config, layer)
 
     def forward(
         self,
@@ -241,7 +252,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -1,0 +1,220 @@
+"""Mixture of experts: tiny random Mixtral / Qwen2-MoE checkpoints built with transformers load into our
+decoder with transformers' logits and greedy tokens, save back, export to GGUF that llama.cpp decodes alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fleetlm.errors import CheckpointError
+from fleetlm.model.checkpoint import load_checkpoint, save_checkpoint
+from fleetlm.model.config import ModelConfig
+from fleetlm.model.moe import MoEFeedForward, load_balancing_loss
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512, rms_norm_eps=1e-5)
+# name -> (transformers classes, config kwargs)
+VARIANTS = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+                     tie_word_embeddings=False, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                  dict(intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, rope_theta=1e6,
+                       tie_word_embeddings=True, use_sliding_window=False)),
+    # Qwen2-MoE with renormalised top-k and a dense second layer (mlp_only_layers)
+    "qwen2_moe_norm": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                       dict(intermediate_size=128, moe_intermediate_size=48,
+                            shared_expert_intermediate_size=80, num_experts=4, num_experts_per_tok=2,
+                            norm_topk_prob=True, mlp_only_layers=[1],
+                            rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False)),
+}
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    # std 0.1 weights (norms near 1): logits of real spread and routers far from ties (conftest.perturb_)
+    from conftest import perturb_
+
+    perturb_(model, seed)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    """variant -> Path of a tiny random HF MoE checkpoint with a real tokenizer (built once per module)."""
+    import transformers
+
+    cache: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in cache:
+            cls, cfg_cls, extra = VARIANTS[variant]
+            style = "llama3" if variant == "mixtral" else "chatml"
+            tok_dir, ids = tiny_tokenizer_dir(style)
+            cfg = getattr(transformers, cfg_cls)(**SHAPE, **extra, vocab_size=ids["vocab_size"],
+                                                 bos_token_id=ids["bos_token_id"],
+                                                 eos_token_id=ids["eos_token_ids"],
+                                                 pad_token_id=ids["pad_token_id"])
+            torch.manual_seed(0)
+            model = getattr(transformers, cls)(cfg).eval()
+            _perturb(model)
+            out = tmp_path_factory.mktemp(f"moe-{variant}")
+            model.save_pretrained(out)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(tok_dir / name, out / name)
+            cache[variant] = out
+        return cache[variant]
+
+    return make
+
+
+def _hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _ids(vocab: int, n: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(moe_checkpoint, variant):
+    path = moe_checkpoint(variant)
+    ours = load_checkpoint(path)
+    assert ours.config.num_experts == 4
+    moe = [isinstance(layer.mlp, MoEFeedForward) for layer in ours.layers]
+    assert moe == ([True, False] if variant == "qwen2_moe_norm" else [True, True])
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        want = _hf(path)(ids).logits
+        got = ours(ids)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_greedy_generation_matches_transformers(moe_checkpoint, variant):
+    from fleetlm.engine import Engine, GenerationRequest
+
+    path = moe_checkpoint(variant)
+    engine = Engine.load(str(path), dtype="f32")  # fused experts, KV cache, grouped dispatch per step
+    prompt = _ids(engine.model.config.vocab_size, 12, seed=3)[0].tolist()
+    ours = [e.token_id for e in engine.generate([GenerationRequest(prompt_ids=prompt, max_tokens=16,
+                                                                   temperature=0.0, ignore_eos=True)])
+            if e.token_id is not None]
+    with torch.no_grad():
+        out = _hf(path).generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()
+
+
+def test_save_checkpoint_round_trips_through_transformers(moe_checkpoint, tmp_path):
+    path = moe_checkpoint("qwen2_moe")
+    ours = load_checkpoint(path)
+    save_checkpoint(ours, tmp_path / "saved", tokenizer_dir=path)
+    names = json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]
+    assert names == ["Qwen2MoeForCausalLM"]
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf(tmp_path / "saved")(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    again = load_checkpoint(tmp_path / "saved")
+    for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(again.state_dict().items()),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def _dense_reference(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by the router's renormalised top-k: the slow definition."""
+    probs = m.gate(x).float().softmax(-1)
+    w, idx = probs.topk(m.top_k, dim=-1)
+    if m.norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(m.num_experts):
+        y = torch.nn.functional.linear(
+            torch.nn.functional.silu(x @ m.gate_exps[e].T) * (x @ m.up_exps[e].T), m.down_exps[e])
+        out += y * (w * (idx == e)).sum(-1, keepdim=True)
+    return out
+
+
+def test_dispatch_matches_the_dense_definition_and_touches_only_chosen_experts():
+    torch.manual_seed(0)
+    m = MoEFeedForward(32, 48, num_experts=6, top_k=2).eval()
+    torch.nn.init.normal_(m.gate.weight, std=0.5)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        want = _dense_reference(m, x.reshape(-1, 32)).view_as(x)
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+        _, w, idx = m.route(x.reshape(-1, 32))
+        torch.testing.assert_close(m._gathered(x.reshape(-1, 32), w, idx).view_as(x), want, atol=1e-5,
+                                   rtol=1e-5)
+        # one token: exactly its k experts run, each once
+        ran: list[int] = []
+        original = m._expert
+        m._expert = lambda e, t: (ran.append(e), original(e, t))[1]
+        m(x[:1, :1])
+        _, _, chosen = m.route(x[0, :1])
+        assert sorted(ran) == sorted(chosen[0].tolist())
+        m._expert = original
+        m.fuse()  # gate and up stacked side by side, as the engine runs it
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_load_balancing_loss_matches_transformers(moe_checkpoint):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    ours = load_checkpoint(moe_checkpoint("mixtral")).train()
+    ids = _ids(ours.config.vocab_size, 24)
+    ours(ids)
+    router_logits = tuple(layer.mlp.gate(h) for layer, h in zip(ours.layers, _router_inputs(ours, ids),
+                                                                   strict=True))
+    want = load_balancing_loss_func(router_logits, 4, 2)
+    torch.testing.assert_close(load_balancing_loss(ours), want.float(), atol=1e-5, rtol=1e-5)
+    # perfectly balanced routing costs k; sending every token to one pair of experts costs more
+    assert 1.5 < float(load_balancing_loss(ours)) < 2 * 4
+
+
+def _router_inputs(model, ids):
+    """The normalised hidden states each MoE layer's router saw (recomputed through hooks)."""
+    seen = []
+    def keep(_module, args):
+        seen.append(args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [layer.mlp.register_forward_pre_hook(keep) for layer in model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_bad_moe_configs_are_clear_errors(moe_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="num_experts_per_tok=5 must lie in 1..num_experts=4"):
+        ModelConfig(arch="mixtral", num_experts=4, num_experts_per_tok=5)
+    with pytest.raises(CheckpointError, match="mixtral needs num_experts"):
+        ModelConfig(arch="mixtral", num_experts=0)
+    # a checkpoint that lost one expert's tensor names the layer and the expert
+    from safetensors.torch import load_file, save_file
+
+    src = moe_checkpoint("mixtral")
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    dropped = [k for k in tensors if ".experts.3." in k and "layers.1." in k]
+    if not dropped:  # transformers 5 saved the experts stacked: drop one stacked tensor instead
+        dropped = [k for k in tensors if "layers.1." in k and "down_proj" in k and "experts" in k]
+    for k in dropped:
+        del tensors[k]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layer 1|lacks"):
+        load_checkpoint(broken)
