@@ -404,3 +404,83 @@ def test_the_backend_is_chosen_in_fleet_yaml():
     assert s.milvus_uri == "http://milvus:19530"
     with pytest.raises(ValueError, match="backend"):
         KnowledgeSettings(backend="qdrant")
+
+
+def _gateway(root: Path, knowledge: dict, storage_url: str | None = None):
+    from fleetlm.config import parse_config
+    from fleetlm.serve.app import create_app
+    from fleetlm.serve.store import UsageStore
+
+    config = parse_config(
+        {
+            "models": {"m": {"remote": "http://127.0.0.1:9/v1"}},
+            "knowledge": {"files_dir": str(root / "blobs"), **knowledge},
+        }
+    )
+    app = create_app(config, UsageStore(storage_url or f"sqlite:///{root / 'fleet.db'}"), {})
+    app.state.gateway.knowledge_embed = bag_of_words  # no MiniLM: the test is about the wiring
+    return app
+
+
+def test_the_gateway_serves_vector_stores_from_milvus(tmp_path):
+    import openai
+    from fastapi.testclient import TestClient
+
+    from fleetlm.serve.files_api import knowledge_base
+
+    app = _gateway(tmp_path, {"backend": "milvus", "milvus_uri": str(tmp_path / "kb-milvus.db")})
+    with TestClient(app) as tc:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=tc, max_retries=0)
+        f = client.files.create(
+            file=("tides.txt", b"Tides rise twice a day: the moon pulls."), purpose="assistants"
+        )
+        vs = client.vector_stores.create(name="sea")
+        done = client.vector_stores.files.create_and_poll(
+            vector_store_id=vs.id, file_id=f.id, attributes={"topic": "sea"}, poll_interval_ms=50
+        )
+        assert done.status == "completed"
+        kb = knowledge_base(app.state.gateway)
+        assert isinstance(kb.store, MilvusKnowledgeStore) and kb.store.meta_url.startswith("sqlite:///")
+        page = client.vector_stores.search(
+            vector_store_id=vs.id,
+            query="why do tides rise",
+            filters={"type": "eq", "key": "topic", "value": "sea"},
+        )
+        assert [r.filename for r in page.data] == ["tides.txt"]
+        assert client.vector_stores.files.delete(file_id=f.id, vector_store_id=vs.id).deleted
+        assert kb.store.vector_count() == 0
+
+
+def test_an_unreachable_milvus_is_a_503_in_openai_shape(tmp_path):
+    from fastapi.testclient import TestClient
+
+    port = 1  # nothing listens on port 1 of the loopback address
+    app = _gateway(tmp_path, {"backend": "milvus", "milvus_uri": f"http://127.0.0.1:{port}"})
+    with TestClient(app) as tc:
+        r = tc.get("/v1/vector_stores")
+    assert r.status_code == 503
+    body = r.json()["error"]
+    assert body["code"] == "knowledge_store_unavailable" and "Milvus" in body["message"]
+
+
+def test_the_metadata_follows_the_fleets_postgresql_storage(tmp_path, pg_server):
+    from types import SimpleNamespace
+
+    from fleetlm.serve.files_api import open_store
+
+    url = _fresh_pg_database(pg_server)
+    settings = KnowledgeSettings(
+        backend="milvus", milvus_uri=str(tmp_path / "v.db"), index_path=str(tmp_path / "i")
+    )
+    gw = SimpleNamespace(config=SimpleNamespace(knowledge=settings), store=SimpleNamespace(url=url))
+    store = open_store(gw, tmp_path / "files")
+    try:
+        assert isinstance(store, MilvusKnowledgeStore) and store.meta_url == url
+        assert store.create_store("pg", {}, None)["name"] == "pg"
+    finally:
+        store.close()
+    gw.store.url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    gw.config.knowledge = KnowledgeSettings(index_path=str(tmp_path / "kb.db"))
+    embedded = open_store(gw, tmp_path / "files")
+    assert isinstance(embedded, SqliteKnowledgeStore)
+    embedded.close()

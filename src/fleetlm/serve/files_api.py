@@ -25,7 +25,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from fleetlm.catalog.store import fleet_home
 from fleetlm.rag.ingest import Ingestor
-from fleetlm.rag.store import SqliteKnowledgeStore
+from fleetlm.rag.store import KnowledgeStore, SqliteKnowledgeStore, StoreError
 from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.uploads import read_multipart
 
@@ -43,9 +43,13 @@ class NotFound(APIError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class KnowledgeUnavailable(APIError):
+    status, type, code = 503, "service_unavailable", "knowledge_store_unavailable"
+
+
 @dataclass
 class KnowledgeBase:
-    store: SqliteKnowledgeStore
+    store: KnowledgeStore
     ingestor: Ingestor
 
 
@@ -69,6 +73,29 @@ def index_path(gw: Gateway) -> Path:
     return fleet_home() / "knowledge.db"
 
 
+def open_store(gw: Gateway, files_dir: Path) -> KnowledgeStore:
+    """The store fleet.yaml's `knowledge.backend` names: the embedded SQLite one (default), or Milvus for the
+    vectors with the metadata in the fleet's PostgreSQL storage when it has one, else in the index file."""
+    settings = gw.config.knowledge
+    if settings.backend == "sqlite":
+        return SqliteKnowledgeStore(index_path(gw), files_dir)
+    from fleetlm.rag.milvus_store import MilvusKnowledgeStore
+
+    meta_url = settings.meta_url
+    if meta_url is None:
+        url = gw.store.url
+        meta_url = url if url.startswith("postgresql") else f"sqlite:///{index_path(gw)}"
+    uri = settings.milvus_uri or str(fleet_home() / "knowledge-milvus.db")
+    return MilvusKnowledgeStore(
+        meta_url,
+        files_dir,
+        uri,
+        token=settings.milvus_token,
+        collection=settings.milvus_collection,
+        index_type=settings.milvus_index,
+    )
+
+
 def knowledge_base(gw: Gateway) -> KnowledgeBase:
     """The gateway's knowledge base, opened (and its unfinished ingestion re-queued) on first use."""
     kb = getattr(gw, "knowledge", None)
@@ -81,7 +108,7 @@ def knowledge_base(gw: Gateway) -> KnowledgeBase:
             files_dir = (
                 Path(settings.files_dir).expanduser() if settings.files_dir else fleet_home() / "files"
             )
-            store = SqliteKnowledgeStore(index_path(gw), files_dir)
+            store = open_store(gw, files_dir)
             embed = getattr(gw, "knowledge_embed", None) or _minilm_embed
             kb = KnowledgeBase(store, Ingestor(store, embed, settings.embed_batch).start())
             gw.knowledge = kb  # type: ignore[attr-defined]
@@ -93,7 +120,10 @@ async def open_knowledge(gw: Gateway, request: Request) -> KnowledgeBase:
     from fleetlm.serve.app import _Call  # app.py imports this module: a top-level import would be circular
 
     await gw.authorize(request, _Call("knowledge"))
-    return await run_in_threadpool(knowledge_base, gw)
+    try:
+        return await run_in_threadpool(knowledge_base, gw)
+    except StoreError as exc:  # the store cannot be opened (Milvus unreachable, extra not installed, ...)
+        raise KnowledgeUnavailable(str(exc)) from None
 
 
 def close_knowledge(gw: Gateway) -> None:
