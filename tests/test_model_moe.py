@@ -218,3 +218,68 @@ def test_bad_moe_configs_are_clear_errors(moe_checkpoint, tmp_path):
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"layer 1|lacks"):
         load_checkpoint(broken)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF export: llama.cpp (llama-cpp-python) runs the file and decodes greedily as our engine does
+
+PROMPT = "The quick brown fox jumps over the lazy dog. 123 4567"
+
+
+def _llama_cpp_greedy(path: Path, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # an f32 KV cache (ggml type 0) keeps llama.cpp's arithmetic close to ours
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True,
+                          type_k=0, type_v=0)
+    llm.eval(ids)
+    first = torch.tensor(llm.scores[: len(ids)])  # the prompt's logits, one row per position
+    llm.reset()
+    out: list[int] = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out, first
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_gguf_export_decodes_in_llama_cpp_as_in_our_engine(moe_checkpoint, tmp_path, variant):
+    from fleetlm.compress.gguf_moe import export_moe_gguf
+    from fleetlm.engine import Engine, GenerationRequest
+    from fleetlm.model.gguf import GGUFFile
+
+    path = moe_checkpoint(variant)
+    out = export_moe_gguf(path, tmp_path / f"{variant}.gguf", "f32")
+    reader = GGUFFile(out)
+    arch = reader.meta("general.architecture")
+    assert arch == {"mixtral": "llama", "qwen2_moe": "qwen2moe"}[variant]
+    assert reader.meta(f"{arch}.expert_count") == 4 and reader.meta(f"{arch}.expert_used_count") == 2
+    shapes = {t.name: t.shape for t in reader.tensors}
+    width = 96 if variant == "mixtral" else 48
+    assert shapes["blk.0.ffn_gate_exps.weight"] == (64, width, 4)  # ggml order of numpy [E, I, hidden]
+    assert shapes["blk.1.ffn_down_exps.weight"] == (width, 64, 4)
+
+    engine = Engine.load(str(path), dtype="f32")
+    ids = engine.tokenizer.encode(PROMPT)
+    ours = [e.token_id for e in engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=16,
+                                                                   temperature=0.0, ignore_eos=True)])
+            if e.token_id is not None]
+    theirs, logits = _llama_cpp_greedy(out, ids, 16)
+    assert theirs == ours
+    with torch.no_grad():
+        want = load_checkpoint(path)(torch.tensor([ids]))[0]
+    torch.testing.assert_close(logits, want, atol=2e-3, rtol=1e-3)
+
+
+def test_gguf_export_refuses_what_llama_cpp_cannot_express(moe_checkpoint, tmp_path, tiny_llama):
+    from fleetlm.compress.gguf import GGUFExportError
+    from fleetlm.compress.gguf_moe import export_moe_gguf
+
+    # llama.cpp's qwen2moe never renormalises top-k weights, and wants experts in every layer
+    with pytest.raises(GGUFExportError, match=r"layers \[1\] have no experts"):
+        export_moe_gguf(moe_checkpoint("qwen2_moe_norm"), tmp_path / "x.gguf")
+    with pytest.raises(GGUFExportError, match="not a mixture-of-experts"):
+        export_moe_gguf(tiny_llama, tmp_path / "x.gguf")
+    with pytest.raises(GGUFExportError, match="unknown GGUF type"):
+        export_moe_gguf(moe_checkpoint("mixtral"), tmp_path / "x.gguf", "q2")
+    assert not (tmp_path / "x.gguf").exists()
