@@ -16,6 +16,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import new_id
 from fleetlm.serve import assistants
+from fleetlm.serve.backends import Generation
 from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.files_api import NotFound, api_errors, index_path, listing, open_knowledge, page_params
 from fleetlm.serve.protocol import ChatCompletionRequest, parse_request
@@ -231,6 +233,8 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
         chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:  # checked above already; a gap there is still the client's 400
         raise BadRequest(f"the request cannot be served: {exc.errors()[0]['msg']}") from None
+    if gw.config.log_content:  # the usage log keeps what the model was asked, as for chat completions
+        call.prompt = json.dumps([m.model_dump(exclude_none=True) for m in chat.messages])
     chain = await gw.resolve(model, chat, call)
     if assistant is not None:
         call.model_requested, call.route = req.model, f"assistant>{call.route}"
@@ -319,10 +323,29 @@ async def create_response(gw: Any, request: Request) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status, headers=call.headers())
 
 
+async def whole_answer(gw: Any, p: Prepared, call: Any) -> Generation:
+    """The chat path's whole answer, as app.py's `_whole` gets it: a cascade with checks is climbed, a
+    reviewed cascade reviewed, else the chain's first model that answers."""
+    def attempt(b: Any) -> Awaitable[Generation]:
+        return b.chat(p.chat)
+
+    if call.plan is not None:
+        gen = await gw._climb(p.chat, call, chat=True)
+    else:
+        gen = await gw.first_success(p.chain, call, attempt)
+    if call.cascade:
+        escalate = await gw._review(p.chat, gen, call)
+        if escalate is not None:
+            gen = await gw.first_success(escalate, call, attempt)
+    return gen
+
+
 async def _whole(gw: Any, p: Prepared, call: Any) -> Response:
-    gen = await gw.first_success(p.chain, call, lambda b: b.chat(p.chat))
+    gen = await whole_answer(gw, p, call)
     choice = gen.choices[0] if gen.choices else None
     output = answer_items(p, choice.text if choice else "", choice.tool_calls if choice else None)
+    if gw.config.log_content and choice is not None:
+        call.response = choice.text or ""
     cost = await gw.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
     response = response_object(p, new_id("resp"), int(time.time()), output,
                                (gen.prompt_tokens, gen.completion_tokens))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from fastapi.responses import Response
 
 from fleetlm.rag.grounding import cite
 from fleetlm.rag.store import new_id
-from fleetlm.serve.backends import Delta, close_stream
+from fleetlm.serve.backends import Delta, Generation, close_stream
 from fleetlm.serve.chat_grounding import MarkerFilter
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.failover import ClosingStreamingResponse, resilient_stream
@@ -197,10 +197,35 @@ class ResponseEvents:
                 self.output[c.output_index] = c.item("incomplete")
 
 
+async def open_answer(gw: Any, p: Prepared, call: Any) -> tuple[AsyncIterator[Delta], Delta | None]:
+    """The answer's deltas and first piece, as app.py's `_stream` opens them: a cascade's checked answer is
+    generated whole and replayed (or the last model of the ladder streams), else the chain's first model
+    that starts streaming."""
+    from fleetlm.serve.app import _replay
+
+    def open_stream(b: Any) -> Awaitable[tuple[AsyncIterator[Delta], Delta | None]]:
+        return gw._open_stream(b, p.chat, True)
+
+    if call.plan is not None:
+        climbed = await gw._climb(p.chat, call, chat=True, stream=True)
+        if not isinstance(climbed, Generation):
+            return climbed
+        gen = climbed
+    elif call.cascade:
+        gen = await gw.first_success(p.chain, call, lambda b: b.chat(p.chat))
+        escalate = await gw._review(p.chat, gen, call)
+        if escalate is not None:
+            return await gw.first_success(escalate, call, open_stream)
+    else:
+        return await gw.first_success(p.chain, call, open_stream)
+    deltas = _replay(gen)
+    return deltas, await anext(deltas, None)
+
+
 async def stream_response(gw: Any, p: Prepared, call: Any) -> Response:
     """The answer's events. The backend's stream is opened first, so a fleet that cannot answer at all is
     a JSON error with its status (as for chat completions), not a stream."""
-    deltas, first = await gw.first_success(p.chain, call, lambda b: gw._open_stream(b, p.chat, True))
+    deltas, first = await open_answer(gw, p, call)
     deltas = resilient_stream(gw, p.chat, call, deltas, first, chat=True)
     events = ResponseEvents(p)
 
@@ -215,6 +240,8 @@ async def stream_response(gw: Any, p: Prepared, call: Any) -> Response:
                     usage = d.usage
                 if call.ttft_ms is None and (d.text or d.tool_calls):
                     call.ttft_ms = (time.perf_counter() - call.start) * 1000
+                if gw.config.log_content and d.text and d.index == 0:
+                    call.response = (call.response or "") + d.text
                 for e in events.delta(d):
                     yield e
             for e in events.finish():
