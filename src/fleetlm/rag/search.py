@@ -42,6 +42,8 @@ class SearchRequest:
     retrieval: Retrieval = "hybrid"
     fusion: Fusion = "rrf"
     alpha: float = DEFAULT_ALPHA
+    reranker: str | None = None  # a fleet model that reorders the results (rag/rerank.py, by the endpoint)
+    rerank_depth: int = 10
 
 
 def fts_query(text: str) -> str:

@@ -2,17 +2,19 @@
 
 Attaching a file queues it for the ingest worker (rag/ingest.py) and answers at once with status
 `in_progress`; clients poll the file, the batch or the store's `file_counts`. Search takes OpenAI's fields
-plus three fleet extensions, declared here and documented in docs/KNOWLEDGE.md: `fleet_retrieval`
-("bm25" | "dense" | "hybrid", default hybrid), `fleet_fusion` ("rrf" | "convex", default rrf) and
-`fleet_alpha` (the convex weight of the dense score, default 0.5). A file deleted from /v1/files stays
-searchable in the stores it was attached to until it is removed from them (OpenAI's behaviour: deleting a
-file does not detach it); its results keep its id and filename.
+plus fleet extensions, declared here and documented in docs/KNOWLEDGE.md: `fleet_retrieval`
+("bm25" | "dense" | "hybrid", default hybrid), `fleet_fusion` ("rrf" | "convex", default rrf),
+`fleet_alpha` (the convex weight of the dense score, default 0.5), and reranking by a fleet model
+(`ranking_options.ranker: "fleet:<model>"`, with `fleet_rerank_depth`, rag/rerank.py). A file deleted
+from /v1/files stays searchable in the stores it was attached to until it is removed from them (OpenAI's
+behaviour: deleting a file does not detach it); its results keep its id and filename.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -21,9 +23,10 @@ from starlette.concurrency import run_in_threadpool
 
 from fleetlm.rag.chunking import ChunkingError, Strategy, parse_strategy
 from fleetlm.rag.filters import FilterError, compile_filter
+from fleetlm.rag.rerank import DEFAULT_DEPTH, MAX_DEPTH, backend_judge, fleet_ranker, rerank
 from fleetlm.rag.search import SearchRequest, search
 from fleetlm.rag.store import STATUSES
-from fleetlm.serve.errors import BadRequest
+from fleetlm.serve.errors import APIError, BackendError, BadRequest
 from fleetlm.serve.files_api import KnowledgeBase, NotFound, api_errors, listing, open_knowledge, page_params
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ SEARCH_FIELDS = {
     "fleet_retrieval",
     "fleet_fusion",
     "fleet_alpha",
+    "fleet_rerank_depth",
 }
 
 
@@ -179,7 +183,8 @@ def batch_object(row: dict) -> dict:
 
 
 def search_request(body: dict) -> SearchRequest:
-    """A search body, checked: every bad part is a 400 naming it."""
+    """A search body, checked: every bad part is a 400 naming it (a fleet ranker's model is checked by the
+    endpoint, which knows the fleet)."""
     query = body.get("query")
     queries = [query] if isinstance(query, str) else query
     if (
@@ -201,10 +206,17 @@ def search_request(body: dict) -> SearchRequest:
     options = body.get("ranking_options") or {}
     if not isinstance(options, dict) or set(options) - {"ranker", "score_threshold"}:
         raise BadRequest("ranking_options takes `ranker` and `score_threshold`", param="ranking_options")
-    if options.get("ranker") is not None and options["ranker"] not in RANKERS:
+    ranker = options.get("ranker")
+    if ranker is not None and ranker not in RANKERS and not fleet_ranker(ranker):
         raise BadRequest(
-            f"ranking_options.ranker must be one of {', '.join(sorted(RANKERS))}",
+            f"ranking_options.ranker must be one of {', '.join(sorted(RANKERS))}, or fleet:<model>",
             param="ranking_options.ranker",
+        )
+    depth = body.get("fleet_rerank_depth", DEFAULT_DEPTH)
+    if type(depth) is not int or not 1 <= depth <= MAX_DEPTH:
+        raise BadRequest(
+            f"fleet_rerank_depth must be an integer from 1 to {MAX_DEPTH}, not {depth!r}",
+            param="fleet_rerank_depth",
         )
     threshold = options.get("score_threshold", 0.0)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
@@ -237,6 +249,8 @@ def search_request(body: dict) -> SearchRequest:
         retrieval=retrieval,
         fusion=fusion,
         alpha=float(alpha),
+        reranker=fleet_ranker(ranker),
+        rerank_depth=depth,
     )
 
 
@@ -508,14 +522,39 @@ def install_vector_stores(app: FastAPI, gw: Gateway) -> None:
 
     # ---------------------------------------------------------------- search
 
+    def reranker_of(req: SearchRequest):
+        """The judge of a `fleet:<model>` ranker (None without one); a model the fleet lacks is a 400."""
+        if req.reranker is None:
+            return None
+        backend = gw.backends.get(req.reranker)
+        if backend is None or req.reranker not in gw.config.models:
+            raise BadRequest(
+                f"ranking_options.ranker: fleet:{req.reranker} is not a chat model of this fleet "
+                f"(models: {', '.join(sorted(gw.config.models)) or 'none'})",
+                param="ranking_options.ranker",
+            )
+        return backend_judge(backend, req.reranker)
+
     @app.post("/v1/vector_stores/{store_id}/search")
     @api_errors
     async def search_store(request: Request, store_id: str) -> Response:
         kb = await open_knowledge(gw, request)
         body = await json_body(gw, request, SEARCH_FIELDS)
         req = search_request(body)
+        judge = reranker_of(req)
         await find_store(kb, store_id)
-        hits = await run_in_threadpool(search, kb.store, store_id, req, kb.ingestor.embed)
+        if judge is None:
+            hits = await run_in_threadpool(search, kb.store, store_id, req, kb.ingestor.embed)
+        else:  # the fused candidates first (threshold left for the judged scores), then the judgement
+            wide = replace(req, max_num_results=max(req.max_num_results, req.rerank_depth), score_threshold=0)
+            hits = await run_in_threadpool(search, kb.store, store_id, wide, kb.ingestor.embed)
+            try:
+                hits = await rerank("\n".join(req.queries), hits, judge, req.rerank_depth)
+            except APIError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an engine's failure is the ranker's, answered as a 502
+                raise BackendError(f"ranker fleet:{req.reranker}: {type(exc).__name__}: {exc}") from None
+            hits = [h for h in hits if h["score"] >= req.score_threshold][: req.max_num_results]
         await run_in_threadpool(kb.store.touch, store_id)
         data = [
             {
