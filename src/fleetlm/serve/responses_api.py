@@ -30,6 +30,7 @@ from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import new_id
 from fleetlm.serve import assistants
 from fleetlm.serve.backends import Generation
+from fleetlm.serve.conversation_memory import fit_conversation
 from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.files_api import NotFound, api_errors, index_path, listing, open_knowledge, page_params
 from fleetlm.serve.protocol import ChatCompletionRequest, parse_request
@@ -153,10 +154,8 @@ def response_store(gw: Any) -> ResponseStore:
 # ------------------------------------------------------------------ the request, prepared
 
 
-async def fit_context(gw: Any, model: str, messages: list[dict], conversation_id: str | None) -> list[dict]:
-    """The one place a chain's rebuilt conversation is fitted to the model's context: unchanged for now
-    (serve/conversation_memory.fit_conversation, which compacts older turns, is to take its place)."""
-    return messages
+def _plain(messages: list[dict]) -> bool:
+    return all(isinstance(m.get("content"), str) and set(m) <= {"role", "content"} for m in messages)
 
 
 @dataclass
@@ -219,7 +218,14 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
                        "queries": [query], "results": [_result(s) for s in sources] if include else None}
         prepared_system.append(grounding_prompt(sources, max_chars=6000))
     system = [{"role": "system", "content": "\n\n".join(prepared_system)}] if prepared_system else []
-    messages = await fit_context(gw, model, system + to_messages(history + items), conversation)
+    messages = system + to_messages(history + items)
+    if _plain(messages):
+        # A chain past the answering model's context is compacted (serve/conversation_memory.py: older turns
+        # summarised by the cheapest capable model and archived, the ones matching the question recalled).
+        # The conversation's id is the chain's first response. A conversation with tool calls passes as it
+        # is: a call must stay next to its output, which the memory's text turns do not keep.
+        messages = await fit_conversation(gw, model, messages, conversation, call=call, param="input",
+                                          reserve_tokens=req.max_output_tokens)
     fields: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": req.max_output_tokens,
                               "temperature": req.temperature, "top_p": req.top_p, "user": req.user,
                               "stream": req.stream}
