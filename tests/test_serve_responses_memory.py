@@ -34,9 +34,10 @@ def client(tmp_path):
 def filler(turns: int) -> list[dict]:
     items = []
     for n in range(turns):
-        items += [{"role": "user", "content": f"Filler question {n} about the weather, clouds and rain today?"},
-                  {"role": "assistant", "content": f"Filler answer {n}: it may rain later, so bring an umbrella "
-                                                   "and a warm coat, and check the forecast again at noon."}]
+        question = f"Filler question {n} about the weather, clouds and rain today?"
+        answer = (f"Filler answer {n}: it may rain later, so bring an umbrella and a warm coat, and check "
+                  "the forecast again at noon.")
+        items += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return items
 
 
@@ -59,7 +60,8 @@ def test_a_chain_past_three_contexts_is_compacted_and_keeps_the_planted_fact(cli
     row = tc.app.state.gateway.store.requests()[-1]
     assert row["endpoint"] == "responses" and row["status"] == 200
     answer_cost = (7 * 1.0 + 2 * 2.0) / 1e6
-    assert row["cost_usd"] == pytest.approx(answer_cost + len(summariser.requests) * (7 * 0.1 + 2 * 0.2) / 1e6)
+    summaries_cost = len(summariser.requests) * (7 * 0.1 + 2 * 0.2) / 1e6
+    assert row["cost_usd"] == pytest.approx(answer_cost + summaries_cost)
 
 
 def test_a_conversation_with_tool_calls_passes_as_it_is(client):
