@@ -159,7 +159,7 @@ def test_dispatch_matches_the_dense_definition_and_touches_only_chosen_experts()
         # one token: exactly its k experts run, each once
         ran: list[int] = []
         original = m._expert
-        m._expert = lambda e, t: (ran.append(e), original(e, t))[1]
+        m._expert = lambda e, t, w: (ran.append(e), original(e, t, w))[1]
         m(x[:1, :1])
         _, _, chosen = m.route(x[0, :1])
         assert sorted(ran) == sorted(chosen[0].tolist())
