@@ -388,3 +388,45 @@ def test_a_real_small_model_cites_the_file_that_answers(tmp_path, smollm2_gguf):
     annotations = r.output[1].content[0].annotations
     assert r.output_text and annotations, r.output_text
     assert annotations[0].file_id == ids["tides.txt"] and annotations[0].filename == "tides.txt"
+
+
+WEIRD = [None, -1, 0, 2**63, -1e308, 0.5, "", "x" * 3000, "\ud800", [], {}, [1], [{}], {"a": 1}, True,
+         [{"type": "message"}], [{"role": "user", "content": [{}]}], {"type": "function"}]
+FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "metadata", "tools",
+          "tool_choice", "include", "store", "previous_response_id", "stream", "user", "parallel_tool_calls",
+          "text", "truncation", "reasoning"]
+
+
+def test_no_field_value_makes_a_500(api):
+    """Every field gets every odd value (and goes missing), streamed or not: an OpenAI error or an answer."""
+    tc = api[0]
+    seen = set()
+    for name in FIELDS:
+        for value in [*WEIRD, "DELETE"]:
+            body = {"model": "m", "input": "hi", "tools": [ADD]}
+            if value == "DELETE":
+                body.pop(name, None)
+            else:
+                body[name] = value
+            r = tc.post("/v1/responses", content=json.dumps(body))
+            assert r.status_code < 500, (name, value, r.status_code, r.text[:200])
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], (name, value)
+            seen.add(r.status_code)
+    assert {200, 400} <= seen
+
+
+def test_no_tool_or_item_field_value_makes_a_500(api):
+    tc = api[0]
+    call = {"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "3"}
+    for value in WEIRD:
+        bodies = [{"tools": [{**ADD, key: value}], "input": "hi"}
+                  for key in ("name", "description", "parameters", "strict", "type")]
+        bodies += [{"tools": [ADD], "input": [{**call, key: value}, output]}
+                   for key in ("call_id", "name", "arguments", "id", "type")]
+        bodies += [{"tools": [ADD], "input": [call, {**output, key: value}]} for key in ("call_id", "output")]
+        bodies.append({"input": "hi", "tools": [ADD], "tool_choice": {"type": "function", "name": value}})
+        for body in bodies:
+            r = tc.post("/v1/responses", content=json.dumps({"model": "m", **body}))
+            assert r.status_code < 500, (body, r.status_code, r.text[:200])
