@@ -54,6 +54,7 @@ def make_gateway(root, backends=None, **memory):
     for name, b in backends.items():
         b.name = name
     app = create_app(config, UsageStore(f"sqlite:///{root / 'fleet.db'}"), backends)
+    app.state.gateway.app = app  # for the tests that go through HTTP
     return app.state.gateway, backends
 
 
@@ -212,3 +213,29 @@ def test_prepare_chat_compacts_plain_conversations_only(tmp_path):
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}] + msgs[1:]
     with_parts = ChatCompletionRequest.model_validate({"model": "big", "messages": parts})
     assert asyncio.run(prepare_chat(gw, with_parts, _Call("chat"))) is with_parts  # left to the backend
+
+
+def test_responses_api_compacts_a_long_input_and_answers_400_past_it(tmp_path):
+    import inspect
+
+    from fastapi.testclient import TestClient
+
+    from fleetlm.serve import responses_api
+
+    if "fit_conversation" not in inspect.getsource(responses_api):
+        pytest.skip("serve/responses_api.py does not call fit_conversation yet")
+    gw, backends = make_gateway(tmp_path)
+    msgs = long_conversation(3 * BIG_CONTEXT)
+    items = [{"type": "message", "role": m["role"], "content": m["content"]} for m in msgs[1:]]
+    with TestClient(gw.app) as tc:
+        r = tc.post(
+            "/v1/responses", json={"model": "big", "input": items, "instructions": msgs[0]["content"]}
+        )
+        assert r.status_code == 200, r.text
+        sent = [m.model_dump(exclude_none=True) for m in backends["big"].requests[-1].messages]
+        assert len(sent) < len(msgs) and sent[-1]["content"] == msgs[-1]["content"]
+        assert "4471" in text(sent) and backends["small"].requests  # recalled; summarised by the cheap model
+        huge = [{"type": "message", "role": "user", "content": "word " * 3000}]
+        r = tc.post("/v1/responses", json={"model": "big", "input": huge})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["param"] == "input"
