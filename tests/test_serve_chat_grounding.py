@@ -153,3 +153,15 @@ def test_the_marker_filter_streams_exactly_what_cite_returns(seed):
         f = MarkerFilter()
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         assert "".join(f.feed(p) for p in pieces) + f.flush() == clean
+
+
+def test_clean_rewrites_a_streams_pieces_in_place():
+    from fleetlm.serve.backends import Delta
+
+    g = Grounding([])
+    pieces = [Delta(0, "Tides rise"), Delta(0, " [1"), Delta(0, "]. Moon"), Delta(0, " ["),
+              Delta(0, None, "stop")]
+    for d in pieces:
+        g.clean(d)
+    assert [d.text for d in pieces] == ["Tides rise", "", ". Moon", "", " ["]
+    assert g.text == "Tides rise [1]. Moon ["  # the raw answer, for the citations chunk

@@ -79,6 +79,15 @@ class Grounding:
     def flush(self) -> str:
         return self.markers.flush()
 
+    def clean(self, delta: Any) -> None:
+        """A streamed piece of choice 0 (a backends.Delta), in place: its text without markers, and the held
+        tail added to the piece that finishes the choice. The gateway's stream calls this on each piece of
+        choice 0 before sending it (then its pieces add up to the text the citations' offsets count in)."""
+        text = self.feed(delta.text) if delta.text else delta.text
+        if delta.finish_reason:
+            text = (text or "") + self.flush()
+        delta.text = text
+
 
 def requested(req: Any) -> bool:
     return isinstance(req, ChatCompletionRequest) and req.fleet_file_search is not None
