@@ -430,3 +430,28 @@ def test_no_tool_or_item_field_value_makes_a_500(api):
         for body in bodies:
             r = tc.post("/v1/responses", content=json.dumps({"model": "m", **body}))
             assert r.status_code < 500, (body, r.status_code, r.text[:200])
+
+
+def test_smollm2_runs_the_tool_loop_over_responses(tmp_path, smollm2_gguf):
+    """SmolLM2-135M through llama.cpp: a required call that parses and matches its schema, then its output
+    sent back by call_id on the chain and a streamed text answer."""
+    pytest.importorskip("llama_cpp")
+    from fleetlm.serve.backends import build_backends
+
+    config = parse_config({"models": {"smol": {"gguf": str(smollm2_gguf), "engine": "llama_cpp"}}})
+    app = create_app(config, UsageStore(f"sqlite:///{tmp_path / 'fleet.db'}"), build_backends(config))
+    with TestClient(app) as tc:
+        client = connect(tc)
+        r = client.responses.create(model="smol", input="Add 2 and 40.", tools=[ADD], tool_choice="required",
+                                    temperature=0, max_output_tokens=60)
+        (call,) = [o for o in r.output if o.type == "function_call"]
+        assert call.name == "add"
+        jsonschema.validate(json.loads(call.arguments), ADD["parameters"])
+        with client.responses.stream(model="smol", previous_response_id=r.id, tools=[ADD], tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "42"}],
+                                     temperature=0, max_output_tokens=30) as events:
+            deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+            final = events.get_final_response()
+    assert final.status == "completed" and final.output_text.strip() and "".join(deltas) == final.output_text
+    assert final.previous_response_id == r.id
