@@ -234,9 +234,9 @@ def test_bm25_and_dense_give_the_plain_joins_answers_as_the_stores_change(store,
     for i in range(50, 55):  # new documents: appended in place to the cached matrix
         add_random_file(store, tmp_path, big, rng, i)
     assert_same_answers(store, [big, small, third], rng)
-    assert store._matrices[big].vectors is before.vectors and store._matrices[big].size > before.size
-    old_ids, _, old_vectors = before.view()
-    assert old_vectors.shape[0] == len(old_ids)  # an older view keeps its rows
+    assert store._matrices[big].units is before.units and store._matrices[big].size > before.size
+    old_ids, _, old_units, _ = before.view()
+    assert old_units.shape[0] == len(old_ids)  # an older view keeps its rows
 
     add_random_file(store, tmp_path, big, rng, 60, shared)  # older chunk ids join: rows re-sorted
     add_random_file(store, tmp_path, big, rng, 61, shared)  # the same document twice in one store
@@ -244,7 +244,7 @@ def test_bm25_and_dense_give_the_plain_joins_answers_as_the_stores_change(store,
         store.detach(big, f["id"])
     store.delete_store(small)
     assert_same_answers(store, [big, third], rng)
-    ids, ns, _ = store._vectors(big)
+    ids, ns, _, _ = store._vectors(big)
     pairs = list(zip(ids.tolist(), ns.tolist(), strict=True))
     assert pairs == sorted(pairs)
 
@@ -261,3 +261,38 @@ def test_hits_come_in_the_order_asked_and_none_for_what_went(store, tmp_path):
     assert got[0]["attributes"] == {"i": 1} and got[0]["file_id"] == fb["id"] and got[0]["text"]
     store.detach(vs, fa["id"])
     assert store.hits(pairs)[1] is None and store.hits([]) == []
+
+
+def index_vectors(store, tmp_path, vs: str, name: str, vectors: np.ndarray) -> int:
+    f = upload(store, tmp_path, name, name.encode())
+    n = store.attach(vs, f, {}, Strategy())["n"]
+    doc = store.start_doc(store.job(n)["sha256"], Strategy().key)
+    store.add_chunks(doc, [Chunk(k, f"chunk {k}", 2) for k in range(len(vectors))], vectors, final=True)
+    return n
+
+
+def test_dense_ranks_by_exact_scores_where_float16_cannot_tell_them_apart(store, tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(384).astype(np.float32)
+    base /= np.linalg.norm(base)
+    # 300 near-copies of one vector: their cosines to it differ by less than float16 can resolve
+    near = base + 1e-4 * rng.standard_normal((300, 384)).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    vs = store.create_store(None, {}, None)["id"]
+    index_vectors(store, tmp_path, vs, "near.txt", near)
+    got = store.dense(vs, base, ("1", []), 10)
+    assert [g[:2] for g in got] == [w[:2] for w in reference_dense(store, vs, base, ("1", []), 10)]
+    assert len({round(g[2], 7) for g in got}) > 1  # the scores differ, by less than float16 resolves
+    assert got[0][2] - got[-1][2] < 1e-3
+
+
+def test_dense_handles_vectors_far_outside_float16s_range(store, tmp_path):
+    rng = np.random.default_rng(4)
+    big = rng.standard_normal((50, 384)).astype(np.float32) * np.float32(1e6)  # not normalized at all
+    vs = store.create_store(None, {}, None)["id"]
+    index_vectors(store, tmp_path, vs, "big.txt", big)
+    q = rng.standard_normal(384).astype(np.float32) * np.float32(1e5)
+    got, want = store.dense(vs, q, ("1", []), 5), reference_dense(store, vs, q, ("1", []), 5)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-5)
+    assert store.dense(vs, np.zeros(384, dtype=np.float32), ("1", []), 3)[0][2] == 0.0
