@@ -246,7 +246,7 @@ def _llama_cpp_greedy(path: Path, ids: list[int], n: int) -> tuple[list[int], to
 def test_gguf_export_decodes_in_llama_cpp_as_in_our_engine(moe_checkpoint, tmp_path, variant):
     from fleetlm.compress.gguf_moe import export_moe_gguf
     from fleetlm.engine import Engine, GenerationRequest
-    from fleetlm.model.gguf import GGUFFile
+    from fleetlm.model.gguf import GGUFFile, load_gguf
 
     path = moe_checkpoint(variant)
     out = export_moe_gguf(path, tmp_path / f"{variant}.gguf", "f32")
@@ -269,6 +269,11 @@ def test_gguf_export_decodes_in_llama_cpp_as_in_our_engine(moe_checkpoint, tmp_p
     with torch.no_grad():
         want = load_checkpoint(path)(torch.tensor([ids]))[0]
     torch.testing.assert_close(logits, want, atol=2e-3, rtol=1e-3)
+    # and our GGUF reader takes the file back: same config, same logits
+    back, _ = load_gguf(out)
+    assert back.config.arch == variant and back.config.num_experts == 4
+    with torch.no_grad():
+        torch.testing.assert_close(back(torch.tensor([ids]))[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_express(moe_checkpoint, tmp_path, tiny_llama):

@@ -58,8 +58,16 @@ END_OF_GENERATION = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|cal
 FIM_END_OF_GENERATION = (("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
                          ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
                          ("<|file_sep|>",))
-# GGUF architecture -> ours (Mistral GGUFs say "llama"; their sliding window is not in the file).
-LOAD_ARCH = {"llama": "llama", "qwen2": "qwen2"}
+# GGUF architecture -> ours (Mistral GGUFs say "llama"; their sliding window is not in the file; a "llama"
+# with experts is Mixtral).
+LOAD_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+# llama.cpp's names of a mixture-of-experts block's tensors -> ours under layers.{i}.mlp (model/moe.py).
+MOE_NAMES = {"ffn_gate_inp.weight": "gate.weight", "ffn_gate_exps.weight": "gate_exps",
+             "ffn_up_exps.weight": "up_exps", "ffn_down_exps.weight": "down_exps",
+             "ffn_gate_shexp.weight": "shared_expert.gate_proj.weight",
+             "ffn_up_shexp.weight": "shared_expert.up_proj.weight",
+             "ffn_down_shexp.weight": "shared_expert.down_proj.weight",
+             "ffn_gate_inp_shexp.weight": "shared_expert_gate.weight"}
 # Tensor types we dequantize (all through gguf.quants): what llama.cpp's usual file types are made of
 # (Q4_K_M files mix Q4_K, Q6_K, Q5_0, Q8_0; Q4_1 files keep a Q8_0 embedding).
 LOAD_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -222,7 +230,7 @@ def gguf_model_config(reader: GGUFFile) -> ModelConfig:
     if arch == "llama" and bias != ("blk.0.attn_output.bias" in names):
         raise GGUFLoadError("a llama GGUF with biases on q/k/v but not on the output (or the reverse)")
     return ModelConfig(
-        arch=LOAD_ARCH[arch],
+        **_moe_config(reader, arch),
         vocab_size=int(names["token_embd.weight"].shape[1]),  # ggml order: [hidden, vocab]
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -235,10 +243,31 @@ def gguf_model_config(reader: GGUFFile) -> ModelConfig:
         rope_scaling=rope_scaling,
         max_position_embeddings=int(_meta(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias=bias or arch == "qwen2",
+        attention_bias=bias or arch in ("qwen2", "qwen2moe"),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=[] if eos is None else [int(eos)],
     )
+
+
+def _moe_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
+    """arch and the expert fields of our config: a "llama" with experts is Mixtral, qwen2moe Qwen2-MoE."""
+    experts = int(_meta(reader, f"{arch}.expert_count", 0) or 0)
+    if not experts:
+        if arch == "qwen2moe":
+            raise GGUFLoadError("a qwen2moe GGUF without qwen2moe.expert_count")
+        return {"arch": LOAD_ARCH[arch]}
+    used = int(_meta(reader, f"{arch}.expert_used_count", 0) or 0)
+    if arch == "llama":  # llama.cpp renormalises a llama's top-k weights (Mixtral)
+        return {"arch": "mixtral", "num_experts": experts, "num_experts_per_tok": used}
+    if arch != "qwen2moe":
+        raise GGUFLoadError(f"experts in a {arch} GGUF are not supported")
+    width = _meta(reader, f"{arch}.expert_feed_forward_length")
+    if width is None:
+        raise GGUFLoadError("a qwen2moe GGUF without qwen2moe.expert_feed_forward_length")
+    return {"arch": "qwen2_moe", "num_experts": experts, "num_experts_per_tok": used, "norm_topk_prob": False,
+            "moe_intermediate_size": int(width),
+            "shared_expert_intermediate_size": int(_meta(reader, f"{arch}.expert_shared_feed_forward_length",
+                                                         0) or 0)}
 
 
 def _our_tensor_name(name: str) -> str | None:
@@ -248,6 +277,9 @@ def _our_tensor_name(name: str) -> str | None:
     globals_ = {v: k.removeprefix("model.") for k, v in GLOBAL_NAMES.items()}
     if name in globals_:
         return globals_[name]
+    m = re.match(r"^blk\.(\d+)\.(\w+\.weight)$", name)
+    if m and m.group(2) in MOE_NAMES:
+        return f"layers.{m.group(1)}.mlp.{MOE_NAMES[m.group(2)]}"
     m = re.match(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$", name)
     layer_names = {v: k for k, v in LAYER_NAMES.items()}
     if m and m.group(2) in layer_names:
@@ -376,10 +408,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
             continue
         name = _our_tensor_name(t.name)
         data = _dequantized(t, dtype)
-        if cfg.arch == "llama" and ".attn_q." in t.name:
+        interleaved = cfg.arch in ("llama", "mixtral")  # llama.cpp's "llama" rotates adjacent pairs
+        if interleaved and ".attn_q." in t.name:
             data = unpermute_rotate_half(data, cfg.num_heads)
-        elif cfg.arch == "llama" and ".attn_k." in t.name:
+        elif interleaved and ".attn_k." in t.name:
             data = unpermute_rotate_half(data, cfg.num_kv_heads)
+        elif t.name.endswith("ffn_gate_inp_shexp.weight"):
+            data = data.reshape(1, -1)  # llama.cpp's {n_embd} -> our nn.Linear(hidden, 1)
         state[name] = data
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
