@@ -1,7 +1,7 @@
 
 import pytest
 
-from fleetlm.rag.search import SearchRequest, convex, fts_query, rrf, search
+from fleetlm.rag.search import SearchRequest, convex, fts_query, min_max, rrf, search
 from fleetlm.rag.store import SqliteKnowledgeStore
 from rag_fakes import bag_of_words, index_text
 
@@ -14,16 +14,31 @@ def test_rrf_scores_first_everywhere_as_one():
     assert scores[(2, 1)] == pytest.approx(scores[(3, 1)]) == pytest.approx((1 / 62) / (2 / 61))
 
 
-def test_convex_weights_dense_and_scaled_bm25():
-    scores = convex({(1, 1): 4.0, (2, 1): 2.0}, {(1, 1): 0.2, (3, 1): 0.9}, alpha=0.25)
-    assert scores[(1, 1)] == pytest.approx(0.25 * 0.2 + 0.75 * 1.0)
-    assert scores[(2, 1)] == pytest.approx(0.75 * 0.5)
-    assert scores[(3, 1)] == pytest.approx(0.25 * 0.9)
+def test_convex_weights_both_sides_min_max_scaled():
+    bm25 = {(1, 1): 4.0, (2, 1): 2.0, (4, 1): 1.0}
+    cosine = {(1, 1): 0.2, (2, 1): 0.5, (3, 1): 0.9, (4, 1): 0.1}
+    scores = convex(bm25, cosine, alpha=0.25)
+    assert scores[(1, 1)] == pytest.approx(0.25 * 0.125 + 0.75 * 1.0)
+    assert scores[(2, 1)] == pytest.approx(0.25 * 0.5 + 0.75 * (1 / 3))
+    assert scores[(3, 1)] == pytest.approx(0.25 * 1.0)  # only the dense list found it: its BM25 part is 0
+    assert scores[(4, 1)] == pytest.approx(0.0)  # last on both sides
+    assert all(0 <= s <= 1 for s in scores.values())
+
+
+def test_min_max_of_equal_or_single_scores_is_one():
+    assert min_max({(1, 1): 3.0}) == {(1, 1): 1.0}
+    assert min_max({(1, 1): 0.4, (2, 1): 0.4}) == {(1, 1): 1.0, (2, 1): 1.0}
+    assert min_max({}) == {}
 
 
 def test_fts_query_quotes_words_so_nothing_is_an_operator():
-    assert fts_query('NOT "x" OR near(y) AND z*') == '"not" OR "x" OR "or" OR "near" OR "y" OR "and" OR "z"'
+    assert fts_query('NEAR "x" OR near(y) AND z*') == '"near" OR "x" OR "y" OR "z"'
     assert fts_query("?!") == ""
+
+
+def test_fts_query_drops_stop_words_unless_nothing_is_left():
+    assert fts_query("How do I copy a list in Python?") == '"copy" OR "list" OR "python"'
+    assert fts_query("what is it") == '"what" OR "is" OR "it"'
 
 
 @pytest.fixture

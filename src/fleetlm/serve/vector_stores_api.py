@@ -3,8 +3,8 @@
 Attaching a file queues it for the ingest worker (rag/ingest.py) and answers at once with status
 `in_progress`; clients poll the file, the batch or the store's `file_counts`. Search takes OpenAI's fields
 plus fleet extensions, declared here and documented in docs/KNOWLEDGE.md: `fleet_retrieval`
-("bm25" | "dense" | "hybrid", default hybrid), `fleet_fusion` ("rrf" | "convex", default rrf),
-`fleet_alpha` (the convex weight of the dense score, default 0.5), and reranking by a fleet model
+("bm25" | "dense" | "hybrid", default hybrid), `fleet_fusion` ("convex" | "rrf", default convex),
+`fleet_alpha` (the convex weight of the dense score, default 0.7), and reranking by a fleet model
 (`ranking_options.ranker: "fleet:<model>"`, with `fleet_rerank_depth`, rag/rerank.py). A file deleted
 from /v1/files stays searchable in the stores it was attached to until it is removed from them (OpenAI's
 behaviour: deleting a file does not detach it); its results keep its id and filename.
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from fleetlm.rag.chunking import ChunkingError, Strategy, parse_strategy
 from fleetlm.rag.filters import FilterError, compile_filter
 from fleetlm.rag.rerank import DEFAULT_DEPTH, MAX_DEPTH, backend_judge, fleet_ranker, rerank
-from fleetlm.rag.search import SearchRequest, search
+from fleetlm.rag.search import DEFAULT_ALPHA, DEFAULT_FUSION, SearchRequest, search
 from fleetlm.rag.store import STATUSES
 from fleetlm.serve.errors import APIError, BackendError, BadRequest
 from fleetlm.serve.files_api import KnowledgeBase, NotFound, api_errors, listing, open_knowledge, page_params
@@ -229,10 +229,10 @@ def search_request(body: dict) -> SearchRequest:
     retrieval = body.get("fleet_retrieval", "hybrid")
     if retrieval not in ("bm25", "dense", "hybrid"):
         raise BadRequest("fleet_retrieval must be 'bm25', 'dense' or 'hybrid'", param="fleet_retrieval")
-    fusion = body.get("fleet_fusion", "rrf")
+    fusion = body.get("fleet_fusion", DEFAULT_FUSION)
     if fusion not in ("rrf", "convex"):
         raise BadRequest("fleet_fusion must be 'rrf' or 'convex'", param="fleet_fusion")
-    alpha = body.get("fleet_alpha", 0.5)
+    alpha = body.get("fleet_alpha", DEFAULT_ALPHA)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise BadRequest("fleet_alpha must be a number from 0 to 1", param="fleet_alpha")
     filters = body.get("filters")
