@@ -171,9 +171,46 @@ class Prepared:
     search_item: dict | None = None  # the file_search_call output item, when file_search ran
 
 
+def _with_assistant(config: Any, req: ResponsesRequest) -> tuple[str, list[str], list[dict], Any]:
+    """(model, instructions, tools, assistant): an assistant's model, its instructions before the request's,
+    its stores as a file_search tool (unless the request brings one) and its function tools after the
+    request's; the request's own otherwise."""
+    instructions = [req.instructions] if req.instructions else []
+    tools = list(req.tools or [])
+    assistant = assistants.find_assistant(config, req.model)
+    if assistant is None:
+        return req.model, instructions, tools, None
+    if assistant.vector_store_ids and not any(t.get("type") == "file_search" for t in tools):
+        tools.append({"type": "file_search", "vector_store_ids": assistant.vector_store_ids,
+                      "max_num_results": assistant.max_num_results})
+    tools += [{"type": "function", **t.function.model_dump(exclude_none=True)} for t in assistant.tools]
+    return assistant.model, [assistant.instructions or "", *instructions], tools, assistant
+
+
+async def _search(gw: Any, request: Request, search: dict, items: list[dict], include: bool
+                  ) -> tuple[list[Source], dict]:
+    """file_search for the conversation's last user text: the sources and the file_search_call item."""
+    kb = await open_knowledge(gw, request)
+    for i, vs in enumerate(search["vector_store_ids"]):
+        if kb.store.get_store(vs) is None:
+            raise NotFound(f"no vector store {vs!r}", param=f"tools.vector_store_ids[{i}]")
+    users = [m for m in items if m.get("type") == "message" and m["role"] == "user"]
+    query = text_of(users[-1]["content"], "input") if users else ""
+    if not query.strip():
+        raise BadRequest("file_search needs a user message with text to search for", param="input")
+    sources = await run_in_threadpool(
+        retrieve, kb.store, search["vector_store_ids"], query, kb.ingestor.embed,
+        max_num_results=search["max_num_results"], filters=search["filters"],
+        score_threshold=search["score_threshold"],
+    )
+    item = {"id": new_id("fs"), "type": "file_search_call", "status": "completed", "queries": [query],
+            "results": [_result(s) for s in sources] if include else None}
+    return sources, item
+
+
 async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -> Prepared:
-    """Validate the request, rebuild its chain, run file_search and resolve the model (400/404s here,
-    before any answer or stream begins)."""
+    """Validate the request, rebuild its chain, run file_search, fit the conversation to the context and
+    resolve the model: every 400/404 is found here, before any answer or stream begins."""
     for i, name in enumerate(req.include or []):
         if name not in INCLUDES:
             raise BadRequest(f"unsupported include {name!r}", param=f"include[{i}]")
@@ -185,40 +222,18 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
             raise NotFound(f"no response {req.previous_response_id!r}", param="previous_response_id")
         history, conversation = await run_in_threadpool(store.history, req.previous_response_id)
     items = normalise_input(req.input, call_ids(history))
-    model, tools = req.model, list(req.tools or [])
-    instructions = [req.instructions] if req.instructions else []
-    assistant = assistants.find_assistant(gw.config, req.model)
-    if assistant is not None:  # its instructions first, its stores as file_search, its tools, its model
-        model = assistant.model
-        instructions = [assistant.instructions or "", *instructions]
-        if assistant.vector_store_ids and not any(t.get("type") == "file_search" for t in tools):
-            tools.append({"type": "file_search", "vector_store_ids": assistant.vector_store_ids,
-                          "max_num_results": assistant.max_num_results})
-        tools += [{"type": "function", **t.function.model_dump(exclude_none=True)} for t in assistant.tools]
+    model, instructions, tools, assistant = _with_assistant(gw.config, req)
     plan = plan_tools(tools, req.tool_choice)
-    prepared_system = [i for i in instructions if i]
+    response_format = text_format(req.text)
+    system = [i for i in instructions if i]
     sources: list[Source] = []
     search_item = None
     if plan.search is not None:
-        kb = await open_knowledge(gw, request)
-        for i, vs in enumerate(plan.search["vector_store_ids"]):
-            if kb.store.get_store(vs) is None:
-                raise NotFound(f"no vector store {vs!r}", param=f"tools.vector_store_ids[{i}]")
-        users = [m for m in history + items if m.get("type") == "message" and m["role"] == "user"]
-        query = text_of(users[-1]["content"], "input") if users else ""
-        if not query.strip():
-            raise BadRequest("file_search needs a user message with text to search for", param="input")
-        sources = await run_in_threadpool(
-            retrieve, kb.store, plan.search["vector_store_ids"], query, kb.ingestor.embed,
-            max_num_results=plan.search["max_num_results"], filters=plan.search["filters"],
-            score_threshold=plan.search["score_threshold"],
-        )
         include = "file_search_call.results" in (req.include or [])
-        search_item = {"id": new_id("fs"), "type": "file_search_call", "status": "completed",
-                       "queries": [query], "results": [_result(s) for s in sources] if include else None}
-        prepared_system.append(grounding_prompt(sources, max_chars=6000))
-    system = [{"role": "system", "content": "\n\n".join(prepared_system)}] if prepared_system else []
-    messages = system + to_messages(history + items)
+        sources, search_item = await _search(gw, request, plan.search, history + items, include)
+        system.append(grounding_prompt(sources, max_chars=6000))
+    messages = ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + to_messages(
+        history + items)
     if _plain(messages):
         # A chain past the answering model's context is compacted (serve/conversation_memory.py: older turns
         # summarised by the cheapest capable model and archived, the ones matching the question recalled).
@@ -232,7 +247,6 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
     if plan.functions:
         fields.update(tools=plan.functions, tool_choice=plan.chat_choice,
                       parallel_tool_calls=req.parallel_tool_calls)
-    response_format = text_format(req.text)
     if response_format is not None:
         fields["response_format"] = response_format
     try:
