@@ -55,6 +55,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fleetlm.catalog.store import fleet_home
@@ -85,7 +86,7 @@ ARMS = {
     "0.5b": Arm(MEDIUM, False),
     "135m": Arm(SMALL, False),
 }
-DEFAULT_ARMS = ("135m+fs", "0.5b+fs", "1.5b")
+DEFAULT_ARMS = ("0.5b+fs", "1.5b", "135m+fs")  # in the order they are asked: the claim first
 INSTRUCTIONS = ("Answer the question about Python in one or two short sentences. Name the exact function, "
                 "class, method, parameter or value.")
 GOAL = ("goal: 0.5b+fs beats 1.5b by >= 30 points at <= 1/3 of its cost per answer; "
@@ -318,13 +319,15 @@ def settings_of(args: argparse.Namespace, sample: Sequence[Question]) -> dict:
             "instructions": INSTRUCTIONS}
 
 
-def ask_one(client, arm: Arm, question: Question, store_id: str, by_file: dict[str, str],
-            args: argparse.Namespace) -> dict:
-    """One question through /v1/responses; cited and retrieved files kept as passage ids."""
+def ask_one(client, usage, arm: Arm, question: Question, manifest: dict, args: argparse.Namespace) -> dict:
+    """One question through /v1/responses: the reply, cited and retrieved files as passage ids, tokens,
+    the client's wall time, and what the usage log charged for it."""
+    by_file = manifest["by_file"]
     extra: dict = {}
     if arm.file_search:
-        tool = {"type": "file_search", "vector_store_ids": [store_id], "max_num_results": args.k}
+        tool = {"type": "file_search", "vector_store_ids": [manifest["store_id"]], "max_num_results": args.k}
         extra = {"tools": [tool], "include": ["file_search_call.results"]}
+    since = time.time()
     started = time.perf_counter()
     try:
         r = client.responses.create(model=arm.model, input=question.question, instructions=INSTRUCTIONS,
@@ -332,7 +335,7 @@ def ask_one(client, arm: Arm, question: Question, store_id: str, by_file: dict[s
                                     **extra)
     except Exception as exc:  # a failed request is a wrong answer, counted and shown, never a crash
         return {"id": question.id, "error": f"{type(exc).__name__}: {exc}"[:300],
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "cost_usd": 0.0}
     seconds = time.perf_counter() - started
     reply, cited, retrieved = "", [], []
     for item in r.output:
@@ -344,34 +347,37 @@ def ask_one(client, arm: Arm, question: Question, store_id: str, by_file: dict[s
                           if getattr(a, "type", "") == "file_citation"]
         elif item.type == "file_search_call":
             retrieved = [by_file.get(res.file_id, res.file_id) for res in (item.results or [])]
+    logged = [row for row in usage.requests(since - 1)
+              if row["endpoint"] == "responses" and row["model_used"] == arm.model and row["status"] == 200]
     return {"id": question.id, "reply": reply, "cited": cited, "retrieved": retrieved, "seconds": seconds,
-            "input_tokens": r.usage.input_tokens, "output_tokens": r.usage.output_tokens}
+            "input_tokens": r.usage.input_tokens, "output_tokens": r.usage.output_tokens,
+            "cost_usd": logged[-1]["cost_usd"] if logged else None}
 
 
-def ask_arm(client, usage, name: str, sample: Sequence[Question], manifest: dict,
-            args: argparse.Namespace) -> dict:
-    arm = ARMS[name]
-    since = time.time()
-    answers = []
+def ask_arm(client, usage, kept: dict, sample: Sequence[Question], manifest: dict, args: argparse.Namespace,
+            save) -> dict:
+    """Ask the questions of `sample` that `kept` has no answer for yet, saving every few answers (a run cut
+    short by its time limit goes on from there next time)."""
+    arm = ARMS[kept["arm"]]
+    done = {a["id"] for a in kept["answers"]}
     started = time.perf_counter()
-    for n, q in enumerate(sample):
-        answers.append(ask_one(client, arm, q, manifest["store_id"], manifest["by_file"], args))
-        if n % 10 == 9:
-            print(f"  {name}: {n + 1}/{len(sample)} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    logged = [r for r in usage.requests(since)
-              if r["endpoint"] == "responses" and r["model_used"] == arm.model]
-    return {"arm": name, "model": arm.model, "file_search": arm.file_search, "answers": answers,
-            "logged_cost_usd": sum(r["cost_usd"] for r in logged), "logged_requests": len(logged),
-            "logged_latency_ms": [r["latency_ms"] for r in logged],
-            "wall_seconds": time.perf_counter() - started}
+    for n, q in enumerate(q for q in sample if q.id not in done):
+        kept["answers"].append(ask_one(client, usage, arm, q, manifest, args))
+        if n % 5 == 4:
+            save(kept)
+            print(f"  {kept['arm']}: {len(kept['answers'])}/{len(sample)} "
+                  f"({time.perf_counter() - started:.0f} s this run)", file=sys.stderr)
+    save(kept)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score_arm(kept: dict, questions: dict[str, Question]) -> dict:
-    """Accuracy (all / lexical / paraphrased), cost and latency per answer, citation shares, of one arm."""
-    answers = kept["answers"]
+def score_arm(kept: dict, questions: dict[str, Question], ids: set[str] | None = None) -> dict:
+    """Accuracy (all / lexical / paraphrased), cost and latency per answer, citation shares, of one arm
+    (over the questions in `ids` when given: those every arm has answered)."""
+    answers = [a for a in kept["answers"] if ids is None or a["id"] in ids]
     verdicts = {a["id"]: judge(questions[a["id"]], a.get("reply", "")) if "error" not in a
                 else Verdict(False, "error") for a in answers}
     correct = [a for a in answers if verdicts[a["id"]].correct]
@@ -390,8 +396,8 @@ def score_arm(kept: dict, questions: dict[str, Question]) -> dict:
     row = {"arm": kept["arm"], "model": kept["model"], "file_search": kept["file_search"], "n": len(answers),
            "accuracy": accuracy(None), "lexical": accuracy(True), "paraphrased": accuracy(False),
            "errors": sum("error" in a for a in answers),
-           "cost_per_answer_usd": kept["logged_cost_usd"] / max(1, len(answers)),
-           "logged_requests": kept["logged_requests"],
+           "cost_per_answer_usd": statistics.fmean([a.get("cost_usd") or 0.0 for a in answers] or [0.0]),
+           "unlogged": sum(a.get("cost_usd") is None for a in answers),
            "latency_p50_s": statistics.median(seconds) if seconds else None,
            "latency_p95_s": seconds[min(len(seconds) - 1, int(0.95 * len(seconds)))] if seconds else None,
            "input_tokens_mean": statistics.fmean([a.get("input_tokens", 0) for a in answers] or [0]),
@@ -473,6 +479,21 @@ def plot(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def new_arm(name: str, settings: dict, cost) -> dict:
+    """An arm with no answers yet, with the engine and price its model is served at."""
+    arm = ARMS[name]
+    return {"arm": name, "model": arm.model, "file_search": arm.file_search, "answers": [],
+            "settings": settings, "engine": cost.engine, "price_source": cost.price_source,
+            "price": {"input": cost.price.input, "output": cost.price.output}}
+
+
+def save_arm(arms_dir: Path, kept: dict) -> None:
+    """Written whole or not at all (a run stopped by its time limit must not leave half a file)."""
+    tmp = arms_dir / f".{kept['arm']}.json.tmp"
+    tmp.write_text(json.dumps(kept, indent=1))
+    tmp.replace(arms_dir / f"{kept['arm']}.json")
+
+
 def kept_arm(path: Path, settings: dict) -> dict | None:
     if not path.is_file():
         return None
@@ -492,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {q.id: q for q in load_questions()}
     sample = sample_questions(list(by_id.values()), args.limit, args.seed)
     settings = settings_of(args, sample)
-    todo = [a for a in args.arms if args.rerun or kept_arm(out / "arms" / f"{a}.json", settings) is None]
+    arms_dir = out / "arms"
+    kept = {a: k for a in ARMS if (k := kept_arm(arms_dir / f"{a}.json", settings)) is not None}
+    todo = [a for a in args.arms if args.rerun or len(kept.get(a, {}).get("answers", [])) < len(sample)]
     if args.report_only or args.ingest_only:
         todo = []
     print(f"{len(passages)} passages, sample of {len(sample)} questions (seed {args.seed}, "
@@ -510,20 +533,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             manifest = reuse_or_upload(client, work, passages, digest)
             for name in todo:
-                kept = ask_arm(client, usage, name, sample, manifest, args)
-                c = costs[kept["model"]]
-                kept.update(settings=settings, engine=c.engine, price={"input": c.price.input,
-                                                                       "output": c.price.output},
-                            price_source=c.price_source)
-                (out / "arms" / f"{name}.json").write_text(json.dumps(kept, indent=1))
+                arm = new_arm(name, settings, costs[ARMS[name].model])
+                if not args.rerun and kept.get(name, {}).get("engine") == arm["engine"]:
+                    arm = kept[name]  # go on where an earlier run on the same engine stopped
+                kept[name] = ask_arm(client, usage, arm, sample, manifest, args, partial(save_arm, arms_dir))
         finally:
             tc.__exit__(None, None, None)
 
-    held = [k for a in ARMS if (k := kept_arm(out / "arms" / f"{a}.json", settings)) is not None]
+    held = [k for k in kept.values() if k["answers"]]
     if not held:
         print("no arm answered this sample yet", file=sys.stderr)
         return 1
-    rows = [score_arm(k, by_id) for k in held]
+    common = set.intersection(*({a["id"] for a in k["answers"]} for k in held))  # same questions for all
+    rows = [score_arm(k, by_id, common) for k in held]
+    held_counts = ", ".join(f"{k['arm']} {len(k['answers'])}" for k in held)
+    print(f"scored over the {len(common)} questions every arm answered (held: {held_counts})")
     print("\njudged examples:")
     for k in held:
         print_examples(k, by_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,21 +95,21 @@ def test_arguments_and_their_errors(bench):
             bench.parse_args(bad)
 
 
-def _kept(arm: str, fs: bool, answers: list[dict], cost: float) -> dict:
-    return {"arm": arm, "model": f"model-{arm}", "file_search": fs, "answers": answers,
-            "logged_cost_usd": cost, "logged_requests": len(answers)}
+def _kept(arm: str, fs: bool, answers: list[dict]) -> dict:
+    return {"arm": arm, "model": f"model-{arm}", "file_search": fs, "answers": answers}
 
 
 def test_scoring_table_and_plot(bench, questions, tmp_path, capsys):
     q1, q2 = questions["q025"], questions["q011"]
     with_fs = _kept("0.5b+fs", True, [
         {"id": q1.id, "reply": "copy.deepcopy()", "cited": [q1.passage_id], "retrieved": [q1.passage_id],
-         "seconds": 1.0, "input_tokens": 900, "output_tokens": 10},
+         "seconds": 1.0, "input_tokens": 900, "output_tokens": 10, "cost_usd": 0.0005},
         {"id": q2.id, "reply": "ChainMap", "cited": ["other#x"], "retrieved": ["other#x", q2.passage_id],
-         "seconds": 3.0, "input_tokens": 800, "output_tokens": 12}], cost=0.002)
+         "seconds": 3.0, "input_tokens": 800, "output_tokens": 12, "cost_usd": 0.0015}])
     without = _kept("1.5b", False, [
-        {"id": q1.id, "reply": "Use copy.copy", "seconds": 2.0, "input_tokens": 40, "output_tokens": 30},
-        {"id": q2.id, "error": "APITimeoutError: timed out", "seconds": 600.0}], cost=0.004)
+        {"id": q1.id, "reply": "Use copy.copy", "seconds": 2.0, "input_tokens": 40, "output_tokens": 30,
+         "cost_usd": 0.004},
+        {"id": q2.id, "error": "APITimeoutError: timed out", "seconds": 600.0, "cost_usd": 0.0}])
     rows = [bench.score_arm(k, questions) for k in (with_fs, without)]
     fs, no = rows
     assert fs["accuracy"] == 1.0 and fs["gold_cited_of_correct"] == 0.5 and fs["gold_retrieved"] == 1.0
@@ -121,3 +122,48 @@ def test_scoring_table_and_plot(bench, questions, tmp_path, capsys):
     assert "0.5b+fs vs 1.5b: +100.0 points, cost ratio 0.50" in out and "50.0%" in out
     bench.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+class FakeClient:
+    """Answers /v1/responses like the gateway (a file_search_call, then a message citing a file); the
+    usage log is a list it appends to."""
+
+    def __init__(self, log: list[dict], fail: str = ""):
+        self.log, self.fail, self.asked = log, fail, []
+        self.responses = SimpleNamespace(create=self.create)
+
+    def create(self, *, model, input, tools=None, **_):
+        self.asked.append((model, input, bool(tools)))
+        if input == self.fail:
+            raise TimeoutError("timed out")
+        self.log.append({"endpoint": "responses", "model_used": model, "status": 200, "cost_usd": 0.25})
+        note = SimpleNamespace(type="file_citation", file_id="file-gold")
+        message = SimpleNamespace(type="message", content=[SimpleNamespace(text="copy.deepcopy()",
+                                                                           annotations=[note])])
+        search = SimpleNamespace(type="file_search_call", results=[SimpleNamespace(file_id="file-gold")])
+        return SimpleNamespace(output=[search, message] if tools else [message],
+                               usage=SimpleNamespace(input_tokens=100, output_tokens=5))
+
+
+def test_ask_arm_saves_and_resumes(bench, questions):
+    log: list[dict] = []
+    usage = SimpleNamespace(requests=lambda since: log)
+    sample = [questions["q025"], questions["q011"], questions["q031"]]
+    manifest = {"store_id": "vs_1", "by_file": {"file-gold": questions["q025"].passage_id}}
+    args = bench.parse_args([])
+    saved: list[int] = []
+    client = FakeClient(log, fail=sample[1].question)
+    arm = {"arm": "0.5b+fs", "answers": []}
+    kept = bench.ask_arm(client, usage, arm, sample[:2], manifest, args,
+                         lambda k: saved.append(len(k["answers"])))
+    assert saved[-1] == 2 and [m for m, _, tools in client.asked] == [bench.MEDIUM] * 2
+    first, failed = kept["answers"]
+    assert first["cited"] == first["retrieved"] == [questions["q025"].passage_id]
+    assert first["cost_usd"] == 0.25
+    assert "TimeoutError" in failed["error"] and failed["cost_usd"] == 0.0
+    client.asked.clear()
+    bench.ask_arm(client, usage, kept, sample, manifest, args, lambda k: None)  # only the new question
+    assert [q for _, q, _ in client.asked] == [sample[2].question] and len(kept["answers"]) == 3
+    row = bench.score_arm({**kept, "model": bench.MEDIUM, "file_search": True}, questions)
+    assert row["accuracy"] == pytest.approx(1 / 3) and row["gold_cited_of_correct"] == 1.0
+    assert row["errors"] == 1
