@@ -4,6 +4,7 @@ import time
 import httpx
 import pytest
 
+from fleetlm.serve.backends import Delta
 from responses_fakes import ScriptBackend, make_app, served_app
 
 ADD = {"type": "function", "name": "add",
@@ -127,6 +128,22 @@ def test_a_backend_failing_mid_stream_ends_in_response_failed(api):
     assert client.responses.retrieve(failed["id"]).status == "failed"
     (row,) = [r for r in tc.app.state.gateway.store.requests() if r["status"] != 200]
     assert row["status"] == 502 and row["endpoint"] == "responses" and row["completion_tokens"] == 2
+
+
+def test_a_bug_mid_stream_is_a_response_failed_too(tmp_path):
+    from fastapi.testclient import TestClient
+
+    class Broken(ScriptBackend):
+        async def stream_chat(self, req):
+            yield Delta(0, "half ")
+            raise ValueError("a bug")
+
+    with TestClient(make_app(tmp_path, Broken())) as tc:
+        events = raw_events(tc, {"model": "m", "input": "x"})
+        rows = tc.app.state.gateway.store.requests()
+    assert events[-1][0] == "response.failed"
+    assert events[-1][1]["response"]["error"]["message"] == "internal error: ValueError"
+    assert [r["status"] for r in rows] == [500]
 
 
 def test_a_client_that_leaves_stops_the_model(tmp_path):

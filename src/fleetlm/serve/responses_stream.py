@@ -251,12 +251,14 @@ async def stream_response(gw: Any, p: Prepared, call: Any) -> Response:
             response = events.response("completed", usage)
             await keep(gw, p, response)
             yield events.emit("response.completed", response=response)
-        except BackendError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the client gets response.failed, not a cut
+            status = 502 if isinstance(exc, BackendError) else 500
+            message = exc.message if isinstance(exc, BackendError) else (
+                f"internal error: {type(exc).__name__}")
             usage = call.tally.finish(gw, call) if call.tally is not None else usage
-            await gw.log(call, 502, *usage, error=exc.message)
-            status = 502
+            await gw.log(call, status, *usage, error=message)
             events.fail()
-            response = events.response("failed", usage, {"code": "server_error", "message": exc.message})
+            response = events.response("failed", usage, {"code": "server_error", "message": message})
             await keep(gw, p, response)
             yield events.emit("response.failed", response=response)
         finally:
