@@ -7,7 +7,7 @@ its output a `tool` message with the same `call_id`. Every stored item has an id
 
 Tools: `function` tools become chat function tools (the chat path's constrained decoding then holds the
 calls to their schemas); `file_search` stays ours (responses_api.py). `tool_choice` is mapped as described
-in `plan_tools`.
+in `plan_tools`, and `text.format` becomes the chat request's response_format (`text_format`).
 """
 
 from __future__ import annotations
