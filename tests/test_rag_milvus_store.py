@@ -484,3 +484,17 @@ def test_the_metadata_follows_the_fleets_postgresql_storage(tmp_path, pg_server)
     embedded = open_store(gw, tmp_path / "files")
     assert isinstance(embedded, SqliteKnowledgeStore)
     embedded.close()
+
+
+def test_vectors_still_being_ingested_never_crowd_out_the_results(store, tmp_path):
+    vs = store.create_store(None, {}, None)["id"]
+    done, busy = upload(store, tmp_path, "done.txt", b"d"), upload(store, tmp_path, "busy.txt", b"b")
+    index(store, store.attach(vs, done, {}, Strategy())["n"], ["red apples"])
+    job = store.job(store.attach(vs, busy, {}, Strategy())["n"])
+    doc = store.start_doc(job["sha256"], job["strategy"].key)
+    texts = ["green apples", "apples apples", "apples pie"]
+    store.add_chunks(doc, [Chunk(i, t, 2) for i, t in enumerate(texts)], bag_of_words(texts), final=False)
+    (hit,) = store.dense(vs, bag_of_words(["apples apples"])[0], ("1", []), 1)
+    assert store.hits([hit[:2]])[0]["text"] == "red apples"
+    (hit,) = store.bm25(vs, '"apples"', ("1", []), 1)
+    assert store.hits([hit[:2]])[0]["text"] == "red apples"

@@ -843,12 +843,32 @@ class MilvusKnowledgeStore:
         members = self._members(store_id, where)
         if not members:
             return []
+        # The common case, one store holding every completed document and no attribute filter, needs no
+        # `doc_id in [...]` list (milvus-lite evaluates it row by row: 25 ms at 200 documents): search
+        # everything, drop what is not a member (vectors of documents still being ingested), and only when
+        # that leaves the page short ask again with the list.
+        everything = len(members) == self._completed_docs()
+        listed = f"doc_id in {sorted(members)}"
+        out, full = self._ask(data, field, metric, limit, "" if everything else listed, members)
+        if everything and full and len(out) < limit:
+            out, _ = self._ask(data, field, metric, limit, listed, members)
+        return out[:limit]
+
+    def _completed_docs(self) -> int:
+        with self.engine.connect() as conn:
+            q = select(func.count()).select_from(docs_t).where(docs_t.c.status == "completed")
+            return int(conn.execute(q).scalar_one())
+
+    def _ask(
+        self, data: Any, field: str, metric: str, limit: int, expr: str, members: dict[int, list[int]]
+    ) -> tuple[list[tuple[int, int, float]], bool]:
+        """The members' hits among Milvus' best `limit`, and whether Milvus filled the page."""
         hits = self.client.search(
             self.collection,
             data=[data],
             anns_field=field,
             limit=limit,
-            filter=f"doc_id in {sorted(members)}",
+            filter=expr,
             output_fields=["doc_id"],
             search_params={"metric_type": metric},
         )[0]
@@ -859,7 +879,7 @@ class MilvusKnowledgeStore:
             score = abs(float(hit["distance"])) if metric == "BM25" else float(hit["distance"])
             for n in members.get(int(hit["entity"]["doc_id"]), []):
                 out.append((int(hit["id"]), n, score))
-        return out[:limit]
+        return out, len(hits) >= limit
 
     def bm25(
         self, store_id: str, match: str, where: tuple[str, list], limit: int
