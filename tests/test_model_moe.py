@@ -288,3 +288,20 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_express(moe_checkpoint, tmp_p
     with pytest.raises(GGUFExportError, match="unknown GGUF type"):
         export_moe_gguf(moe_checkpoint("mixtral"), tmp_path / "x.gguf", "q2")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_q8_0_export_keeps_routers_f32_and_loads_in_llama_cpp(moe_checkpoint, tmp_path):
+    import gguf
+
+    from fleetlm.compress.gguf_moe import export_moe_gguf
+    from fleetlm.model.gguf import GGUFFile
+
+    path = moe_checkpoint("qwen2_moe")
+    out = export_moe_gguf(path, tmp_path / "q8.gguf", "q8_0")
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in GGUFFile(out).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and types["blk.1.ffn_up_shexp.weight"] == "Q8_0"
+    assert types["blk.1.ffn_down_shexp.weight"] == "F16"  # rows of 80 do not split into 32-value blocks
+    assert "output.weight" in types  # qwen2moe requires it: the tied embedding is written again
+    tokens, _ = _llama_cpp_greedy(out, [1, 5, 9, 20], 4)
+    assert len(tokens) == 4
