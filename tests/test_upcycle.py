@@ -147,3 +147,17 @@ def test_bench_quick_runs():
     out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MoE / dense: held-out perplexity" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_engine_runs_an_upcycled_model_at_other_widths(dense, tmp_path, dtype):
+    from fleetlm.engine import Engine, GenerationRequest
+
+    save_checkpoint(upcycle(dense, 4, 2, noise=0.1), tmp_path / "moe", tokenizer_dir=SHIPPED_TINY_MODEL)
+    engine = Engine.load(str(tmp_path / "moe"), dtype=dtype)
+    req = GenerationRequest(prompt="Hello there", max_tokens=8, ignore_eos=True)
+    tokens = [e.token_id for e in engine.generate([req]) if e.token_id is not None]
+    assert len(tokens) == 8
+    # the experts stay float (stacked parameters, not nn.Linear); the router is an nn.Linear and is packed
+    mlp = engine.model.layers[0].mlp
+    assert isinstance(mlp, MoEFeedForward) and mlp.gate_up_exps is not None
