@@ -35,10 +35,12 @@ Judging (judge(); the same rule for every arm, deterministic, printed with examp
 A citation is gold when a `file_citation` annotation's file is the gold passage's file (each passage is its
 own file; replies keep cited and retrieved files as passage ids, so they outlive a re-ingested store).
 
-Cost per answer is the usage log's cost_usd (what the gateway charges at those prices) averaged over the
-arm's requests; latency is the client's wall time per request. Each arm's replies are kept in
-<out>/arms/<arm>.json and reused while the sample and settings are the same (--rerun to ask again), so arms
-can be run one per bench slot; the table is printed over every arm held. Written to --out: results.json and
+Cost per answer is the usage log's cost_usd (what the gateway charges at those prices) of each request,
+averaged; latency is the client's wall time per request. The arms take turns, five questions each, in an
+order where every prefix is spread over the set (ask_order); each arm's replies are saved after each turn
+in <out>/arms/<arm>.json and reused while the sample and settings are the same (--rerun to ask again), so a
+run stopped by its time limit (`timeout`) goes on from there next time. The table is scored over the
+questions every held arm has answered. Written to --out: results.json and
 kb_answers.png (accuracy against cost per answer).
 """
 
@@ -354,21 +356,35 @@ def ask_one(client, usage, arm: Arm, question: Question, manifest: dict, args: a
             "cost_usd": logged[-1]["cost_usd"] if logged else None}
 
 
-def ask_arm(client, usage, kept: dict, sample: Sequence[Question], manifest: dict, args: argparse.Namespace,
-            save) -> dict:
-    """Ask the questions of `sample` that `kept` has no answer for yet, saving every few answers (a run cut
-    short by its time limit goes on from there next time)."""
+def ask_order(sample: Sequence[Question], blocks: int = 4) -> list[Question]:
+    """The sample in the order it is asked: every 4th question first, then the ones between, so whatever
+    prefix a run gets through before its time limit is itself spread over the whole set."""
+    return [q for start in range(blocks) for q in sample[start::blocks]]
+
+
+def ask_arm(client, usage, kept: dict, questions: Sequence[Question], manifest: dict,
+            args: argparse.Namespace) -> dict:
+    """Ask the `questions` that `kept` has no answer for yet (appended to kept["answers"])."""
     arm = ARMS[kept["arm"]]
     done = {a["id"] for a in kept["answers"]}
-    started = time.perf_counter()
-    for n, q in enumerate(q for q in sample if q.id not in done):
-        kept["answers"].append(ask_one(client, usage, arm, q, manifest, args))
-        if n % 5 == 4:
-            save(kept)
-            print(f"  {kept['arm']}: {len(kept['answers'])}/{len(sample)} "
-                  f"({time.perf_counter() - started:.0f} s this run)", file=sys.stderr)
-    save(kept)
+    for q in questions:
+        if q.id not in done:
+            kept["answers"].append(ask_one(client, usage, arm, q, manifest, args))
     return kept
+
+
+def ask_arms(client, usage, arms: list[dict], sample: Sequence[Question], manifest: dict,
+             args: argparse.Namespace, save, block: int = 5) -> None:
+    """Every arm in turn on each block of `block` questions (in ask_order), saving after each, so a run
+    stopped by its time limit leaves every arm with about the same questions answered."""
+    order = ask_order(sample)
+    started = time.perf_counter()
+    for b in range(0, len(order), block):
+        for kept in arms:
+            ask_arm(client, usage, kept, order[b: b + block], manifest, args)
+            save(kept)
+        print(f"  {min(len(order), b + block)}/{len(order)} questions asked by every arm "
+              f"({time.perf_counter() - started:.0f} s this run)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -532,11 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         tc, client, usage = start_gateway(config, work)
         try:
             manifest = reuse_or_upload(client, work, passages, digest)
+            arms = []
             for name in todo:
                 arm = new_arm(name, settings, costs[ARMS[name].model])
                 if not args.rerun and kept.get(name, {}).get("engine") == arm["engine"]:
                     arm = kept[name]  # go on where an earlier run on the same engine stopped
-                kept[name] = ask_arm(client, usage, arm, sample, manifest, args, partial(save_arm, arms_dir))
+                kept[name] = arm
+                arms.append(arm)
+            ask_arms(client, usage, arms, sample, manifest, args, partial(save_arm, arms_dir))
         finally:
             tc.__exit__(None, None, None)
 

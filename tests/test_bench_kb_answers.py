@@ -145,25 +145,30 @@ class FakeClient:
                                usage=SimpleNamespace(input_tokens=100, output_tokens=5))
 
 
-def test_ask_arm_saves_and_resumes(bench, questions):
+def test_ask_arms_take_turns_save_and_resume(bench, questions):
     log: list[dict] = []
     usage = SimpleNamespace(requests=lambda since: log)
-    sample = [questions["q025"], questions["q011"], questions["q031"]]
+    sample = [questions[f"q{n:03d}"] for n in range(1, 13)]
+    order = bench.ask_order(sample)
+    assert [q.id for q in order[:3]] == ["q001", "q005", "q009"]
+    assert sorted(order, key=lambda q: q.id) == sample
     manifest = {"store_id": "vs_1", "by_file": {"file-gold": questions["q025"].passage_id}}
     args = bench.parse_args([])
-    saved: list[int] = []
-    client = FakeClient(log, fail=sample[1].question)
-    arm = {"arm": "0.5b+fs", "answers": []}
-    kept = bench.ask_arm(client, usage, arm, sample[:2], manifest, args,
-                         lambda k: saved.append(len(k["answers"])))
-    assert saved[-1] == 2 and [m for m, _, tools in client.asked] == [bench.MEDIUM] * 2
-    first, failed = kept["answers"]
-    assert first["cited"] == first["retrieved"] == [questions["q025"].passage_id]
-    assert first["cost_usd"] == 0.25
-    assert "TimeoutError" in failed["error"] and failed["cost_usd"] == 0.0
+    saved: list[tuple[str, int]] = []
+    client = FakeClient(log, fail=questions["q005"].question)
+    arms = [{"arm": "0.5b+fs", "answers": []}, {"arm": "1.5b", "answers": []}]
+    bench.ask_arms(client, usage, arms, sample[:6], manifest, args,
+                   lambda k: saved.append((k["arm"], len(k["answers"]))), block=2)
+    assert saved == [("0.5b+fs", 2), ("1.5b", 2), ("0.5b+fs", 4), ("1.5b", 4), ("0.5b+fs", 6), ("1.5b", 6)]
+    turns = [(m, fs) for m, _, fs in client.asked[:4]]
+    assert turns == [(bench.MEDIUM, True)] * 2 + [(bench.LARGE, False)] * 2
+    by_id = {a["id"]: a for a in arms[0]["answers"]}
+    assert by_id["q001"]["retrieved"] == [questions["q025"].passage_id] and by_id["q001"]["cost_usd"] == 0.25
+    assert "TimeoutError" in by_id["q005"]["error"] and by_id["q005"]["cost_usd"] == 0.0
+    assert "retrieved" in arms[1]["answers"][0] and arms[1]["answers"][0]["retrieved"] == []
     client.asked.clear()
-    bench.ask_arm(client, usage, kept, sample, manifest, args, lambda k: None)  # only the new question
-    assert [q for _, q, _ in client.asked] == [sample[2].question] and len(kept["answers"]) == 3
-    row = bench.score_arm({**kept, "model": bench.MEDIUM, "file_search": True}, questions)
-    assert row["accuracy"] == pytest.approx(1 / 3) and row["gold_cited_of_correct"] == 1.0
-    assert row["errors"] == 1
+    bench.ask_arms(client, usage, arms[:1], sample, manifest, args, lambda k: None)  # only the new ones
+    assert len(client.asked) == 6 and len(arms[0]["answers"]) == 12
+    kept = {**arms[0], "model": bench.MEDIUM, "file_search": True}
+    row = bench.score_arm(kept, questions, {"q001", "q025"})
+    assert row["n"] == 1 and row["errors"] == 0
