@@ -43,6 +43,7 @@ from typing import Any
 import apsw
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Column,
     Index,
     Integer,
@@ -70,6 +71,10 @@ MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR; a longer chunk is indexed fo
 INSERT_BATCH = 512  # Milvus rows per insert call
 QUOTED = re.compile(r'"((?:[^"]|"")*)"')
 
+# 64-bit ids, sizes and times on PostgreSQL (a file may pass 2 GiB, unix time 2**31); on SQLite an INTEGER
+# primary key is the rowid, 64-bit already, and only that spelling makes it one
+BIG = BigInteger().with_variant(Integer, "sqlite")
+
 metadata = MetaData()
 files_t = Table(
     "kbm_files",
@@ -78,14 +83,14 @@ files_t = Table(
     Column("id", String(64), nullable=False, unique=True),
     Column("filename", Text, nullable=False),
     Column("purpose", String(32), nullable=False),
-    Column("bytes", Integer, nullable=False),
+    Column("bytes", BIG, nullable=False),
     Column("sha256", String(64), nullable=False, index=True),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BIG, nullable=False),
 )
 docs_t = Table(
     "kbm_docs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BIG, primary_key=True, autoincrement=True),
     Column("sha256", String(64), nullable=False),
     Column("chunking", String(32), nullable=False),
     Column("status", String(16), nullable=False),
@@ -98,8 +103,8 @@ docs_t = Table(
 chunks_t = Table(
     "kbm_chunks",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("doc_id", Integer, nullable=False, index=True),
+    Column("id", BIG, primary_key=True, autoincrement=True),
+    Column("doc_id", BIG, nullable=False, index=True),
     Column("seq", Integer, nullable=False),
     Column("tokens", Integer, nullable=False),
     Column("text", Text, nullable=False),
@@ -111,8 +116,8 @@ stores_t = Table(
     Column("n", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), nullable=False, unique=True),
     Column("name", Text),
-    Column("created_at", Integer, nullable=False),
-    Column("last_active_at", Integer, nullable=False),
+    Column("created_at", BIG, nullable=False),
+    Column("last_active_at", BIG, nullable=False),
     Column("metadata", Text, nullable=False, default="{}"),
     Column("expires_after", Text),
 )
@@ -124,15 +129,15 @@ store_files_t = Table(
     Column("file_id", String(64), nullable=False),
     Column("filename", Text, nullable=False),
     Column("sha256", String(64), nullable=False),
-    Column("bytes", Integer, nullable=False),
-    Column("doc_id", Integer),
+    Column("bytes", BIG, nullable=False),
+    Column("doc_id", BIG),
     Column("status", String(16), nullable=False),
     Column("error_code", String(64)),
     Column("error", Text),
     Column("attributes", Text, nullable=False, default="{}"),
     Column("chunking", String(64), nullable=False),
     Column("batch_id", String(64)),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BIG, nullable=False),
     UniqueConstraint("store_id", "file_id"),
     Index("kbm_store_files_doc", "doc_id", "store_id"),
     Index("kbm_store_files_store", "store_id", "status"),
@@ -143,11 +148,11 @@ batches_t = Table(
     Column("n", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), nullable=False, unique=True),
     Column("store_id", String(64), nullable=False),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BIG, nullable=False),
     Column("cancelled", Integer, nullable=False, default=0),
 )
 purge_t = Table(  # documents whose rows are gone and whose vectors Milvus must still delete
-    "kbm_purge", metadata, Column("doc_id", Integer, primary_key=True, autoincrement=False)
+    "kbm_purge", metadata, Column("doc_id", BIG, primary_key=True, autoincrement=False)
 )
 
 
