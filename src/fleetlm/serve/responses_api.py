@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import new_id
-from fleetlm.serve import assistants
+from fleetlm.serve import assistants, mcp_tools
 from fleetlm.serve.backends import Generation
 from fleetlm.serve.conversation_memory import fit_conversation
 from fleetlm.serve.errors import APIError, BadRequest
@@ -38,6 +38,7 @@ from fleetlm.serve.responses_items import (
     ToolPlan,
     call_ids,
     function_call_item,
+    mcp_items,
     normalise_input,
     output_message,
     plan_tools,
@@ -244,8 +245,8 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
     fields: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": req.max_output_tokens,
                               "temperature": req.temperature, "top_p": req.top_p, "user": req.user,
                               "stream": req.stream}
-    if plan.functions:
-        fields.update(tools=plan.functions, tool_choice=plan.chat_choice,
+    if plan.functions or plan.mcp:
+        fields.update(tools=plan.functions + plan.mcp, tool_choice=plan.chat_choice,
                       parallel_tool_calls=req.parallel_tool_calls)
     if response_format is not None:
         fields["response_format"] = response_format
@@ -259,6 +260,8 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
     if assistant is not None:
         call.model_requested, call.route = req.model, f"assistant>{call.route}"
     gw.reserve(chat, chain, call)
+    if mcp_tools.requested(chat):  # mcp entries become their servers' tools (or a 400 / 424), as for chat
+        chat = await mcp_tools.prepare(gw, chat, call)
     return Prepared(req, items, chat, chain, plan, sources, search_item)
 
 
@@ -267,13 +270,20 @@ def _result(source: Source) -> dict:
             "text": source.text, "attributes": source.attributes}
 
 
-def answer_items(p: Prepared, text: str | None, tool_calls: list[dict] | None) -> list[dict]:
-    """The output items of one answer: the file_search_call, the message (cited; left out when the model
-    only called functions), then one function_call per call."""
+def tool_items(p: Prepared, call: Any) -> list[dict]:
+    """The items of the tools the gateway ran before the answer: the file_search_call, the MCP servers'
+    listings and calls."""
+    out = [p.search_item] if p.search_item is not None else []
+    return out + (mcp_items(call.mcp) if call.mcp is not None else [])
+
+
+def answer_items(p: Prepared, call: Any, text: str | None, tool_calls: list[dict] | None) -> list[dict]:
+    """The output items of one answer: the tools' items, the message (cited; left out when the model only
+    called functions), then one function_call per call."""
     text, annotations = text or "", []
     if p.search_item is not None:
         text, annotations = cite(text, p.sources)
-    out = [p.search_item] if p.search_item is not None else []
+    out = tool_items(p, call)
     if text or not tool_calls:
         out.append(output_message(text, annotations))
     return out + [function_call_item(c) for c in tool_calls or []]
@@ -349,6 +359,8 @@ async def whole_answer(gw: Any, p: Prepared, call: Any) -> Generation:
     def attempt(b: Any) -> Awaitable[Generation]:
         return b.chat(p.chat)
 
+    if call.mcp is not None:  # rounds of MCP calls, then the answer (serve/mcp_tools.py)
+        return (await mcp_tools.whole_rounds(gw, p.chat, p.chain, call))[1]
     if call.plan is not None:
         gen = await gw._climb(p.chat, call, chat=True)
     else:
@@ -363,12 +375,14 @@ async def whole_answer(gw: Any, p: Prepared, call: Any) -> Generation:
 async def _whole(gw: Any, p: Prepared, call: Any) -> Response:
     gen = await whole_answer(gw, p, call)
     choice = gen.choices[0] if gen.choices else None
-    output = answer_items(p, choice.text if choice else "", choice.tool_calls if choice else None)
+    output = answer_items(p, call, choice.text if choice else "", choice.tool_calls if choice else None)
     if gw.config.log_content and choice is not None:
         call.response = choice.text or ""
     cost = await gw.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
-    response = response_object(p, new_id("resp"), int(time.time()), output,
-                               (gen.prompt_tokens, gen.completion_tokens))
+    usage = (gen.prompt_tokens, gen.completion_tokens)
+    if call.mcp is not None:  # the rounds of MCP calls were logged (and paid) row by row: added here
+        usage, cost = call.mcp.total(usage), cost + call.mcp.cost_usd
+    response = response_object(p, new_id("resp"), int(time.time()), output, usage)
     await keep(gw, p, response)
     return JSONResponse(response, headers=call.headers(cost))
 

@@ -6,7 +6,9 @@ its output a `tool` message with the same `call_id`. Every stored item has an id
 `fc_...`, `fco_...`, or the one the client sent), kept with it so input_items lists are stable.
 
 Tools: `function` tools become chat function tools (the chat path's constrained decoding then holds the
-calls to their schemas); `file_search` stays ours (responses_api.py). `tool_choice` is mapped as described
+calls to their schemas); `mcp` tools (servers fleet.yaml names) are the chat path's mcp entries, whose calls
+the gateway runs (serve/mcp_tools.py) and which come back as `mcp_list_tools` / `mcp_call` items;
+`file_search` stays ours (responses_api.py). `tool_choice` is mapped as described
 in `plan_tools`, and `text.format` becomes the chat request's response_format (`text_format`).
 """
 
@@ -93,6 +95,13 @@ def normalise_input(value: str | list[Any], known_calls: set[str]) -> list[dict]
             items.append({"id": _item_id(item, "fc"), "type": "function_call", "status": "completed",
                           "call_id": call_id, "name": _string(item, "name", param),
                           "arguments": _string(item, "arguments", param)})
+        elif kind in ("mcp_call", "mcp_list_tools"):  # a client sending our output items back
+            if not isinstance(item.get("server_label"), str):
+                raise BadRequest("server_label must be a string", param=f"{param}.server_label")
+            if kind == "mcp_call":
+                _string(item, "name", param)
+                _string(item, "arguments", param)
+            items.append({**item, "id": _item_id(item, "mcp")})
         elif kind == "function_call_output":
             call_id = _string(item, "call_id", param)
             if call_id not in calls:
@@ -132,6 +141,13 @@ def to_messages(items: list[dict]) -> list[dict]:
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
             after_assistant = False
+        elif kind == "mcp_call":  # the call the gateway ran, and its result, as the model saw them
+            call = {"id": item["id"], "type": "function", "function": {
+                "name": f"{item['server_label']}__{item['name']}", "arguments": item["arguments"]}}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            result = item.get("output") if item.get("error") is None else f"error: {item['error']}"
+            messages.append({"role": "tool", "tool_call_id": item["id"], "content": str(result or "")})
+            after_assistant = False
     return messages
 
 
@@ -144,6 +160,7 @@ class ToolPlan:
 
     search: dict | None = None  # the file_search tool's options, when it runs
     functions: list[dict] = field(default_factory=list)  # chat function tools
+    mcp: list[dict] = field(default_factory=list)  # chat mcp entries (serve/mcp_tools.py runs their calls)
     chat_choice: Any = None  # the chat request's tool_choice (None: no function tools)
 
 
@@ -202,6 +219,8 @@ def plan_tools(tools: list[Any] | None, choice: Any) -> ToolPlan:
             if plan.search is not None:
                 raise BadRequest("at most one file_search tool", param=f"{param}.type")
             plan.search = _file_search(tool, param)
+        elif kind == "mcp":
+            plan.mcp.append(_mcp(tool, param))
         elif kind == "function":
             plan.functions.append(_function(tool, param))
             names.append(tool["name"])
@@ -209,16 +228,16 @@ def plan_tools(tools: list[Any] | None, choice: Any) -> ToolPlan:
                 raise BadRequest(f"function names must be unique: {tool['name']!r} twice",
                                  param=f"{param}.name")
         else:
-            raise BadRequest(f"unsupported tool type {kind!r} (function and file_search are supported)",
+            raise BadRequest(f"unsupported tool type {kind!r} (function, mcp and file_search are supported)",
                              param=f"{param}.type")
     if choice is None or choice == "auto":
         plan.chat_choice = "auto"
     elif choice == "none":
         plan.search, plan.chat_choice = None, "none"
     elif choice == "required":
-        if not names and plan.search is None:
+        if not names and not plan.mcp and plan.search is None:
             raise BadRequest("tool_choice 'required' needs at least one tool", param="tool_choice")
-        plan.chat_choice = "required" if names else None
+        plan.chat_choice = "required" if names or plan.mcp else None
     elif isinstance(choice, dict) and choice.get("type") == "function":
         name = choice.get("name")
         if name not in names:
@@ -233,9 +252,25 @@ def plan_tools(tools: list[Any] | None, choice: Any) -> ToolPlan:
         kind = choice.get("type") if isinstance(choice, dict) else choice
         raise BadRequest(f"unsupported tool_choice {kind!r}", param="tool_choice.type"
                          if isinstance(choice, dict) else "tool_choice")
-    if not plan.functions:
+    if not plan.functions and not plan.mcp:
         plan.chat_choice = None
     return plan
+
+
+def _mcp(tool: dict, param: str) -> dict:
+    """An mcp tool, checked as the chat path checks its mcp entries (a 400 naming the field)."""
+    from pydantic import ValidationError
+
+    from fleetlm.serve.protocol import McpServerTool
+
+    try:
+        McpServerTool.model_validate(tool)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BadRequest(f"{where}: {err['msg'].removeprefix('Value error, ')}",
+                         param=f"{param}.{where}" if where else param) from None
+    return tool
 
 
 def text_format(text: dict | None) -> dict | None:
@@ -267,6 +302,24 @@ def function_call_item(call: dict, status: str = "completed") -> dict:
     function = call.get("function") or {}
     return {"id": new_id("fc"), "type": "function_call", "status": status, "call_id": call.get("id") or
             new_id("call"), "name": function.get("name", ""), "arguments": function.get("arguments", "")}
+
+
+def mcp_items(run: Any) -> list[dict]:
+    """What a request's MCP tool loop did (serve/mcp_tools.McpRun), as OpenAI's output items: one
+    `mcp_list_tools` per server (the tools the request allowed), then one `mcp_call` per call that ran."""
+    items = []
+    for server in sorted(run.servers):
+        tools = [{"name": t.tool, "description": t.description, "input_schema": t.parameters,
+                  "annotations": None} for t in run.tools.values() if t.server == server]
+        items.append({"id": new_id("mcpl"), "type": "mcp_list_tools", "server_label": server, "tools": tools,
+                      "error": None})
+    for entry in run.calls:
+        known = run.tools.get(entry["name"])
+        server, _, tool = (known.server, "", known.tool) if known else entry["name"].partition("__")
+        items.append({"id": new_id("mcp"), "type": "mcp_call", "server_label": server, "name": tool,
+                      "arguments": entry["arguments"], "output": entry.get("output"),
+                      "error": entry.get("error"), "status": "failed" if "error" in entry else "completed"})
+    return items
 
 
 def output_message(text: str, annotations: list[dict], status: str = "completed",

@@ -25,11 +25,13 @@ from fastapi.responses import Response
 
 from fleetlm.rag.grounding import cite
 from fleetlm.rag.store import new_id
+from fleetlm.serve import mcp_tools
 from fleetlm.serve.backends import Delta, Generation, close_stream
 from fleetlm.serve.chat_grounding import MarkerFilter
 from fleetlm.serve.errors import BackendError
 from fleetlm.serve.failover import ClosingStreamingResponse, resilient_stream
-from fleetlm.serve.responses_api import Prepared, keep, response_object
+from fleetlm.serve.protocol import ChatCompletionRequest
+from fleetlm.serve.responses_api import Prepared, keep, response_object, tool_items
 from fleetlm.serve.responses_items import output_message
 
 
@@ -60,8 +62,9 @@ class _Call:
 class ResponseEvents:
     """One streamed response's events, built as the deltas come; `output` is its output items so far."""
 
-    def __init__(self, p: Prepared):
+    def __init__(self, p: Prepared, ran: list[dict]):
         self.p = p
+        self.ran = ran  # the items of the tools the gateway ran before the answer (responses_api.tool_items)
         self.id, self.created = new_id("resp"), int(time.time())
         self.seq = 0
         self.output: list[dict] = []
@@ -79,15 +82,30 @@ class ResponseEvents:
     def start(self) -> list[str]:
         events = [self.emit("response.created", response=self.response("in_progress")),
                   self.emit("response.in_progress", response=self.response("in_progress"))]
-        item = self.p.search_item
-        if item is not None:  # retrieval ran before the stream began: its events say so, in order
-            at, ids = len(self.output), {"output_index": len(self.output), "item_id": item["id"]}
-            events.append(self.emit("response.output_item.added", output_index=at,
-                                    item={**item, "status": "in_progress", "results": None}))
-            events += [self.emit(f"response.file_search_call.{step}", **ids)
-                       for step in ("in_progress", "searching", "completed")]
-            self.output.append(item)
-            events.append(self.emit("response.output_item.done", output_index=at, item=item))
+        for item in self.ran:  # these tools ran before the stream began: their events say so, in order
+            events += self._ran(item)
+        return events
+
+    def _ran(self, item: dict) -> list[str]:
+        at, ids = len(self.output), {"output_index": len(self.output), "item_id": item["id"]}
+        kind = item["type"]
+        if kind == "file_search_call":
+            opened = {**item, "status": "in_progress", "results": None}
+            steps = [f"response.file_search_call.{s}" for s in ("in_progress", "searching", "completed")]
+        elif kind == "mcp_list_tools":
+            opened = {**item, "tools": []}
+            steps = ["response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed"]
+        else:  # mcp_call
+            opened = {**item, "status": "in_progress", "output": None, "error": None}
+            end = "failed" if item["status"] == "failed" else "completed"
+            steps = ["response.mcp_call.in_progress", f"response.mcp_call.{end}"]
+        events = [self.emit("response.output_item.added", output_index=at, item=opened)]
+        events.append(self.emit(steps[0], **ids))
+        if kind == "mcp_call":
+            events.append(self.emit("response.mcp_call_arguments.done", **ids, arguments=item["arguments"]))
+        events += [self.emit(step, **ids) for step in steps[1:]]
+        self.output.append(item)
+        events.append(self.emit("response.output_item.done", output_index=at, item=item))
         return events
 
     # ---------------------------------------------------------------- the answer as it comes
@@ -197,37 +215,42 @@ class ResponseEvents:
                 self.output[c.output_index] = c.item("incomplete")
 
 
-async def open_answer(gw: Any, p: Prepared, call: Any) -> tuple[AsyncIterator[Delta], Delta | None]:
-    """The answer's deltas and first piece, as app.py's `_stream` opens them: a cascade's checked answer is
-    generated whole and replayed (or the last model of the ladder streams), else the chain's first model
-    that starts streaming."""
+Opened = tuple[ChatCompletionRequest, AsyncIterator[Delta], Delta | None]
+
+
+async def open_answer(gw: Any, p: Prepared, call: Any) -> Opened:
+    """(the request the answer is for, its deltas, the first piece), as app.py's `_stream` opens them: the
+    rounds of MCP calls run first; a cascade's checked answer is generated whole and replayed (or the last
+    model of the ladder streams); else the chain's first model that starts streaming."""
     from fleetlm.serve.app import _replay
 
     def open_stream(b: Any) -> Awaitable[tuple[AsyncIterator[Delta], Delta | None]]:
         return gw._open_stream(b, p.chat, True)
 
+    if call.mcp is not None:
+        return await mcp_tools.stream_rounds(gw, p.chat, p.chain, call)
     if call.plan is not None:
         climbed = await gw._climb(p.chat, call, chat=True, stream=True)
         if not isinstance(climbed, Generation):
-            return climbed
+            return (p.chat, *climbed)
         gen = climbed
     elif call.cascade:
         gen = await gw.first_success(p.chain, call, lambda b: b.chat(p.chat))
         escalate = await gw._review(p.chat, gen, call)
         if escalate is not None:
-            return await gw.first_success(escalate, call, open_stream)
+            return (p.chat, *await gw.first_success(escalate, call, open_stream))
     else:
-        return await gw.first_success(p.chain, call, open_stream)
+        return (p.chat, *await gw.first_success(p.chain, call, open_stream))
     deltas = _replay(gen)
-    return deltas, await anext(deltas, None)
+    return p.chat, deltas, await anext(deltas, None)
 
 
 async def stream_response(gw: Any, p: Prepared, call: Any) -> Response:
     """The answer's events. The backend's stream is opened first, so a fleet that cannot answer at all is
     a JSON error with its status (as for chat completions), not a stream."""
-    deltas, first = await open_answer(gw, p, call)
-    deltas = resilient_stream(gw, p.chat, call, deltas, first, chat=True)
-    events = ResponseEvents(p)
+    chat, deltas, first = await open_answer(gw, p, call)
+    deltas = resilient_stream(gw, chat, call, deltas, first, chat=True)
+    events = ResponseEvents(p, tool_items(p, call))
 
     async def body() -> AsyncIterator[str]:
         usage: tuple[int, int] = (0, 0)
@@ -248,6 +271,8 @@ async def stream_response(gw: Any, p: Prepared, call: Any) -> Response:
                 yield e
             await gw.log(call, 200, *usage)
             status, error = 200, None
+            if call.mcp is not None:  # the rounds of MCP calls were logged row by row: the client sees all
+                usage = call.mcp.total(usage)
             response = events.response("completed", usage)
             await keep(gw, p, response)
             yield events.emit("response.completed", response=response)
