@@ -1,8 +1,9 @@
-"""POST/GET/DELETE /v1/responses: OpenAI's Responses API over the fleet, with file_search, function tools,
-citations and streaming.
+"""POST/GET/DELETE /v1/responses: OpenAI's Responses API over the fleet, with file_search, function and MCP
+tools, citations and streaming.
 
 A request becomes a chat request (items and tools: responses_items.py), answered through the gateway's own
-chat path (routing, fallbacks, the local models' constrained tool calls); a streamed one is turned into
+chat path (routing and cascades, fallbacks, the MCP tool loop, the local models' constrained tool calls, the
+conversation memory); a streamed one is turned into
 Responses events by responses_stream.py. The file_search query is the user's last input text. Responses
 with `store` (the default) are kept in a `fleet_responses` table of the fleet's SQLite file
 (files_api.index_path), so `previous_response_id` chains survive a restart: a chain's conversation is rebuilt

@@ -1,15 +1,17 @@
 """Streamed /v1/responses: the chat path's deltas as OpenAI's Responses events, each with its sequence_number.
 
-Order: `response.created`, `response.in_progress`; the file_search_call's item (`output_item.added`,
-`file_search_call.in_progress/searching/completed`, `output_item.done`) when file_search ran; then the
-answer. Text opens a message item (`output_item.added`, `content_part.added`) and goes out as
-`output_text.delta`s, its [n] markers removed as they stream (chat_grounding.MarkerFilter) so the deltas add
-up to the cited text; the citations follow as `output_text.annotation.added`, then `output_text.done`,
-`content_part.done`, `output_item.done`. A tool call opens a function_call item as soon as its name is known
-(closing the message before it) and its arguments go out as `function_call_arguments.delta`s, closed by
-`function_call_arguments.done` and `output_item.done` at the end. Last comes `response.completed` with the
-whole response (stored, like an unstreamed one), or `response.failed` with an error object when the backend
-fails mid-stream and no fallback can continue it (serve/failover.py). A client that goes away closes the
+Order: `response.created`, `response.in_progress`; the items of the tools that ran before the answer: the
+file_search_call (`output_item.added`, `file_search_call.in_progress/searching/completed`,
+`output_item.done`), the MCP servers' `mcp_list_tools` and `mcp_call` items (with `mcp_list_tools.*`,
+`mcp_call.*` and `mcp_call_arguments.done`); then the answer. Text opens a message item
+(`output_item.added`, `content_part.added`) and goes out as `output_text.delta`s, its [n] markers removed as
+they stream (chat_grounding.MarkerFilter) so the deltas add up to the cited text; the citations follow as
+`output_text.annotation.added`, then `output_text.done`, `content_part.done`, `output_item.done`. A tool
+call opens a function_call item as soon as its name is known (closing the message before it) and its
+arguments go out as `function_call_arguments.delta`s, closed by `function_call_arguments.done` and
+`output_item.done` at the end. Last comes `response.completed` with the whole response (stored, like an
+unstreamed one), or `response.failed` with an error object when the backend fails mid-stream and no
+fallback can continue it (serve/failover.py), or anything else breaks. A client that goes away closes the
 stream, which closes the backend's stream: the model stops, and the request is logged as a 499.
 """
 
