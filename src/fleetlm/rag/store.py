@@ -3,8 +3,11 @@
 One SQLite file holds everything: file metadata, vector stores, their files and batches, the chunks, a
 full-text index (FTS5, BM25) and each chunk's MiniLM vector (a float32 blob). The file is opened with apsw,
 which brings its own recent SQLite with FTS5 and explicit transactions. Dense search is an exact scan: each
-store's vectors are held as one numpy matrix, rebuilt when a trigger-maintained generation counter says the
-store's completed chunks changed (in this process or another), so a query is one matrix product. The
+store's vectors are held in memory as one float16 matrix of unit vectors (and their norms), refreshed with
+only the files that came or went when a trigger-maintained generation counter says the store's completed
+chunks changed (in this process or another); a query is one matrix-vector product, and the few candidates
+within float16's error of the k-th best are scored again exactly from their float32 blobs. BM25 ranks the
+FTS5 index alone and checks only its best matches against the store (dense() and bm25() say why). The
 uploaded bytes live beside the file, one blob per content hash (`<files_dir>/<sha256>`): the same bytes
 uploaded twice are stored once.
 
