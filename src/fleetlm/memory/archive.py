@@ -94,17 +94,22 @@ class Archive:
                 )
 
     def search(self, conversation_id: str, query: str, k: int = 4) -> list[dict]:
-        """The k archived turns of the conversation best matching the query (BM25), in order."""
+        """The k archived turns of the conversation best matching the query, best first, each with its BM25
+        score (higher is better)."""
         match = fts_query(query)
         if match is None or k <= 0:
             return []
         with self._lock:
             rows = self._conn.execute(
-                "SELECT t.seq, t.role, t.content FROM mem_turns_fts f JOIN mem_turns t ON t.id = f.rowid "
+                "SELECT t.seq, t.role, t.content, -bm25(mem_turns_fts) FROM mem_turns_fts f "
+                "JOIN mem_turns t ON t.id = f.rowid "
                 "WHERE mem_turns_fts MATCH ? AND t.conversation_id = ? ORDER BY bm25(mem_turns_fts) LIMIT ?",
                 (match, conversation_id, k),
             ).fetchall()
-        return [{"seq": seq, "role": role, "content": content} for seq, role, content in sorted(rows)]
+        return [
+            {"seq": seq, "role": role, "content": content, "score": score}
+            for seq, role, content, score in rows
+        ]
 
     def summary(self, conversation_id: str) -> tuple[str, int]:
         """The stored summary and how many turns it covers ("", 0 when none)."""

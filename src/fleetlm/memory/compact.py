@@ -17,6 +17,7 @@ SUMMARY_PREFIX = "Summary of the earlier conversation: "
 RECALL_PREFIX = "Earlier in this conversation:\n"
 MAX_SUMMARY_CHARS = 1200  # bounds the summary so it cannot grow with the conversation
 RECALL_K = 4
+RECALL_MIN_SHARE = 0.5  # a recalled turn scores at least this share of the best match's BM25
 KEEP_SHARE = 0.5  # share of the budget the newest turns may take; the rest is for summary and recall
 MAX_FORKS = 8  # forks of forks followed before a conversation's key is taken as it stands
 
@@ -105,17 +106,27 @@ def fit_context(
         if count_tokens(head + [note] + kept) <= budget:
             head.append(note)
     query = next((text_of(m) for m in reversed(turns) if m.get("role") == "user"), "")
-    recalled: list[str] = []
-    for hit in archive.search(conv, query, RECALL_K):
-        if hit["seq"] >= len(evicted):
-            continue
-        trial = recalled + [f"[{hit['role']}] {hit['content']}"]
-        note = {"role": "system", "content": RECALL_PREFIX + "\n".join(trial)}
-        if count_tokens(head + [note] + kept) <= budget:
+    hits = [h for h in archive.search(conv, query, RECALL_K) if h["seq"] < len(evicted)]
+    recalled: list[dict] = []
+    for hit in hits:  # best first, so a tight budget keeps the best; weak matches (a shared common word) drop
+        if hit["score"] < RECALL_MIN_SHARE * hits[0]["score"]:
+            break
+        trial = sorted(recalled + [hit], key=lambda h: h["seq"])
+        if count_tokens(_with_recall(head, kept, trial)) <= budget:
             recalled = trial
-    if recalled:
-        head.append({"role": "system", "content": RECALL_PREFIX + "\n".join(recalled)})
-    return head + kept
+    return _with_recall(head, kept, recalled)
+
+
+def _with_recall(head: list[dict], kept: list[dict], recalled: list[dict]) -> list[dict]:
+    """The recalled turns as one system message just before the newest turn: small models read what sits next
+    to the question far better than what sits at the top of the context."""
+    if not recalled:
+        return head + kept
+    note = {
+        "role": "system",
+        "content": RECALL_PREFIX + "\n".join(f"[{h['role']}] {h['content']}" for h in recalled),
+    }
+    return head + kept[:-1] + [note] + kept[-1:]
 
 
 def truncate_context(
