@@ -175,3 +175,34 @@ def test_removing_the_file_while_it_is_embedded_leaves_no_chunks(tmp_path):
     Ingestor(store, DetachDuringSecond(), batch=3).run_job(n)
     assert store.chunk_count() == 0 and store.get_store_file(vs, f["id"]) is None
     store.close()
+
+
+def peak_ingesting(tmp_path, name: str, megabytes: float) -> tuple[float, int]:
+    """Peak Python allocations (MB) while one generated text file of `megabytes` is ingested, and chunks."""
+    import tracemalloc
+
+    from fleetlm.rag.chunking import encoding
+
+    store = SqliteKnowledgeStore(tmp_path / f"{name}.db", tmp_path / f"{name}-files")
+    vs = store.create_store(None, {}, None)["id"]
+    line = " ".join(f"word{i % 97} about thing{i % 13}," for i in range(12)) + "\n"
+    data = (line * int(megabytes * 1e6 / len(line))).encode()
+    n = store.attach(vs, upload(store, tmp_path, f"{name}.txt", data), {}, Strategy(800, 0, auto=False))["n"]
+    encoding()  # loaded once per process, not per file
+    tracemalloc.start()
+    try:
+        Ingestor(store, CountingEmbed(), batch=16).run_job(n)
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    chunks = store.chunk_count()
+    store.close()
+    return peak, chunks
+
+
+def test_a_file_four_times_larger_costs_no_more_memory_to_ingest(tmp_path):
+    small, small_chunks = peak_ingesting(tmp_path, "small", 0.25)
+    large, large_chunks = peak_ingesting(tmp_path, "large", 1.0)
+    assert large_chunks > 3 * small_chunks
+    # streaming: one window of tokens and two batches of chunks are held, whatever the file's size
+    assert large < small + 0.5, (small, large)
