@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
 from fleetlm.rag.store import new_id
-from fleetlm.serve import assistants, mcp_tools
+from fleetlm.serve import assistants, mcp_tools, vision
 from fleetlm.serve.backends import Generation
 from fleetlm.serve.conversation_memory import fit_conversation
 from fleetlm.serve.errors import APIError, BadRequest
@@ -255,6 +255,8 @@ async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -
         chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:  # checked above already; a gap there is still the client's 400
         raise BadRequest(f"the request cannot be served: {exc.errors()[0]['msg']}") from None
+    if vision.requested(chat):  # images become stage one's text (unless the model sees), before routing
+        chat = await vision.prepare(gw, chat, call)
     if gw.config.log_content:  # the usage log keeps what the model was asked, as for chat completions
         call.prompt = json.dumps([m.model_dump(exclude_none=True) for m in chat.messages])
     chain = await gw.resolve(model, chat, call)

@@ -23,6 +23,7 @@ from fleetlm.serve.errors import BadRequest
 
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
+DETAILS = ("auto", "low", "high")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
@@ -30,20 +31,54 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
 def text_of(content: Any, param: str) -> str:
+    """A content's text (image parts left out)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
-                raise BadRequest(
-                    "only input_text and output_text content parts are supported", param=f"{param}[{i}].type"
-                )
+    return "".join(p.get("text", "") for p in _parts(content, param) if p["type"] != "input_image")
+
+
+def _parts(content: Any, param: str) -> list[dict]:
+    """Content parts, checked: text parts, and input_image parts (an https or data: URL, or the file_id of
+    an upload), which the gateway's vision stage reads for models that cannot see (serve/vision.py)."""
+    if not isinstance(content, list):
+        raise BadRequest("content must be a string or a list of parts", param=param)
+    parts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PARTS:
             if not isinstance(part.get("text", ""), str):
                 raise BadRequest("a text part's text must be a string", param=f"{param}[{i}].text")
-            texts.append(part.get("text", ""))
-        return "".join(texts)
-    raise BadRequest("content must be a string or a list of parts", param=param)
+            parts.append({"type": kind, "text": part.get("text", "")})
+        elif kind == "input_image":
+            url, file_id, detail = part.get("image_url"), part.get("file_id"), part.get("detail", "auto")
+            if not (isinstance(url, str) and url) and not (isinstance(file_id, str) and file_id):
+                raise BadRequest("an input_image part needs image_url (a URL) or file_id",
+                                 param=f"{param}[{i}].image_url")
+            if detail not in DETAILS:
+                raise BadRequest("detail must be auto, low or high", param=f"{param}[{i}].detail")
+            source = {"image_url": url} if isinstance(url, str) and url else {"file_id": file_id}
+            parts.append({"type": "input_image", **source, "detail": detail})
+        else:
+            raise BadRequest("content parts must be input_text, output_text or input_image",
+                             param=f"{param}[{i}].type")
+    return parts
+
+
+def _chat_content(content: Any) -> str | list[dict]:
+    """A stored message's content for the chat request: its text, or chat parts when it holds images."""
+    if isinstance(content, str):
+        return content
+    if not any(p["type"] == "input_image" for p in content):
+        return text_of(content, "input")
+    out: list[dict] = []
+    for p in content:
+        if p["type"] != "input_image":
+            out.append({"type": "text", "text": p.get("text", "")})
+        elif "image_url" in p:
+            out.append({"type": "image_url", "image_url": {"url": p["image_url"], "detail": p["detail"]}})
+        else:
+            out.append({"type": "file", "file": {"file_id": p["file_id"]}})
+    return out
 
 
 def _string(item: dict, key: str, param: str) -> str:
@@ -68,6 +103,21 @@ def message_item(role: str, text: str, item_id: str | None = None) -> dict:
             "content": [content]}
 
 
+def _message(item: dict, param: str) -> dict:
+    """A message input item as stored: its text joined into one part, or, with images, its parts in order."""
+    content, role = item.get("content"), item["role"]
+    if isinstance(content, str):
+        return message_item(role, content, _item_id(item, "msg"))
+    parts = _parts(content, f"{param}.content")
+    if not any(p["type"] == "input_image" for p in parts):
+        return message_item(role, text_of(parts, f"{param}.content"), _item_id(item, "msg"))
+    if role != "user":
+        raise BadRequest("only user messages may carry images", param=f"{param}.content")
+    kept = [p if p["type"] == "input_image" else {"type": "input_text", "text": p["text"]} for p in parts]
+    return {"id": _item_id(item, "msg"), "type": "message", "role": role, "status": "completed",
+            "content": kept}
+
+
 def normalise_input(value: str | list[Any], known_calls: set[str]) -> list[dict]:
     """The request's input as stored items, each with its id; `known_calls` holds the call_ids of the
     chain's earlier function calls, so that a function_call_output naming none of them is a 400."""
@@ -87,8 +137,7 @@ def normalise_input(value: str | list[Any], known_calls: set[str]) -> list[dict]
         if kind == "message":
             if item.get("role") not in ROLES:
                 raise BadRequest(f"role must be one of {', '.join(ROLES)}", param=f"{param}.role")
-            text = text_of(item.get("content"), f"{param}.content")
-            items.append(message_item(item["role"], text, _item_id(item, "msg")))
+            items.append(_message(item, param))
         elif kind == "function_call":
             call_id = _string(item, "call_id", param)
             calls.add(call_id)
@@ -128,7 +177,7 @@ def to_messages(items: list[dict]) -> list[dict]:
         kind = item.get("type")
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            messages.append({"role": role, "content": text_of(item["content"], "input")})
+            messages.append({"role": role, "content": _chat_content(item["content"])})
             after_assistant = role == "assistant"
         elif kind == "function_call":
             call = {"id": item["call_id"], "type": "function",
