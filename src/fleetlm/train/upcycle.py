@@ -132,10 +132,10 @@ def continue_training(model: Transformer, hidden: torch.Tensor, ids: torch.Tenso
         opt.step()
         opt.zero_grad(set_to_none=True)
         clear_router_stats(model)
-        stats.losses.append(float(loss))
-        stats.aux_losses.append(float(aux))
+        stats.losses.append(loss.detach().item())
+        stats.aux_losses.append(aux.detach().item())
         if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"  step {step + 1}/{steps}: loss {loss.item():.4f} aux {aux.item():.3f} "
+            log(f"  step {step + 1}/{steps}: loss {stats.losses[-1]:.4f} aux {stats.aux_losses[-1]:.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
     stats.seconds = time.perf_counter() - t0
     model.eval()
