@@ -56,6 +56,7 @@ from fleetlm.rag.store import SqliteKnowledgeStore
 STRATEGY = Strategy(100, 0, auto=False)
 WORDS_PER_FILE = 270  # about 1,000 cl100k tokens of the generated words (3.7 a word): ten chunks a file
 MODES = [("bm25", "rrf"), ("dense", "rrf"), ("hybrid", "rrf"), ("hybrid", "convex")]
+SLICES = (32, 8, 4)  # slices: chunks per MiniLM forward during ingestion
 DOCS = Path("/usr/share/doc/python3.11/html")
 REAL_PDF = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")
 
@@ -373,6 +374,43 @@ def ingest_figures(pdf: Path, html: int, text: int) -> None:
             store.close()
 
 
+def slice_figures(seconds: float) -> None:
+    """MiniLM throughput in forwards of 32 chunks against 8, and what a query embedding waits while a file
+    is being ingested with each (the gateway's one MiniLM runs one forward at a time)."""
+    embed = minilm_embedder()
+    lines = source_lines()
+    texts = [" ".join(next(lines) for _ in range(40)) for _ in range(64)]  # about 800 tokens each
+    embed(["warm up"])
+    for size in SLICES:
+        start = time.perf_counter()
+        for i in range(0, len(texts), size):
+            embed([f"{t} {size}" for t in texts[i : i + size]])  # distinct: MiniLM's cache never answers
+        took = time.perf_counter() - start
+        print(f"MiniLM, {len(texts)} chunks of ~800 tokens, forwards of {size}: {len(texts) / took:.1f}/s")
+    for size in SLICES:
+        with tempfile.TemporaryDirectory() as root:
+            tmp = Path(root)
+            store = SqliteKnowledgeStore(tmp / "kb.db", tmp / "files")
+            vs = store.create_store("busy", {}, None)["id"]
+            f = upload(store, tmp, "big.txt", "\n".join(next(lines) for _ in range(20_000)).encode())
+            n = store.attach(vs, f, {}, Strategy())["n"]
+            worker = threading.Thread(
+                target=Ingestor(store, embed, batch=32, embed_slice=size).run_job, args=(n,), daemon=True
+            )
+            worker.start()
+            waits, end, i = [], time.perf_counter() + seconds, 0
+            while time.perf_counter() < end and worker.is_alive():
+                t = time.perf_counter()
+                embed([f"query number {i} during ingestion {size}"])
+                waits.append((time.perf_counter() - t) * 1000)
+                i += 1
+                time.sleep(0.1)
+            store.detach(vs, f["id"])  # the worker abandons the document after its current batch
+            worker.join()
+            print(f"query embedding while ingesting, forwards of {size}: {p50_p95(waits)} ({i} queries)")
+            store.close()
+
+
 # ---------------------------------------------------------------- search latency
 
 
@@ -465,7 +503,8 @@ def search_figures(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", choices=["search", "ingest", "memory"], default="search")
+    ap.add_argument("mode", nargs="?", choices=["search", "ingest", "memory", "slices"], default="search")
+    ap.add_argument("--seconds", type=float, default=20, help="slices: how long queries run beside ingestion")
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--embedded", type=int, default=1000, help="search: chunks ingested with the real MiniLM")
     ap.add_argument("--queries", type=int, default=200)
@@ -485,6 +524,8 @@ def main() -> None:
         big_file_memory(args.big_mb)
     elif args.mode == "ingest":
         ingest_figures(args.pdf, args.html, args.text)
+    elif args.mode == "slices":
+        slice_figures(args.seconds)
     elif args.mode == "memory":
         memory_figures(args.pdf_mb, args.traced_pdf_mb, args.small_files, not args.no_tracemalloc)
     else:

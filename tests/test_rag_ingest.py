@@ -206,3 +206,22 @@ def test_a_file_four_times_larger_costs_no_more_memory_to_ingest(tmp_path):
     assert large_chunks > 3 * small_chunks
     # streaming: one window of tokens and two batches of chunks are held, whatever the file's size
     assert large < small + 0.5, (small, large)
+
+
+def test_a_batch_is_embedded_in_slices_and_committed_whole(tmp_path):
+    store = open_store(tmp_path)
+    vs = store.create_store(None, {}, None)["id"]
+    f = upload(store, tmp_path, "long.txt", LONG_TEXT)
+    n = store.attach(vs, f, {}, SMALL)["n"]
+    sizes: list[int] = []
+
+    class Sizes(CountingEmbed):
+        def __call__(self, texts):
+            sizes.append(len(texts))
+            return super().__call__(texts)
+
+    Ingestor(store, Sizes(), batch=7, embed_slice=3).run_job(n)
+    chunks = store.chunk_count()
+    assert max(sizes) == 3 and sum(sizes) == chunks > 7  # no forward over 3 chunks, every chunk embedded once
+    assert store.get_store_file(vs, f["id"])["status"] == "completed"
+    store.close()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 Embed = Callable[[list[str]], np.ndarray]
 MAX_ERROR_CHARS = 500
+EMBED_SLICE = 8  # chunks per embedding forward during ingestion (see Ingestor)
 
 
 def batched(chunks: Iterable[Chunk], size: int) -> Iterator[list[Chunk]]:
@@ -35,10 +36,16 @@ def batched(chunks: Iterable[Chunk], size: int) -> Iterator[list[Chunk]]:
 
 
 class Ingestor:
-    """The ingest worker of one store; `submit` queues a store file (by its row number `n`)."""
+    """The ingest worker of one store; `submit` queues a store file (by its row number `n`).
 
-    def __init__(self, store: KnowledgeStore, embed: Embed, batch: int = 32):
+    A batch of `batch` chunks is committed together but embedded `embed_slice` chunks at a time: the
+    gateway's one MiniLM runs one forward at a time, so a search's query embedding that arrives during
+    ingestion waits for the forward under way, and a forward of 8 chunks of 256 word pieces is a quarter
+    of one of 32 (`bench/kb_store.py slices` measures the wait and the throughput of both)."""
+
+    def __init__(self, store: KnowledgeStore, embed: Embed, batch: int = 32, embed_slice: int = EMBED_SLICE):
         self.store, self.embed, self.batch = store, embed, batch
+        self.embed_slice = max(1, embed_slice)
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -87,6 +94,10 @@ class Ingestor:
             finally:
                 self._queue.task_done()
 
+    def _embedded(self, texts: list[str]) -> np.ndarray:
+        step = self.embed_slice
+        return np.concatenate([self.embed(texts[i : i + step]) for i in range(0, len(texts), step)])
+
     def run_job(self, n: int) -> None:
         """Ingest one store file (or take the outcome of its content, already ingested)."""
         if self.store.settle_from_doc(n):
@@ -109,7 +120,7 @@ class Ingestor:
                 if not self.store.doc_wanted(doc_id):  # every file waiting on it was cancelled or removed
                     self.store.drop_doc(doc_id)
                     return
-                vectors = self.embed([c.text for c in current])
+                vectors = self._embedded([c.text for c in current])
                 following = next(batches, None)
                 if not self.store.add_chunks(doc_id, current, vectors, final=following is None):
                     return  # its last file was removed meanwhile, and the document with it
