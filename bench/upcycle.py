@@ -69,13 +69,13 @@ def cached_prefix(model, ids: torch.Tensor, upto: int, key: str) -> torch.Tensor
     return hidden
 
 
-def decode_speed(model, tokenizer, tokens: int) -> float:  # noqa: ANN001
+def decode_speed(model, tokenizer, tokens: int, threads: int) -> float:  # noqa: ANN001
     """Decode tok/s of our engine on PROMPT (greedy, `tokens` new tokens, the best of two runs)."""
     from fleetlm.engine import Engine, GenerationRequest
     from fleetlm.engine.engine import prepare_weights
 
     model = prepare_weights(copy.deepcopy(model), "f32")
-    engine = Engine(model, tokenizer, dtype="f32")
+    engine = Engine(model, tokenizer, dtype="f32", num_threads=threads)
     req = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0.0, ignore_eos=True)
     best = 0.0
     for _ in range(2):
@@ -103,11 +103,15 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for everything (1: on 2 shared cores a second OpenMP thread measured "
+                         "several times slower, docs/EVALS.md)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
     if args.quick:
         dense, tok = tiny_model()
@@ -134,7 +138,8 @@ def main() -> None:
     name = args.model if not args.quick else "tiny random llama"
     print(f"model {name}: {n_layers} layers; upcycling layers "
           f"{start}..{n_layers - 1} into {args.experts} experts, top-{args.top_k}; {args.steps} steps of "
-          f"{args.seq} tokens ({args.steps * args.seq} training tokens, {n_train} distinct windows) each")
+          f"{args.seq} tokens ({args.steps * args.seq} training tokens, {n_train} distinct windows) each; "
+          f"{args.threads} thread(s)")
 
     t0 = time.perf_counter()
     key = f"{args.model}:{args.quick}"
@@ -175,7 +180,7 @@ def main() -> None:
     for r in rows.values():
         r["active"] = active_params(r["model"])
         r["total"] = sum(p.numel() for p in {id(p): p for p in r["model"].parameters()}.values())
-        r["tok_s"] = decode_speed(r["model"], tok, args.decode_tokens)
+        r["tok_s"] = decode_speed(r["model"], tok, args.decode_tokens, args.threads)
 
     print(f"\nheld-out perplexity before any training: in-domain {base['held_ppl']:.3f}, other "
           f"{base['other_ppl']:.3f} (the upcycled model at init: {at_init['held_ppl']:.3f}, "
