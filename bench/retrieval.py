@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {r["mode"]: r for r in rows}
     best_single = max(by_name["bm25"]["all"]["recall_at_5"], by_name["dense"]["all"]["recall_at_5"])
     hybrid = by_name[DEFAULT]["all"]["recall_at_5"]
+    at_10 = statistics.mean(q.passage_id in ranked[DEFAULT][q.id][:TOP_K] for q in questions)
+    print(f"\n{DEFAULT}: the gold is in the top {TOP_K} for {at_10:.3f} of the questions "
+          f"(the most a reranker of depth {TOP_K} can bring into the top 5)")
     if reranked:
         print(f"\nreranking took {rerank_s:.0f} s for {len(sample)} questions "
               f"({rerank_s / len(sample):.1f} s per search)")
