@@ -4,6 +4,8 @@
         [--queries 200] [--db DIR]
     flock /tmp/bench.lock nice .venv/bin/python bench/kb_store.py ingest [--pdf FILE] [--html 10] [--text 10]
     flock /tmp/bench.lock nice .venv/bin/python bench/kb_store.py memory [--pdf-mb 100] [--small-files 10000]
+    flock /tmp/bench.lock nice .venv/bin/python bench/kb_store.py slices [--seconds 20]
+    flock /tmp/bench.lock nice .venv/bin/python bench/kb_store.py scan [--chunks 100000]
     nice .venv/bin/python bench/kb_store.py --big-mb 8        (the first figure: one generated text file)
 
 Everything goes straight through the store and the ingest worker the gateway uses (no HTTP).
@@ -22,6 +24,11 @@ the time goes: each stage of a hybrid search timed alone (query embedding, BM25,
 `ingest`: pages/s and chunks/s with the real MiniLM, `auto` chunking and batches of 32 (the gateway's
 defaults) for a real multi-page PDF (default: Debian's libtasn1 manual), pages of Debian's python3.11-doc
 HTML manual and the reStructuredText sources of that manual (text).
+
+`slices`: MiniLM's throughput in forwards of 32, 8 and 4 chunks, and how long a query embedding waits while a
+file is ingested in forwards of each size (rag/ingest.py embeds in slices of 8).
+
+`scan`: the dense scan's kernel alone at --chunks rows: numpy float32, numpy float16, torch float16.
 
 `memory`: peak resident memory (psutil, sampled every 5 ms in a thread) above what the process held before,
 while ONE generated PDF of --pdf-mb MB (pages of 9-point text from the python3.11-doc sources, written by
@@ -412,6 +419,34 @@ def slice_figures(seconds: float) -> None:
             store.close()
 
 
+def scan_figures(rows: int, repeats: int = 30) -> None:
+    """The dense scan's kernel alone: [rows, 384] unit vectors times one query, numpy float32 (the store's
+    first matrix), numpy float16 and torch float16 (the store's now), and torch's error against float64."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((rows, 384)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    q = v[0] + rng.standard_normal(384).astype(np.float32)
+    q /= np.linalg.norm(q)
+    v16, q16 = v.astype(np.float16), q.astype(np.float16)
+    t16, tq16 = torch.from_numpy(v16), torch.from_numpy(q16)
+    kernels = {
+        "numpy float32": lambda: v @ q,
+        "numpy float16": lambda: v16 @ q16,
+        "torch float16": lambda: torch.mv(t16, tq16),
+    }
+    for name, run in kernels.items():
+        times = []
+        for _ in range(repeats if name != "numpy float16" else 3):  # numpy's float16 product is very slow
+            t = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t) * 1000)
+        print(f"scan of {rows} x 384, {name:14s}: {p50_p95(times)} ({len(times)} runs)")
+    error = np.abs(torch.mv(t16, tq16).float().numpy() - v.astype(np.float64) @ q.astype(np.float64)).max()
+    print(f"torch float16 scores: largest error {error:.2e} against float64 (the store's bound: {2**-9:.2e})")
+
+
 # ---------------------------------------------------------------- search latency
 
 
@@ -519,7 +554,8 @@ def search_figures(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", choices=["search", "ingest", "memory", "slices"], default="search")
+    modes = ["search", "ingest", "memory", "slices", "scan"]
+    ap.add_argument("mode", nargs="?", choices=modes, default="search")
     ap.add_argument("--seconds", type=float, default=20, help="slices: how long queries run beside ingestion")
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--embedded", type=int, default=1000, help="search: chunks ingested with the real MiniLM")
@@ -540,6 +576,8 @@ def main() -> None:
         big_file_memory(args.big_mb)
     elif args.mode == "ingest":
         ingest_figures(args.pdf, args.html, args.text)
+    elif args.mode == "scan":
+        scan_figures(args.chunks)
     elif args.mode == "slices":
         slice_figures(args.seconds)
     elif args.mode == "memory":
