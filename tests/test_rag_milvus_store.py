@@ -498,3 +498,13 @@ def test_vectors_still_being_ingested_never_crowd_out_the_results(store, tmp_pat
     assert store.hits([hit[:2]])[0]["text"] == "red apples"
     (hit,) = store.bm25(vs, '"apples"', ("1", []), 1)
     assert store.hits([hit[:2]])[0]["text"] == "red apples"
+
+
+def test_a_missing_extra_and_a_bad_metadata_url_are_clear_errors(tmp_path, monkeypatch):
+    from fleetlm.rag.store import StoreError
+
+    with pytest.raises(StoreError, match="cannot use metadata database"):
+        MilvusKnowledgeStore("nosuchdb://x", tmp_path / "files", str(tmp_path / "v.db"))
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if the `milvus` extra were not installed
+    with pytest.raises(StoreError, match=r"pip install 'fleetlm\[milvus\]'"):
+        MilvusKnowledgeStore(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "files", str(tmp_path / "v.db"))
