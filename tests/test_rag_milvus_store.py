@@ -508,3 +508,13 @@ def test_a_missing_extra_and_a_bad_metadata_url_are_clear_errors(tmp_path, monke
     monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if the `milvus` extra were not installed
     with pytest.raises(StoreError, match=r"pip install 'fleetlm\[milvus\]'"):
         MilvusKnowledgeStore(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "files", str(tmp_path / "v.db"))
+
+
+def test_concurrent_attaches_of_one_file_give_one_store_file(store, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    vs = store.create_store(None, {}, None)["id"]
+    f = upload(store, tmp_path, "a.txt", b"a")
+    with ThreadPoolExecutor(6) as pool:
+        rows = list(pool.map(lambda _: store.attach(vs, f, {}, Strategy()), range(6)))
+    assert len({r["n"] for r in rows}) == 1 and store.get_store(vs)["file_counts"]["total"] == 1

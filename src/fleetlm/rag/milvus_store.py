@@ -61,7 +61,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, ProgrammingError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from fleetlm.rag.chunking import Chunk, Strategy
 from fleetlm.rag.store import STATUSES, StoreError
@@ -504,6 +510,17 @@ class MilvusKnowledgeStore:
         existing = self.get_store_file(store_id, file["id"])
         if existing is not None:
             return existing
+        try:
+            self._insert_store_file(store_id, file, attributes, strategy, batch_id)
+        except (
+            IntegrityError
+        ):  # attached by a concurrent request meanwhile: the same answer as attaching again
+            pass
+        return self.get_store_file(store_id, file["id"])  # type: ignore[return-value]
+
+    def _insert_store_file(
+        self, store_id: str, file: dict, attributes: dict, strategy: Strategy, batch_id: str | None
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
                 insert(store_files_t).values(
@@ -519,7 +536,6 @@ class MilvusKnowledgeStore:
                     created_at=int(time.time()),
                 )
             )
-        return self.get_store_file(store_id, file["id"])  # type: ignore[return-value]
 
     @staticmethod
     def _store_file(row: dict) -> dict:
