@@ -108,7 +108,8 @@ def main() -> None:
         stores = {"sqlite (embedded)": lambda: SqliteKnowledgeStore(tmp / "kb.db", tmp / "files")}
         meta = args.meta_url or f"sqlite:///{tmp / 'meta.db'}"
         uri = args.milvus_uri or str(tmp / "vectors.db")
-        stores[f"milvus ({'server' if args.milvus_uri else 'milvus-lite'})"] = lambda: _milvus(
+        kind = f"{'server' if args.milvus_uri else 'milvus-lite'}, {meta.split(':', 1)[0].split('+')[0]} meta"
+        stores[f"milvus ({kind})"] = lambda: _milvus(
             MilvusKnowledgeStore, meta, tmp / "files", uri, bool(args.milvus_uri)
         )
         for name, make in stores.items():
