@@ -125,10 +125,11 @@ def main() -> None:
             store.close()
     names = list(results)
     print(f"\nsearch() latency at {args.files * per_file} chunks, {args.queries} queries, ms (p50 / p95)")
-    print(f"{'mode':<18}" + "".join(f"{n:>28}" for n in names))
+    w = max(len(n) for n in names) + 4
+    print(f"{'mode':<18}" + "".join(f"{n:>{w}}" for n in names))
     for mode in results[names[0]]:
         cells = [f"{pct(results[n][mode], 50):.1f} / {pct(results[n][mode], 95):.1f}" for n in names]
-        print(f"{mode:<18}" + "".join(f"{c:>28}" for c in cells))
+        print(f"{mode:<18}" + "".join(f"{c:>{w}}" for c in cells))
 
 
 def _milvus(cls, meta: str, files: Path, uri: str, server: bool):
