@@ -518,3 +518,28 @@ def test_concurrent_attaches_of_one_file_give_one_store_file(store, tmp_path):
     with ThreadPoolExecutor(6) as pool:
         rows = list(pool.map(lambda _: store.attach(vs, f, {}, Strategy()), range(6)))
     assert len({r["n"] for r in rows}) == 1 and store.get_store(vs)["file_counts"]["total"] == 1
+
+
+def test_the_scale_benchmark_runs_on_a_tiny_corpus():
+    """bench/kb_scale.py's code path (not a timing test): both columns and every mode are printed."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "kb_scale.py"),
+            "--chunks",
+            "40",
+            "--files",
+            "40",  # years 2010..2029: the filtered mode (year >= 2020) keeps half
+            "--queries",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sqlite (embedded)" in out.stdout and "milvus (milvus-lite, sqlite meta)" in out.stdout
+    for mode in ("bm25", "dense", "hybrid", "hybrid + filter"):
+        assert f"\n{mode} " in out.stdout
