@@ -262,6 +262,7 @@ def test_a_second_instance_sees_the_first_ones_changes(opener, tmp_path):
     index(store, store.attach(vs, a, {}, Strategy())["n"], ["alpha words"])
     q = bag_of_words(["alpha words"])[0]
     assert len(store.dense(vs, q, ("1", []), 5)) == 1
+    assert len(other.dense(vs, q, ("1", []), 5)) == 1  # opened before the collection existed
     b = upload(other, tmp_path, "b.txt", b"b")
     nb = other.attach(vs, b, {}, Strategy())["n"]
     index(other, nb, ["alpha words too"])

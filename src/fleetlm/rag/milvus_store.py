@@ -295,6 +295,13 @@ class MilvusKnowledgeStore:
             self.client.load_collection(self.collection)
             self._ready = True
 
+    def _exists(self) -> bool:
+        """Whether the collection exists, made by this instance or another (a replica, a restart)."""
+        if not self._ready and self.client.has_collection(self.collection):
+            self.client.load_collection(self.collection)
+            self._ready = True
+        return self._ready
+
     def _insert_vectors(self, ids: Sequence[int], doc_id: int, chunks: Sequence[Chunk], vectors: np.ndarray):
         self._collection(int(vectors.shape[1]))
         rows = [
@@ -310,7 +317,7 @@ class MilvusKnowledgeStore:
             self.client.insert(self.collection, rows[start : start + INSERT_BATCH])
 
     def _delete_vectors(self, doc_ids: Sequence[int]) -> None:
-        if doc_ids and self._ready:
+        if doc_ids and self._exists():
             self.client.delete(self.collection, filter=f"doc_id in {[int(d) for d in doc_ids]}")
 
     def _purge_pending(self) -> None:
@@ -325,7 +332,7 @@ class MilvusKnowledgeStore:
 
     def vector_count(self) -> int:
         """Vectors in the collection (tests: deleting a file deletes its vectors)."""
-        if not self._ready:
+        if not self._exists():
             return 0
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
@@ -859,7 +866,7 @@ class MilvusKnowledgeStore:
     def _search(
         self, store_id: str, data: Any, field: str, metric: str, where: tuple[str, list], limit: int
     ) -> list[tuple[int, int, float]]:
-        if not self._ready or limit <= 0:
+        if limit <= 0 or not self._exists():
             return []
         members = self._members(store_id, where)
         if not members:
@@ -919,7 +926,7 @@ class MilvusKnowledgeStore:
         return self._search(store_id, q, "vector", "IP", where, limit)
 
     def similarities(self, chunk_ids: Sequence[int], vector: np.ndarray) -> dict[int, float]:
-        if not chunk_ids or not self._ready:
+        if not chunk_ids or not self._exists():
             return {}
         rows = self.client.get(self.collection, ids=[int(c) for c in chunk_ids], output_fields=["vector"])
         q = np.asarray(vector, dtype=np.float32)
