@@ -63,9 +63,12 @@ def _file_text(path: Path) -> str:
     return text
 
 
-def read_texts(paths: Iterable[str | Path]) -> str:
-    """The text of files and directories (recursively, sorted; .gz read through, HTML stripped to text)."""
+def read_texts(paths: Iterable[str | Path], max_chars: int | None = None) -> str:
+    """The text of files and directories (recursively, sorted; .gz read through, HTML stripped to text),
+    stopping once `max_chars` are read."""
+    paths = list(paths)
     out: list[str] = []
+    total = 0
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file())
@@ -73,7 +76,11 @@ def read_texts(paths: Iterable[str | Path]) -> str:
             files = [p]
         else:
             raise CompressError(f"calibration text {p} does not exist")
-        out.extend(_file_text(f) for f in files)
+        for f in files:
+            if max_chars is not None and total >= max_chars:
+                break
+            out.append(_file_text(f))
+            total += len(out[-1])
     text = "\n\n".join(t for t in out if t.strip())
     if not text:
         raise CompressError(f"no text in {', '.join(map(str, paths))}")
