@@ -6,7 +6,10 @@
 
 A gateway is built in-process (create_app over a TestClient, driven with the official `openai` client) with
 the catalog model served twice on llama.cpp: `answer` with max_context --context (the model under test)
-and `answer-full` with FULL_CONTEXT (only for the full-conversation arm). The conversation is seeded:
+and `answer-full` with FULL_CONTEXT (only for the full-conversation arm); each arm has its own copy
+(`answer-truncate`, `answer-none`: same file and context as `answer`), so that llama.cpp reuses each arm's
+prompt prefix from one question to the next (the outputs are the same, the run is faster). The
+conversation is seeded:
 --facts facts (a name and one attribute each: locker code, city, colour, dog, job, birth month), one per
 user turn at the start, answered "Noted.", then filler turns (tips on everyday topics, none naming a person)
 until the conversation holds at least 3 x --context tokens by the model's own tokenizer and chat template.
@@ -153,6 +156,8 @@ def start_gateway(work: Path, model: str, context: int):
         {
             "models": {
                 "answer": {**served, "max_context": context},
+                "answer-truncate": {**served, "max_context": context},
+                "answer-none": {**served, "max_context": context},
                 "answer-full": {**served, "max_context": FULL_CONTEXT},
             },
             "knowledge": {"files_dir": str(work / "blobs"), "index_path": str(work / "knowledge.db")},
@@ -248,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         variants["memory"] = ("answer", fitted)
         fit_seconds = time.perf_counter() - started
         variants["truncate"] = (
-            "answer",
+            "answer-truncate",
             truncate_context(msgs, context_tokens=args.context, count_tokens=count, reserve_tokens=reserve),
         )
         if count(msgs) + MAX_ANSWER_TOKENS <= FULL_CONTEXT:
             variants["full"] = ("answer-full", msgs)
-        variants["none"] = ("answer", [msgs[0], msgs[-1]])
+        variants["none"] = ("answer-none", [msgs[0], msgs[-1]])
         for arm, (model, messages) in variants.items():
             t0 = time.perf_counter()
             text, used = ask(client, model, messages)

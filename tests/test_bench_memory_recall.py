@@ -56,6 +56,8 @@ def test_run_scores_the_arms_on_a_perfect_reader(bench, tmp_path, monkeypatch, c
             {
                 "models": {
                     "answer": {**served, "max_context": context},
+                    "answer-truncate": {**served, "max_context": context},
+                    "answer-none": {**served, "max_context": context},
                     "answer-full": {**served, "max_context": bench.FULL_CONTEXT},
                 },
                 "knowledge": {"files_dir": str(work / "blobs"), "index_path": str(work / "knowledge.db")},
@@ -63,7 +65,7 @@ def test_run_scores_the_arms_on_a_perfect_reader(bench, tmp_path, monkeypatch, c
             }
         )
         names = list(bench.NAMES)
-        backends = {"answer": Reader("answer", names), "answer-full": Reader("answer-full", names)}
+        backends = {n: Reader(n, names) for n in ("answer", "answer-truncate", "answer-none", "answer-full")}
         app = create_app(config, UsageStore(f"sqlite:///{work / 'fleet.db'}"), backends)
         tc = TestClient(app)
         tc.__enter__()
