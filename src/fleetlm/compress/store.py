@@ -4,7 +4,8 @@ Layout of the output directory (`fleet compress ... --out DIR`):
 - config.json, tokenizer files, model.safetensors: a plain HF checkpoint whose block linears hold what the
   codes stand for, in float16 (any loader works, `fleet export gguf` too; float16 rounds the grid values by
   at most 2^-11 relative, so it is close to, not bit-equal with, the codes);
-- quantized.safetensors: per linear `<hf name>.q` (int8 codes at 8 bits, uint8 at 4 and 3), `.d` and `.m`
+- quantized.safetensors: per linear `<hf name>.q` (int8 codes at 8 bits; at 4 and 3, uint8 with two codes a
+  byte, column 2j in the low nibble), `.d` and `.m`
   (float16, one per group), exactly what the method chose;
 - quantization.json: method, bits, group size, symmetric or not, calibration, and the list of linears.
 `load_compressed` reads the codes into our kernels' packed layout without rounding them again (engine
@@ -44,7 +45,11 @@ def save_compressed(model: nn.Module, codes: dict[str, QuantizedWeight], src: st
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in codes.items():
         key = hf_name(name)
-        tensors[f"{key}.q"] = qw.q.to(torch.int8 if qw.bits == 8 else torch.uint8).contiguous()
+        if qw.bits == 8:
+            tensors[f"{key}.q"] = qw.q.to(torch.int8).contiguous()
+        else:  # two 4-bit (or 3-bit) codes a byte: column 2j in the low nibble, 2j + 1 in the high one
+            q = qw.q.to(torch.uint8)
+            tensors[f"{key}.q"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
         tensors[f"{key}.d"] = qw.d.to(torch.float16).contiguous()
         tensors[f"{key}.m"] = qw.m.to(torch.float16).contiguous()
     save_file(tensors, str(out / CODES), metadata={"format": "fleetlm-codes"})
@@ -67,7 +72,10 @@ def read_codes(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, 
     with safe_open(str(root / CODES), framework="pt") as f:
         for name in meta["linears"]:
             key = hf_name(name)
-            q = f.get_tensor(f"{key}.q").to(torch.int16)
+            q = f.get_tensor(f"{key}.q")
+            if meta["bits"] != 8:
+                q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1)
+            q = q.to(torch.int16)
             d, m = f.get_tensor(f"{key}.d").float(), f.get_tensor(f"{key}.m").float()
             codes[name] = QuantizedWeight(q, d, m, meta["bits"], meta["group_size"], meta["sym"])
     return codes, meta
