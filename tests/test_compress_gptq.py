@@ -83,3 +83,12 @@ def test_bad_settings_are_clear_errors():
         rtn(_weight(k=96), 4, 64)
     with pytest.raises(ValueError, match="Hessian"):
         gptq(w, torch.eye(64), 4, 32)
+
+
+def test_rtn_is_the_engines_load_time_int4():
+    from fleetlm.engine.kernels import pack_int4, unpack_int4
+
+    w = _weight()
+    qw = rtn(w, 4, 32)
+    q, d, m = unpack_int4(*pack_int4(w, 32), w.shape[0], w.shape[1])
+    assert torch.equal(q.to(torch.int16), qw.q) and torch.equal(d, qw.d) and torch.equal(m, qw.m)
