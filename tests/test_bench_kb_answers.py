@@ -54,6 +54,8 @@ def questions() -> dict[str, Question]:
     ("q195", "Use the **pow** function.", False),  # markdown bold is not the operator
     ("q225", "Put an __init__.py file in the directory.", True),
     ("q225", "Add a setup.py.", False),
+    ("q065", "The smallest element is the root of the heap.", False),  # 'heap' is only the question's word
+    ("q065", "It is heap[0].", True),
 ])
 def test_judge_on_labelled_questions(bench, questions, qid, reply, correct):
     verdict = bench.judge(questions[qid], reply)
@@ -155,12 +157,14 @@ def test_ask_arms_take_turns_save_and_resume(bench, questions):
     manifest = {"store_id": "vs_1", "by_file": {"file-gold": questions["q025"].passage_id}}
     args = bench.parse_args([])
     saved: list[tuple[str, int]] = []
+    warm_up = [(bench.MEDIUM, bench.WARM_UP.question, True), (bench.LARGE, bench.WARM_UP.question, False)]
     client = FakeClient(log, fail=questions["q005"].question)
     arms = [{"arm": "0.5b+fs", "answers": []}, {"arm": "1.5b", "answers": []}]
     bench.ask_arms(client, usage, arms, sample[:6], manifest, args,
                    lambda k: saved.append((k["arm"], len(k["answers"]))), block=2)
     assert saved == [("0.5b+fs", 2), ("1.5b", 2), ("0.5b+fs", 4), ("1.5b", 4), ("0.5b+fs", 6), ("1.5b", 6)]
-    turns = [(m, fs) for m, _, fs in client.asked[:4]]
+    assert client.asked[:2] == warm_up  # one untimed request per arm first, not kept
+    turns = [(m, fs) for m, _, fs in client.asked[2:6]]
     assert turns == [(bench.MEDIUM, True)] * 2 + [(bench.LARGE, False)] * 2
     by_id = {a["id"]: a for a in arms[0]["answers"]}
     assert by_id["q001"]["retrieved"] == [questions["q025"].passage_id] and by_id["q001"]["cost_usd"] == 0.25
@@ -168,7 +172,7 @@ def test_ask_arms_take_turns_save_and_resume(bench, questions):
     assert "retrieved" in arms[1]["answers"][0] and arms[1]["answers"][0]["retrieved"] == []
     client.asked.clear()
     bench.ask_arms(client, usage, arms[:1], sample, manifest, args, lambda k: None)  # only the new ones
-    assert len(client.asked) == 6 and len(arms[0]["answers"]) == 12
+    assert len(client.asked) == 1 + 6 and len(arms[0]["answers"]) == 12
     kept = {**arms[0], "model": bench.MEDIUM, "file_search": True}
     row = bench.score_arm(kept, questions, {"q001", "q025"})
     assert row["n"] == 1 and row["errors"] == 0
