@@ -25,7 +25,8 @@ Judging (judge(); the same rule for every arm, deterministic, printed with examp
   1. the gold answer, or one of its alternatives ('re.IGNORECASE / re.I'), outer quotes stripped, occurs in
      the reply as a whole token, case-insensitively, and not already in the question; or
   2. one of its key identifiers does (key_identifiers(): code-like names in the gold answer, such as
-     `copy.deepcopy()`, `frozen=True`, `ChainMap`, `re.IGNORECASE`; a dotted name counts by its last part);
+     `copy.deepcopy()`, `frozen=True`, `ChainMap`, `re.IGNORECASE`; a dotted name counts by its last part,
+     a keyword argument with _ by its name too unless the reply gives it another value: `sort_keys`);
      a key with a capital letter must match case-sensitively; a short lowercase name (< 6 letters, e.g.
      `zip()`, `enum.auto`) or one the question itself already contains (echoing it proves nothing) counts
      only when written as code: `name(` or the full dotted name; or
@@ -205,10 +206,12 @@ def key_identifiers(answer: str, question: str) -> list[Key]:
         quoted = match.start() > 0 and text[match.start() - 1] == "'" and after == "'"
         if not _code_like(full, after, quoted, single_word):
             continue
-        if after == "=":  # a keyword argument: the whole `name=value` is the key
+        if after == "=":  # a keyword argument: `name=value`; a name with _ also alone, unless set otherwise
             value = re.match(r"=[^\s,;/)]+", text[match.end():])
-            full += value.group(0) if value else ""
-            keys.append(Key(full, full, any(c.isupper() for c in full), False))
+            setting = full + (value.group(0) if value else "")
+            keys.append(Key(setting, setting, any(c.isupper() for c in setting), False))
+            if "_" in full and value:
+                keys.append(Key(full, setting, False, False))
             continue
         name = full.rsplit(".", 1)[-1]
         if "." in full and len(name) <= 3 and name.islower():  # a file name (__init__.py): all of it
@@ -223,6 +226,10 @@ def key_identifiers(answer: str, question: str) -> list[Key]:
 
 
 def _key_found(key: Key, reply: str) -> bool:
+    if "=" in key.full and "=" not in key.name:  # sort_keys alone counts, sort_keys=False does not
+        other = re.search(rf"(?<![A-Za-z0-9_]){re.escape(key.full)}(?![A-Za-z0-9_])", reply, re.IGNORECASE)
+        given = re.search(rf"(?<![A-Za-z0-9_]){re.escape(key.name)}=", reply, re.IGNORECASE)
+        return _occurs(key.name, reply) and (given is None or other is not None)
     if key.strict:
         called = re.search(rf"(?<![A-Za-z0-9_]){re.escape(key.name)}\(", reply, re.IGNORECASE) is not None
         return called or ("." in key.full and _occurs(key.full, reply))
@@ -488,7 +495,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("cost per answer (USD per 1000 answers, measured prices)")
     ax.set_ylabel("answer accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.45 * max(r["cost_per_answer_usd"] * 1000 for r in rows) or 1)  # room for the labels
     ax.grid(alpha=0.3)
     ax.set_title(f"python3.11-doc questions (n={rows[0]['n']}): o = with file_search, s = without")
     fig.tight_layout()

@@ -38,6 +38,9 @@ def questions() -> dict[str, Question]:
     ("q025", "Use copy.copy(obj), a shallow copy.", False),
     ("q031", "Pass `frozen = True` to the @dataclass decorator.", True),  # spaces around '=' do not matter
     ("q031", "Pass frozen=False.", False),
+    ("q075", "The argument is sort_keys.", True),  # a keyword argument with _ counts by its name
+    ("q075", "Pass sort_keys=False.", False),
+    ("q075", "Pass sort_keys=True.", True),
     ("q011", "collections.ChainMap groups several mappings.", True),
     ("q011", "a chainmap", False),  # a capitalised key matches case-sensitively
     ("q083", "Call logger.exception('failed') inside the except block.", True),
