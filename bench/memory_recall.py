@@ -1,7 +1,7 @@
 """Memory (issue 12): facts planted early in a conversation carried past 3x the model's context, then asked.
 
     flock /tmp/bench.lock nice .venv/bin/python bench/memory_recall.py [--model smollm2-135m-instruct]
-        [--context 2048] [--facts 24] [--seed 0] [--limit N] [--max-seconds 780]
+        [--context 2048] [--facts 24] [--seed 0] [--limit N] [--max-seconds 600]
         [--out $FLEET_HOME/bench/memory_recall]
 
 A gateway is built in-process (create_app over a TestClient, driven with the official `openai` client) with
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=780.0,
+        default=600.0,
         help="no new question after this long (the figures say how many were asked)",
     )
     args = p.parse_args(argv)
