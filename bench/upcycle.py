@@ -84,6 +84,33 @@ def decode_speed(model, tokenizer, tokens: int, threads: int) -> float:  # noqa:
     return best
 
 
+def with_top_k(model, k: int):  # noqa: ANN001, ANN201
+    """A copy of an MoE model that routes each token to k experts."""
+    out = copy.deepcopy(model)
+    for layer in out.layers:
+        if hasattr(layer.mlp, "top_k"):
+            layer.mlp.top_k = k
+    return out
+
+
+def decode_table(dense, tok, args, top: list[int]) -> None:  # noqa: ANN001
+    """Decode tok/s of the dense model and of its upcycled copies (untrained: speed depends on the shapes)."""
+    n = dense.config.num_layers
+    models = {"dense": dense}
+    for name, layers in ((f"top {len(top)} layers", top), (f"all {n} layers", None)):
+        moe = upcycle(dense, args.experts, args.top_k, layers=layers)
+        models[f"MoE {args.experts}x top-{args.top_k}, {name}"] = moe
+        models[f"MoE {args.experts}x top-1, {name}"] = with_top_k(moe, 1)
+    print(f"{'':34}{'total M':>9}{'active M':>10}{'decode tok/s':>14}{'vs dense':>10}")
+    base = None
+    for name, model in models.items():
+        tok_s = decode_speed(model, tok, args.decode_tokens, args.threads)
+        base = base or tok_s
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        active = active_params(model) / 1e6
+        print(f"{name:34}{total / 1e6:9.1f}{active:10.1f}{tok_s:14.1f}{tok_s / base:10.2f}", flush=True)
+
+
 def tiny_model() -> tuple[torch.nn.Module, object]:
     """A random 4-layer Llama with the shipped tiny tokenizer, for --quick."""
     from fleetlm.model import SHIPPED_TINY_MODEL, Tokenizer, load_checkpoint
@@ -107,6 +134,9 @@ def main() -> None:
                     help="torch threads for everything (1: on 2 shared cores a second OpenMP thread measured "
                          "several times slower, docs/EVALS.md)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only decode tok/s: dense, upcycled (top layers and all layers) at top-k and top-1, "
+                         "untrained (speed depends on shapes, not on training)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -130,6 +160,9 @@ def main() -> None:
         train_text, held_text, other_text = load_texts()
     n_layers = dense.config.num_layers
     top = list(range(n_layers - args.top_layers, n_layers))
+    if args.decode_only:
+        decode_table(dense, tok, args, top)
+        return
     start = top[0]
     n_train = args.train_windows or args.steps
     train_ids = windows(tok, train_text, n_train, args.seq)
@@ -171,10 +204,7 @@ def main() -> None:
         # printed as soon as known: a run cut short by the time limit still reports what it measured
         print(f"{name}: held-out ppl {rows[name]['held_ppl']:.3f}, other {rows[name]['other_ppl']:.3f}, "
               f"{stats.seconds:.0f}s training")
-    top1 = copy.deepcopy(rows["moe"]["model"])
-    for layer in top1.layers:
-        if hasattr(layer.mlp, "top_k"):
-            layer.mlp.top_k = 1
+    top1 = with_top_k(rows["moe"]["model"], 1)
     rows["moe_top1"] = {"model": top1, "trainable": 0, "train_s": 0.0, "last_loss": float("nan"), "aux": 0.0,
                         **evaluate(top1)}
     for r in rows.values():
