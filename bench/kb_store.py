@@ -26,7 +26,7 @@ defaults) for a real multi-page PDF (default: Debian's libtasn1 manual), pages o
 HTML manual and the reStructuredText sources of that manual (text).
 
 `slices`: MiniLM's throughput in forwards of 32, 8 and 4 chunks, and how long a query embedding waits while a
-file is ingested in forwards of each size (rag/ingest.py embeds in slices of 8).
+file is ingested in forwards of each size (rag/ingest.py embeds in slices of 4).
 
 `scan`: the dense scan's kernel alone at --chunks rows: numpy float32, numpy float16, torch float16.
 
