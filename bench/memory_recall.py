@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(
         rows,
         out / "memory_recall.png",
-        f"{args.model}: {len(arms['memory'])} facts asked, planted in a {total}-token conversation "
+        f"{args.model}: {len(arms['memory'])} facts asked, planted in a {total}-token conversation\n"
         f"({total / args.context:.1f}x "
         f"its {args.context}-token context)",
     )

@@ -239,3 +239,15 @@ def test_responses_api_compacts_a_long_input_and_answers_400_past_it(tmp_path):
         r = tc.post("/v1/responses", json={"model": "big", "input": huge})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert r.json()["error"]["param"] == "input"
+
+
+def test_every_summariser_call_fits_its_context_with_the_summary_it_hands_on(tmp_path):
+    long_summary = "Ingrid's locker code is 4471 and the user talked about rain. " * 12  # ~170 tokens
+    backends = {"big": RecordingBackend("x", 1, 1), "small": RecordingBackend(long_summary, 900, 200)}
+    gw, _ = make_gateway(tmp_path, backends)
+    gw.config.models["small"].max_context = 1024  # the smallest a summariser may have: several calls
+    _, report = fit(gw, "big", long_conversation(6 * BIG_CONTEXT))
+    assert report.summary_calls >= 3 and not report.errors
+    for req in backends["small"].requests:
+        sent = [m.model_dump(exclude_none=True) for m in req.messages]
+        assert _estimate(sent) + req.max_tokens <= 1024

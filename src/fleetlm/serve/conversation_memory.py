@@ -26,6 +26,7 @@ from fleetlm.serve.errors import APIError, BadRequest
 from fleetlm.serve.protocol import ChatCompletionRequest, ChatMessage
 
 SUMMARY_TOKENS = 200  # what the summariser may write per call
+EXTRACTIVE_CHARS = 800  # the stand-in summary stays about as short as a written one
 MIN_SUMMARISER_CONTEXT = 1024  # a model with less cannot take a useful slice of the conversation at once
 ESTIMATE_MARGIN = 1.15  # cl100k counts within ~15% of other BPE vocabularies on English: err on the long side
 PER_MESSAGE_TOKENS = 8  # role markers and separators a chat template adds per message (estimate only)
@@ -173,24 +174,24 @@ def _request(summary: str, lines: list[str]) -> list[dict]:
     return [{"role": "system", "content": SUMMARY_INSTRUCTION}, {"role": "user", "content": body}]
 
 
-def _pieces(summary: str, lines: list[str], budget: int, count: Counter) -> list[list[str]]:
-    """The new lines in consecutive groups that each fit the summariser's budget with the summary so far
-    (the summary is bounded by compact.MAX_SUMMARY_CHARS, so its share does not grow); a line too long
-    alone is cut."""
-    groups: list[list[str]] = [[]]
+def _next_group(summary: str, lines: list[str], budget: int, count: Counter) -> tuple[list[str], int]:
+    """The longest run of the first lines that fits the summariser's budget beside the summary as it is now
+    (cut line by line, after each summary is written), and how many lines it took; a line too long alone is
+    cut short."""
+    group: list[str] = []
     for line in lines:
-        while count(_request(summary, [line])) > budget and len(line) > 80:
+        while not group and count(_request(summary, [line])) > budget and len(line) > 80:
             line = line[: len(line) // 2] + " ..."
-        if groups[-1] and count(_request(summary, groups[-1] + [line])) > budget:
-            groups.append([])
-        groups[-1].append(line)
-    return [g for g in groups if g]
+        if group and count(_request(summary, group + [line])) > budget:
+            break
+        group.append(line)
+    return group, len(group)
 
 
 def _extractive(summary: str, lines: list[str]) -> str:
     """What stands in when the summariser fails: the summary so far and each new user line's start."""
     picked = [line[:160] for line in lines if line.startswith("User:")]
-    return " ".join([summary, *picked]).strip()
+    return " ".join([summary, *picked]).strip()[:EXTRACTIVE_CHARS]
 
 
 async def _summarise(gw: Any, name: str, prompt: list[dict], report: MemoryReport) -> str:
@@ -199,7 +200,9 @@ async def _summarise(gw: Any, name: str, prompt: list[dict], report: MemoryRepor
     summary, lines = _lines(prompt)
     budget = (context_of(gw, name) or MIN_SUMMARISER_CONTEXT) - SUMMARY_TOKENS
     count = token_counter(gw, name)
-    for group in await run_in_threadpool(_pieces, summary, lines, budget, count):
+    while lines:
+        group, taken = await run_in_threadpool(_next_group, summary, lines, budget, count)
+        lines = lines[taken:]
         req = ChatCompletionRequest.model_validate(
             {
                 "model": name,
