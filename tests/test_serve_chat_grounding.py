@@ -90,6 +90,12 @@ def test_a_stream_ends_with_the_citations(served):
     assert annotations and {a["file_citation"]["file_id"] for a in annotations} == {files["tides.txt"].id}
     streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-2])
     assert "tides rise and fall" in streamed
+    assert "[1]" not in streamed  # the markers are stripped as the text streams
+    whole = ask(tc, {"vector_store_ids": [vs_id], "max_num_results": 1}).json()["choices"][0]["message"]
+    assert streamed.rstrip() == whole["content"]  # so the annotations' offsets count in the same text
+    assert [a["file_citation"]["index"] for a in annotations] == [
+        a["file_citation"]["index"] for a in whole["annotations"]
+    ]
     assert "pull of the moon" in backend.requests[-1].messages[1].content
 
 

@@ -625,8 +625,8 @@ class Gateway:
                         usage = pending.usage
                     if self.config.log_content and pending.index == 0 and pending.text:
                         call.response = (call.response or "") + pending.text
-                    if call.grounding is not None and pending.index == 0 and pending.text:
-                        call.grounding.text += pending.text
+                    if call.grounding is not None and pending.index == 0:  # strip [n], keep the text
+                        call.grounding.clean(pending)
                     if pending.text is not None or pending.finish_reason or pending.tool_calls:
                         yield piece(pending, pending.index not in seen)
                         seen.add(pending.index)
