@@ -3,7 +3,7 @@
 # starts one: initdb and pg_ctl as the postgres user, trust auth, loopback only), stopped after. Run as root:
 #   flock /tmp/bench.lock bench/kb_scale_pg.sh
 set -u
-cd /work/main
+cd "$(dirname "$0")/.."
 root=$(mktemp -d /tmp/v-pg-XXXX); data=$root/pg; mkdir $data; chown -R postgres $root
 port=${PORT:-55437}
 runuser -u postgres -- initdb -D $data -A trust -U fleet >/dev/null
