@@ -51,7 +51,8 @@ def compress_command(
     out: Path = typer.Option(..., "--out", help="output directory (a checkpoint with the codes beside it)"),
     method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | hqq"),
     bits: int = typer.Option(4, "--bits", help="8 | 4 | 3 (3-bit codes in 4-bit containers)"),
-    group_size: int = typer.Option(128, "--group-size", help="32 | 64 | 128 input columns per scale"),
+    group_size: int = typer.Option(64, "--group-size", help="32 | 64 | 128 input columns per scale (64 "
+                                   "divides every catalog model's widths; 128 not SmolLM2's 576)"),
     calib: list[Path] = typer.Option(None, "--calib", help="calibration text files or directories "
                                      "(default: the Python 3.11 library reference, gptq/awq only)"),
     samples: int = typer.Option(128, "--samples", help="calibration sequences"),
