@@ -12,6 +12,7 @@ import codecs
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import BinaryIO
 
 from fleetlm.errors import FleetError
 
@@ -68,6 +69,7 @@ CODE_SUFFIXES = {
 }
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
+PDF_OBJECT_CACHE = 200  # parsed objects kept between pages (bench/kb_store.py memory --pdf-reader)
 # Formats we know and do not read yet (an optional converter could): a clear error instead of garbage text.
 KNOWN_BINARY = {
     ".docx",
@@ -233,11 +235,16 @@ def _html(path: Path, filename: str) -> Iterator[str]:
 
 
 def _pdf(path: Path, filename: str) -> Iterator[str]:
+    with path.open("rb") as fh:  # a file object is read as pypdf needs it; a path is read whole into memory
+        yield from _pdf_pages(fh, filename)
+
+
+def _pdf_pages(fh: BinaryIO, filename: str) -> Iterator[str]:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(path)
+        reader = PdfReader(fh)
         pages = len(reader.pages)
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
         raise ExtractError(f"{filename}: not a readable PDF ({type(exc).__name__}: {exc})") from None
@@ -250,5 +257,7 @@ def _pdf(path: Path, filename: str) -> Iterator[str]:
             raise ExtractError(
                 f"{filename}: page {number + 1} cannot be read ({type(exc).__name__})"
             ) from None
+        if len(reader.resolved_objects) > PDF_OBJECT_CACHE:  # pypdf caches every page's objects: bound it
+            reader.resolved_objects.clear()
         if text.strip():
             yield text + "\n\n"
