@@ -17,45 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fleetlm.compress.calib import compress_model, read_texts, token_windows
+from fleetlm.compress.calib import compress_model
+from fleetlm.compress.evaluate import block_linear_names, eval_windows, float_bytes, perplexity
 from fleetlm.compress.pipeline import calibration_windows, load_float_model
-
-EVAL_PATHS = ["/usr/share/common-licenses", *sorted(glob.glob("/usr/share/doc/*/changelog.Debian.gz"))]
-EVAL_CHARS = 3_000_000  # the licenses and the changelogs of the first packages by name (all: 23 MB, 44 s)
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 2) -> float:
-    """exp(mean next-token NLL) over every window (each scored on its own, from its first token)."""
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i : i + batch]
-        logits = model(ids)[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
-
-
-def float_bytes(model: torch.nn.Module, skip: set[str]) -> int:
-    """Bytes of the tensors that are not block linears, at float16 (one copy of tied embeddings)."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if name.removesuffix(".weight") in skip or p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * 2
-    return total
 
 
 def llama_cpp_row(base: torch.nn.Module, tokenizer, qtype: str, windows: torch.Tensor, work: Path) -> dict:
@@ -98,17 +69,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base, tokenizer = load_float_model(args.model)
-    eval_ids = tokenizer.encode(read_texts(EVAL_PATHS, EVAL_CHARS), add_special_tokens=False)
-    windows = token_windows(eval_ids, args.windows, args.window_len)
+    windows, n_eval = eval_windows(tokenizer, args.windows, args.window_len)
     calib = calibration_windows(tokenizer, None, args.calib_samples, args.calib_len)
     base_ppl = perplexity(base, windows)
-    print(f"model {args.model}: eval {args.windows} x {args.window_len} tokens of {len(eval_ids)} "
+    print(f"model {args.model}: eval {args.windows} x {args.window_len} tokens of {n_eval} "
           f"(licenses + Debian changelogs); calib {args.calib_samples} x {args.calib_len} tokens "
           f"(python3.11-doc library); baseline ppl {base_ppl:.3f} ({time.perf_counter() - t0:.0f}s)",
           flush=True)
-    linears = {f"layers.{i}.{n}" for i in range(len(base.layers))
-               for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    linears = block_linear_names(base)
     rows = [{"method": "baseline (shipped, dequantized)", "bits": "f32", "group": "-", "ppl": base_ppl,
              "mib": float_bytes(base, set()) / 2**20, "seconds": 0.0}]
     for bits in (int(b) for b in args.bits.split(",")):
