@@ -544,3 +544,28 @@ def test_the_scale_benchmark_runs_on_a_tiny_corpus():
     assert "sqlite (embedded)" in out.stdout and "milvus (milvus-lite, sqlite meta)" in out.stdout
     for mode in ("bm25", "dense", "hybrid", "hybrid + filter"):
         assert f"\n{mode} " in out.stdout
+
+
+def test_milvus_or_its_metadata_failing_mid_request_is_a_503_not_a_500(tmp_path):
+    from fastapi.testclient import TestClient
+    from pymilvus.exceptions import MilvusException
+    from sqlalchemy.exc import OperationalError
+
+    from fleetlm.serve.files_api import knowledge_base
+
+    app = _gateway(tmp_path, {"backend": "milvus", "milvus_uri": str(tmp_path / "kb-milvus.db")})
+    with TestClient(app, raise_server_exceptions=False) as tc:
+        assert tc.get("/v1/vector_stores").status_code == 200
+        store = knowledge_base(app.state.gateway).store
+        failures = [MilvusException(message="collection not loaded"),
+                    OperationalError("SELECT 1", {}, Exception("connection refused"))]
+        for failure in failures:
+            def fail(*_a, failure=failure, **_k):
+                raise failure
+
+            store.list_stores = fail
+            r = tc.get("/v1/vector_stores")
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "knowledge_store_unavailable"
+        store.list_stores = lambda *_a, **_k: 1 / 0  # a bug stays a 500
+        assert tc.get("/v1/vector_stores").status_code == 500

@@ -44,7 +44,7 @@ from fleetlm.serve.errors import (
     error_body,
 )
 from fleetlm.serve.failover import ClosingStreamingResponse, first_piece, resilient_stream
-from fleetlm.serve.files_api import install_files
+from fleetlm.serve.files_api import install_files, store_failure
 from fleetlm.serve.limits import Limits
 from fleetlm.serve.metrics import Metrics
 from fleetlm.serve.metrics import install as install_metrics
@@ -785,6 +785,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _bug(_req: Request, exc: Exception) -> JSONResponse:
+        if (unavailable := store_failure(exc)) is not None:  # a server behind the store, not our bug
+            return JSONResponse(unavailable.body(), status_code=unavailable.status)
         return JSONResponse(
             error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500
         )

@@ -126,6 +126,20 @@ async def open_knowledge(gw: Gateway, request: Request) -> KnowledgeBase:
         raise KnowledgeUnavailable(str(exc)) from None
 
 
+def store_failure(exc: Exception) -> KnowledgeUnavailable | None:
+    """The 503 for an exception raised by the knowledge store's server in the middle of a request (Milvus
+    gone, its metadata database unreachable), or None for anything else, which stays a 500: a bug."""
+    if type(exc).__module__.startswith("pymilvus"):
+        return KnowledgeUnavailable(f"the Milvus server failed during the request: {exc}")
+    try:
+        from sqlalchemy.exc import DisconnectionError, OperationalError
+    except ImportError:
+        return None
+    if isinstance(exc, DisconnectionError | OperationalError):
+        return KnowledgeUnavailable(f"the knowledge store's database is unreachable: {exc.orig or exc}")
+    return None
+
+
 def close_knowledge(gw: Gateway) -> None:
     kb = getattr(gw, "knowledge", None)
     if kb is not None:
