@@ -263,22 +263,6 @@ def pdf_memory(tmp: Path, megabytes: float, traced: bool) -> None:
     (tmp / "pdf.db").unlink()
 
 
-def proposed_pdf(path: Path, filename: str) -> Iterator[str]:
-    """NOT the product: the change proposed for rag/extract.py's _pdf (`memory --pdf-reader proposed`).
-    pypdf reads a file object as it needs it (a path it reads whole into memory), and its cache of parsed
-    objects (every page's content stream) is emptied once it holds 200; the text is the same."""
-    from pypdf import PdfReader
-
-    with path.open("rb") as fh:
-        reader = PdfReader(fh)
-        for number in range(len(reader.pages)):
-            text = reader.pages[number].extract_text() or ""
-            if len(reader.resolved_objects) > 200:
-                reader.resolved_objects.clear()
-            if text.strip():
-                yield text + "\n\n"
-
-
 def memory_figures(pdf_mb: float, traced_pdf_mb: float, small_files: int, python_too: bool) -> None:
     encoding()  # the tokenizer's tables are loaded once per process: not part of a file's cost
     import pypdf  # noqa: F401 - imported once here, so its modules are not counted as the file's memory
@@ -586,9 +570,6 @@ def main() -> None:
         "--traced-pdf-mb", type=float, default=10, help="memory: the PDF measured with tracemalloc (slow)"
     )
     ap.add_argument("--no-tracemalloc", action="store_true", help="memory: RSS only")
-    ap.add_argument(
-        "--pdf-reader", choices=["product", "proposed"], default="product", help="memory: see proposed_pdf"
-    )
     ap.add_argument("--big-mb", type=int, default=0, help="only: peak Python memory ingesting one N MB file")
     args = ap.parse_args()
     if args.big_mb:
@@ -600,11 +581,6 @@ def main() -> None:
     elif args.mode == "slices":
         slice_figures(args.seconds)
     elif args.mode == "memory":
-        if args.pdf_reader == "proposed":
-            import fleetlm.rag.extract
-
-            fleetlm.rag.extract._pdf = proposed_pdf  # what extract() calls for a PDF
-            print("PDFs read by bench/kb_store.py's proposed_pdf, NOT by rag/extract.py as it is")
         memory_figures(args.pdf_mb, args.traced_pdf_mb, args.small_files, not args.no_tracemalloc)
     else:
         search_figures(args)
