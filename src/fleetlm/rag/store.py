@@ -18,7 +18,7 @@ worker re-queues those files and first deletes the half-written chunks, so a hal
 reported `completed`. Chunks belong to a document, keyed by (content hash, chunking strategy): the same
 bytes attached twice, with the same strategy, are chunked and embedded once.
 
-A scale path (Milvus through pymilvus, a later session) implements the same Protocol.
+The scale path (rag/milvus_store.py: Milvus through pymilvus, metadata in SQL) implements the same Protocol.
 """
 
 from __future__ import annotations
