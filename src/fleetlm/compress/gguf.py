@@ -489,7 +489,8 @@ def code_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, q
 
 def export_compressed_gguf(compressed_dir: str | Path, out_path: str | Path) -> Path:
     """Write a `fleet compress` output directory as GGUF: its block linears from the stored codes (Q8_0, Q4_0
-    or Q4_1, see code_type), everything else as `export_gguf(..., "f16")` writes it."""
+    or Q4_1, see code_type, each tensor at its own width in a mix), everything else as
+    `export_gguf(..., "f16")` writes it."""
     import gguf
 
     from fleetlm.compress.store import hf_name, read_codes
@@ -497,15 +498,15 @@ def export_compressed_gguf(compressed_dir: str | Path, out_path: str | Path) -> 
     ckpt, out = Path(compressed_dir), Path(out_path)
     codes, meta = read_codes(ckpt)
     by_hf = {hf_name(name): qw for name, qw in codes.items()}
-    qname = code_type(meta["bits"], meta["sym"])
-    qtype = getattr(gguf.GGMLQuantizationType, qname.upper())
+    qnames = {h: code_type(qw.bits, qw.sym) for h, qw in by_hf.items()}
+    qname = max(set(qnames.values()), key=list(qnames.values()).count)  # the file type: the most common
     cfg = load_config(ckpt)
     files = _weight_files(ckpt)
     vocab = read_vocab(ckpt, cfg.vocab_size, cfg)
     plan = _plan(cfg, files, "f16")
     for t in plan:
         if t.hf_name in by_hf:
-            t.qtype = qtype
+            t.qtype = getattr(gguf.GGMLQuantizationType, qnames[t.hf_name].upper())
     if not out.parent.is_dir():
         raise GGUFExportError(f"output directory {out.parent} does not exist")
     w = gguf.GGUFWriter(str(out), GGUF_ARCH[cfg.arch])
@@ -525,7 +526,7 @@ def export_compressed_gguf(compressed_dir: str | Path, out_path: str | Path) -> 
                 q, d, m = qw.q, qw.d, qw.m
                 if t.permute_heads:  # the same row order as the float tensor (grids are per row)
                     q, d, m = (permute_rotate_half(x, t.permute_heads) for x in (q, d, m))
-                arr = code_blocks(q, d, m, qw.group, qname)
+                arr = code_blocks(q, d, m, qw.group, qnames[t.hf_name or ""])
             if arr.nbytes != _nbytes(t.shape, t.qtype):
                 raise GGUFExportError(f"tensor {t.gguf_name} has {arr.nbytes} bytes, expected "
                                       f"{_nbytes(t.shape, t.qtype)}")
