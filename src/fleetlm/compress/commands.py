@@ -49,7 +49,10 @@ def _report(path: Path, kind: str, start: float) -> None:
 def compress_command(
     model: str = typer.Argument(..., help="catalog name, .gguf file or HF checkpoint directory"),
     out: Path = typer.Option(..., "--out", help="output directory (a checkpoint with the codes beside it)"),
-    method: str = typer.Option("rtn", "--method", help="rtn | gptq | awq | hqq"),
+    method: str = typer.Option(None, "--method", help="rtn | gptq | awq | hqq (default rtn; with --prune: "
+                               "none, pruning alone, or rtn | gptq after it)"),
+    prune: str = typer.Option(None, "--prune", help="magnitude | wanda | sparsegpt (docs/COMPRESS.md)"),
+    sparsity: str = typer.Option("0.5", "--sparsity", help="with --prune: a fraction (0.5) or N:M (2:4)"),
     bits: int = typer.Option(4, "--bits", help="8 | 4 | 3 (3-bit codes in 4-bit containers)"),
     group_size: int = typer.Option(64, "--group-size", help="32 | 64 | 128 input columns per scale (64 "
                                    "divides every catalog model's widths; 128 not SmolLM2's 576)"),
@@ -65,6 +68,11 @@ def compress_command(
     from fleetlm.compress.pipeline import compress_to_dir
 
     start = time.perf_counter()
+    if prune is not None:
+        _prune_command(model, out, method, prune, sparsity, bits, group_size, calib, samples, seq_len, sym,
+                       gguf_out, start)
+        return
+    method = method or "rtn"
     info = compress_to_dir(model, out, method=method, bits=bits, group=group_size, calib=calib or None,
                            samples=samples, seq_len=seq_len, sym=sym, act_order=act_order, progress=True)
     typer.echo(f"wrote {out} ({info['codes_mib']:.1f} MiB of codes, {method} {bits}-bit, group "
@@ -73,6 +81,24 @@ def compress_command(
         from fleetlm.compress.gguf import export_compressed_gguf
 
         _report(export_compressed_gguf(out, gguf_out), f"{method} {bits}-bit codes", start)
+
+
+def _prune_command(model: str, out: Path, method: str | None, prune: str, sparsity: str, bits: int,
+                   group: int, calib: list[Path] | None, samples: int, seq_len: int, sym: bool,
+                   gguf_out: Path | None, start: float) -> None:
+    from fleetlm.compress.prune import QuantAfter, prune_to_dir
+
+    quant = QuantAfter(method, bits, group, sym) if method else None
+    info = prune_to_dir(model, out, prune=prune, sparsity=sparsity, quant=quant, calib=calib or None,
+                        samples=samples, seq_len=seq_len, progress=True)
+    what = f"{prune} {sparsity}" + (f" + {method} {bits}-bit" if method else "")
+    typer.echo(f"wrote {out} ({what}, {100 * info['sparsity']:.1f}% zeros in the block linears) in "
+               f"{time.perf_counter() - start:.1f}s")
+    if gguf_out is not None:
+        from fleetlm.compress.gguf import export_compressed_gguf, export_gguf
+
+        path = export_compressed_gguf(out, gguf_out) if quant else export_gguf(out, gguf_out, "f16")
+        _report(path, what, start)
 
 
 def register(app: typer.Typer) -> None:
