@@ -104,3 +104,28 @@ def test_a_failing_ranker_is_a_502_not_a_traceback(served):
     finally:
         judge.fail = False
     assert r.status_code == 502 and "engine crashed" in r.json()["error"]["message"]
+
+
+def test_file_search_in_responses_takes_the_fleet_ranker_too(served):
+    _, client, vs, judge = served
+    tool = {"type": "file_search", "vector_store_ids": [vs], "max_num_results": 2}
+    plain = client.responses.create(model="judge", input=QUERY, tools=[tool],
+                                    include=["file_search_call.results"])
+    assert plain.output[0].results[0].filename == "decoy.txt"
+    before = judge.calls
+    ranked = client.responses.create(
+        model="judge", input=QUERY, include=["file_search_call.results"],
+        tools=[{**tool, "ranking_options": {"ranker": "fleet:judge", "score_threshold": 0.5}}],
+    )
+    results = ranked.output[0].results
+    assert [r.filename for r in results] == ["answer.txt"] and results[0].score == pytest.approx(0.9)
+    assert judge.calls - before == 3 + 1  # the three stored chunks judged, then the answer
+
+
+@pytest.mark.parametrize("ranker", ["fleet:nobody", "cohere"])
+def test_file_search_with_a_bad_ranker_is_a_400(served, ranker):
+    tc, _, vs, _ = served
+    r = tc.post("/v1/responses", json={"model": "judge", "input": QUERY, "tools": [
+        {"type": "file_search", "vector_store_ids": [vs], "ranking_options": {"ranker": ranker}}]})
+    assert r.status_code == 400, r.text
+    assert "ranker" in r.json()["error"]["param"]

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 FLEET_PREFIX = "fleet:"
+OPENAI_RANKERS = {"auto", "default-2024-11-15", "none"}  # accepted as OpenAI's names: the default fusion
 DEFAULT_DEPTH = 10
 MAX_DEPTH = 20
 PASSAGE_CHARS = 1500

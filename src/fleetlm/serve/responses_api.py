@@ -18,7 +18,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,11 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fleetlm.rag.grounding import Source, cite, grounding_prompt, retrieve
+from fleetlm.rag.rerank import DEFAULT_DEPTH, rerank
 from fleetlm.rag.store import new_id
 from fleetlm.serve import assistants, mcp_tools, vision
 from fleetlm.serve.backends import Generation
 from fleetlm.serve.conversation_memory import fit_conversation
-from fleetlm.serve.errors import APIError, BadRequest
+from fleetlm.serve.errors import APIError, BackendError, BadRequest
 from fleetlm.serve.files_api import NotFound, api_errors, index_path, listing, open_knowledge, page_params
 from fleetlm.serve.protocol import ChatCompletionRequest, parse_request
 from fleetlm.serve.responses_items import (
@@ -47,6 +48,7 @@ from fleetlm.serve.responses_items import (
     text_of,
     to_messages,
 )
+from fleetlm.serve.vector_stores_api import fleet_judge
 
 INCLUDES = ("file_search_call.results",)
 
@@ -200,14 +202,35 @@ async def _search(gw: Any, request: Request, search: dict, items: list[dict], in
     query = text_of(users[-1]["content"], "input") if users else ""
     if not query.strip():
         raise BadRequest("file_search needs a user message with text to search for", param="input")
-    sources = await run_in_threadpool(
-        retrieve, kb.store, search["vector_store_ids"], query, kb.ingestor.embed,
-        max_num_results=search["max_num_results"], filters=search["filters"],
-        score_threshold=search["score_threshold"],
-    )
+    judge = fleet_judge(gw, search["ranker"], "tools.ranking_options.ranker")
+    if judge is None:
+        sources = await run_in_threadpool(
+            retrieve, kb.store, search["vector_store_ids"], query, kb.ingestor.embed,
+            max_num_results=search["max_num_results"], filters=search["filters"],
+            score_threshold=search["score_threshold"],
+        )
+    else:
+        sources = await _reranked(kb, search, query, judge)
     item = {"id": new_id("fs"), "type": "file_search_call", "status": "completed", "queries": [query],
             "results": [_result(s) for s in sources] if include else None}
     return sources, item
+
+
+async def _reranked(kb: Any, search: dict, query: str, judge: Any) -> list[Source]:
+    """file_search with a `fleet:<model>` ranker: the fused candidates of every store (the rerank depth at
+    least), judged by the model, then the threshold and the limit on the judged scores, renumbered."""
+    wide = await run_in_threadpool(
+        retrieve, kb.store, search["vector_store_ids"], query, kb.ingestor.embed,
+        max_num_results=max(search["max_num_results"], DEFAULT_DEPTH), filters=search["filters"],
+    )
+    try:
+        hits = await rerank(query, [{"text": s.text, "score": s.score, "source": s} for s in wide], judge)
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an engine's failure is the ranker's, answered as a 502
+        raise BackendError(f"ranker fleet:{search['ranker']}: {type(exc).__name__}: {exc}") from None
+    kept = [h for h in hits if h["score"] >= search["score_threshold"]][: search["max_num_results"]]
+    return [replace(h["source"], index=i, score=h["score"]) for i, h in enumerate(kept, start=1)]
 
 
 async def prepare(gw: Any, request: Request, req: ResponsesRequest, call: Any) -> Prepared:

@@ -215,6 +215,7 @@ class ToolPlan:
 
 def _file_search(tool: dict, param: str) -> dict:
     from fleetlm.rag.filters import compile_filter
+    from fleetlm.rag.rerank import OPENAI_RANKERS, fleet_ranker
 
     ids = tool.get("vector_store_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(x, str) for x in ids):
@@ -233,8 +234,12 @@ def _file_search(tool: dict, param: str) -> dict:
     if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
         raise BadRequest("score_threshold must be between 0 and 1",
                          param=f"{param}.ranking_options.score_threshold")
+    ranker = ranking.get("ranker")
+    if ranker is not None and ranker not in OPENAI_RANKERS and not fleet_ranker(ranker):
+        raise BadRequest(f"ranker must be one of {', '.join(sorted(OPENAI_RANKERS))}, or fleet:<model>",
+                         param=f"{param}.ranking_options.ranker")
     return {"vector_store_ids": ids, "max_num_results": limit, "filters": tool.get("filters"),
-            "score_threshold": float(threshold)}
+            "score_threshold": float(threshold), "ranker": fleet_ranker(ranker)}
 
 
 def _function(tool: dict, param: str) -> dict:

@@ -23,7 +23,15 @@ from starlette.concurrency import run_in_threadpool
 
 from fleetlm.rag.chunking import ChunkingError, Strategy, parse_strategy
 from fleetlm.rag.filters import FilterError, compile_filter
-from fleetlm.rag.rerank import DEFAULT_DEPTH, MAX_DEPTH, backend_judge, fleet_ranker, rerank
+from fleetlm.rag.rerank import (
+    DEFAULT_DEPTH,
+    MAX_DEPTH,
+    OPENAI_RANKERS,
+    Judge,
+    backend_judge,
+    fleet_ranker,
+    rerank,
+)
 from fleetlm.rag.search import DEFAULT_ALPHA, DEFAULT_FUSION, SearchRequest, search
 from fleetlm.rag.store import STATUSES
 from fleetlm.serve.errors import APIError, BackendError, BadRequest
@@ -39,7 +47,7 @@ MAX_NAME_CHARS = 256
 MAX_BATCH_FILES = 500
 MAX_QUERIES = 16
 MAX_QUERY_CHARS = 4096
-RANKERS = {"auto", "default-2024-11-15", "none"}
+RANKERS = OPENAI_RANKERS
 CREATE_FIELDS = {"name", "file_ids", "metadata", "expires_after", "chunking_strategy", "description"}
 UPDATE_FIELDS = {"name", "metadata", "expires_after"}
 SEARCH_FIELDS = {
@@ -180,6 +188,20 @@ def batch_object(row: dict) -> dict:
         "status": row["status"],
         "file_counts": row["file_counts"],
     }
+
+
+def fleet_judge(gw: Any, model: str | None, param: str = "ranking_options.ranker") -> Judge | None:
+    """The judge of a `fleet:<model>` ranker (None without one); a model the fleet lacks is a 400."""
+    if model is None:
+        return None
+    backend = gw.backends.get(model)
+    if backend is None or model not in gw.config.models:
+        raise BadRequest(
+            f"{param}: fleet:{model} is not a chat model of this fleet "
+            f"(models: {', '.join(sorted(gw.config.models)) or 'none'})",
+            param=param,
+        )
+    return backend_judge(backend, model)
 
 
 def search_request(body: dict) -> SearchRequest:
@@ -522,26 +544,13 @@ def install_vector_stores(app: FastAPI, gw: Gateway) -> None:
 
     # ---------------------------------------------------------------- search
 
-    def reranker_of(req: SearchRequest):
-        """The judge of a `fleet:<model>` ranker (None without one); a model the fleet lacks is a 400."""
-        if req.reranker is None:
-            return None
-        backend = gw.backends.get(req.reranker)
-        if backend is None or req.reranker not in gw.config.models:
-            raise BadRequest(
-                f"ranking_options.ranker: fleet:{req.reranker} is not a chat model of this fleet "
-                f"(models: {', '.join(sorted(gw.config.models)) or 'none'})",
-                param="ranking_options.ranker",
-            )
-        return backend_judge(backend, req.reranker)
-
     @app.post("/v1/vector_stores/{store_id}/search")
     @api_errors
     async def search_store(request: Request, store_id: str) -> Response:
         kb = await open_knowledge(gw, request)
         body = await json_body(gw, request, SEARCH_FIELDS)
         req = search_request(body)
-        judge = reranker_of(req)
+        judge = fleet_judge(gw, req.reranker)
         await find_store(kb, store_id)
         if judge is None:
             hits = await run_in_threadpool(search, kb.store, store_id, req, kb.ingestor.embed)
