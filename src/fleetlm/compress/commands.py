@@ -63,6 +63,10 @@ def compress_command(
     sym: bool = typer.Option(False, "--sym", help="symmetric 4/3-bit grids (GGUF Q4_0) instead of min/max"),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by diag(H)"),
     gguf_out: Path = typer.Option(None, "--gguf", help="also write this .gguf file (Q8_0 / Q4_0 / Q4_1)"),
+    target_bpw: float = typer.Option(None, "--target-bpw", help="automatic widths per tensor (8/4 bits or "
+                                     "float16, embeddings included) for this average bits a weight"),
+    max_kl: float = typer.Option(None, "--max-kl", help="automatic widths: the smallest mix whose predicted "
+                                 "KL (nats a token, summed over tensors) is at most this"),
 ) -> None:
     """Quantize MODEL's block linears with METHOD and write them where our int8/int4 kernels load them."""
     from fleetlm.compress.pipeline import compress_to_dir
@@ -73,6 +77,10 @@ def compress_command(
                        gguf_out, start)
         return
     method = method or "rtn"
+    if target_bpw is not None or max_kl is not None:
+        _mixed_command(model, out, method, target_bpw, max_kl, group_size, calib, samples, seq_len, sym,
+                       act_order, gguf_out, start)
+        return
     info = compress_to_dir(model, out, method=method, bits=bits, group=group_size, calib=calib or None,
                            samples=samples, seq_len=seq_len, sym=sym, act_order=act_order, progress=True)
     typer.echo(f"wrote {out} ({info['codes_mib']:.1f} MiB of codes, {method} {bits}-bit, group "
@@ -81,6 +89,24 @@ def compress_command(
         from fleetlm.compress.gguf import export_compressed_gguf
 
         _report(export_compressed_gguf(out, gguf_out), f"{method} {bits}-bit codes", start)
+
+
+def _mixed_command(model: str, out: Path, method: str, target_bpw: float | None, max_kl: float | None,
+                   group: int, calib: list[Path] | None, samples: int, seq_len: int, sym: bool,
+                   act_order: bool, gguf_out: Path | None, start: float) -> None:
+    from fleetlm.compress.mixed import compress_mixed_to_dir
+
+    info = compress_mixed_to_dir(model, out, target_bpw=target_bpw, max_kl=max_kl, method=method, group=group,
+                                 calib=calib or None, samples=samples, seq_len=seq_len, sym=sym,
+                                 act_order=act_order, progress=True)
+    c = info["choice"]
+    typer.echo(f"wrote {out} ({info['codes_mib']:.1f} MiB of codes, {method} mix at {c.bpw:.3f} bits a "
+               f"weight; KL predicted {c.predicted_kl:.4g}, measured {info['measured_kl']:.4g}) in "
+               f"{time.perf_counter() - start:.1f}s")
+    if gguf_out is not None:
+        from fleetlm.compress.gguf import export_compressed_gguf
+
+        _report(export_compressed_gguf(out, gguf_out), f"{method} mix", start)
 
 
 def _prune_command(model: str, out: Path, method: str | None, prune: str, sparsity: str, bits: int,
