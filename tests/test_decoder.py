@@ -198,7 +198,7 @@ def test_reset_caches_zeroes_selected_rows(tiny_llama):
     with torch.no_grad():
         model(random_ids(model.config.vocab_size, 2, 5), torch.arange(5)[None].repeat(2, 1))
     cache = model.layers[0].self_attn.kv_cache
-    assert cache.k_cache.shape == (2, 2, 16, 16)
+    assert cache.k_cache.shape == (2, 2, 17, 16)  # 16 slots and the spare one (KVCache)
     assert cache.k_cache[0].abs().sum() > 0 and cache.k_cache[1].abs().sum() > 0
     model.reset_caches([1])
     assert cache.k_cache[0].abs().sum() > 0 and cache.k_cache[1].abs().sum() == 0
@@ -243,3 +243,41 @@ def test_training_forward_backpropagates(tiny_llama):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch, extra", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6})])
+def test_attention_over_the_filled_slots_equals_the_whole_masked_cache(tiny_checkpoint_factory, arch, extra):
+    """Rows at different fills (a continuous batch), one row, and a sliding window: attending over slots
+    [0, kv_len) (the default now) gives the logits of attending over every slot of the cache with the
+    unfilled ones masked, at every step, also once the rows pass the window."""
+    model = load_checkpoint(tiny_checkpoint_factory(arch, **extra))
+    vocab, slots = model.config.vocab_size, 48
+    lengths = [13, 4, 8]
+    ids = random_ids(vocab, 3, max(lengths) + 12, seed=21)
+    model.setup_caches(max_batch_size=4, max_seq_length=slots)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):  # each row prefilled alone into its own cache row
+            model(ids[b : b + 1, :n], torch.arange(n)[None], cache_rows=slice(b, b + 1))
+        for s in range(12):
+            pos = torch.tensor(lengths)[:, None] + s
+            tok = ids[torch.arange(3), pos[:, 0]][:, None]
+            sliced = model(tok, pos, cache_rows=slice(0, 3))  # kv_len: the furthest row + 1
+            # the same step written again (same keys and values), attending over all 48 slots
+            whole = model(tok, pos, cache_rows=slice(0, 3), kv_len=slots)
+            one = model(tok[1:2], pos[1:2], cache_rows=slice(1, 2))  # one row: no mask at all
+            assert (sliced - whole).abs().max().item() <= TOL
+            assert (one[0] - whole[1]).abs().max().item() <= TOL
+    assert model.sees_all(pos[1:2], int(pos[1]) + 1) == ("sliding_window" not in extra or int(pos[1]) < 6)
+
+
+def test_a_prefill_from_an_empty_row_is_plain_causal_and_matches_the_masked_one(tiny_llama):
+    model = load_checkpoint(tiny_llama)
+    ids = random_ids(model.config.vocab_size, 2, 10, seed=5)
+    pos = torch.arange(10)[None].repeat(2, 1)
+    assert model.plain_causal(pos, 10) and not model.plain_causal(pos, 12)
+    assert not model.plain_causal(pos + 1, 11)  # a chunk after earlier slots needs the mask
+    model.setup_caches(max_batch_size=2, max_seq_length=16)
+    with torch.no_grad():
+        causal = model(ids, pos, kv_len=10)
+        masked = model(ids, pos, kv_len=10, unmasked=False)
+    assert (causal - masked).abs().max().item() <= TOL

@@ -22,7 +22,13 @@ CacheRows = slice | torch.Tensor | None
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache [B, n_kv_heads, S, head_dim]: fixed shapes, so decode steps never reallocate."""
+    """Static per-layer cache [B, n_kv_heads, S + 1, head_dim]: fixed shapes: decode steps never reallocate.
+
+    One spare slot past max_seq_length is never written nor read: with it a view of the first kv_len slots
+    is never the whole buffer, so it is never contiguous. Without it a compiled step guards on that
+    contiguity (kv_len * head_dim != S * head_dim) and compiled a second graph when a row reached the last
+    slot.
+    """
 
     def __init__(
         self,
@@ -34,7 +40,8 @@ class KVCache(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.max_seq_length = max_seq_length
+        shape = (max_batch_size, n_kv_heads, max_seq_length + 1, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -66,9 +73,8 @@ class KVCache(nn.Module):
             self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
             self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
             k_rows, v_rows = self.k_cache[cache_rows], self.v_cache[cache_rows]
-        if kv_len is not None:
-            k_rows, v_rows = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
-        return k_rows, v_rows
+        kv_len = self.max_seq_length if kv_len is None else kv_len
+        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
 
 
 class RMSNorm(nn.Module):
@@ -312,6 +318,13 @@ class Transformer(nn.Module):
         return (kv_len is not None and pos.shape[1] == 1 and (window is None or kv_len <= window)
                 and bool((pos == kv_len - 1).all()))
 
+    def plain_causal(self, pos: torch.Tensor, kv_len: int | None) -> bool:
+        """Every row's queries stand at slots 0..T-1 and attend over exactly those T slots (a prefill from
+        an empty row): SDPA's is_causal then needs no [T, T] mask tensor (256 MB as floats at 8k tokens)."""
+        t, window = pos.shape[1], self.config.sliding_window
+        return (t > 1 and kv_len == t and (window is None or t <= window)
+                and bool((pos == torch.arange(t, device=pos.device)).all()))
+
     def _mask(self, pos: torch.Tensor, use_cache: bool, kv_len: int | None = None) -> torch.Tensor:
         # Query at position p sees key slots s <= p (and s > p - window with a sliding window).
         key_pos = (
@@ -341,8 +354,10 @@ class Transformer(nn.Module):
 
         cache_rows: the cache row of each batch row (default 0..B-1), for a batch whose requests keep their
         own rows. kv_len: attend over cache slots [0, kv_len) only; every row's input_pos must be < kv_len.
-        unmasked: sees_all(input_pos, kv_len) when the caller knows it already (a compiled step must not
-        read tensor values: each read splits its graph).
+        None: the furthest position + 1 (slots past it are masked for every row, so reading them is waste:
+        a 4,096-slot cache would cost its whole length at every step). unmasked: sees_all(input_pos, kv_len)
+        or plain_causal(...) when the caller knows it already (a compiled step must not read tensor values:
+        each read splits its graph).
         """
         b, t = idx.shape
         use_cache = input_pos is not None and self.max_seq_length > 0
@@ -354,8 +369,10 @@ class Transformer(nn.Module):
             mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
         else:
             pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
+            if use_cache and kv_len is None:
+                kv_len = int(pos.max()) + 1
             if unmasked is None:
-                unmasked = self.sees_all(pos, kv_len)
+                unmasked = self.sees_all(pos, kv_len) or (use_cache and self.plain_causal(pos, kv_len))
             mask = None if unmasked else self._mask(pos, use_cache, kv_len)
         x = self.embed_tokens(idx)
         inv_freq = self.inv_freq
