@@ -78,3 +78,39 @@ def test_search_scale_alpha_zero_is_rtn():
     ref = x @ w.T
     assert abs(base - float(((x @ rtn(w, 4, 32).dequantize().T - ref) ** 2).mean())) < 1e-6 * max(base, 1)
     assert loss < base and s.shape == (64,) and bool((s > 0).all())
+
+
+def _correlated(t: int, k: int = 128, seed: int = 0) -> torch.Tensor:
+    """Activations with shared directions and a few salient channels (20x the others), as real ones have."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, k, generator=torch.Generator().manual_seed(99))
+    scale = 0.2 + 0.5 * torch.rand(k, generator=torch.Generator().manual_seed(98))
+    scale[::16] *= 20
+    return (torch.randn(t, 16, generator=gen) @ mix + 0.3 * torch.randn(t, k, generator=gen)) * scale
+
+
+def _output_error(x, w, w_hat):
+    return float(((x @ (w_hat - w).T) ** 2).mean())
+
+
+def test_awq_output_error_below_rtn_on_held_out_correlated_inputs():
+    """The scales fitted on calibration inputs lower the error on other inputs of the same kind too (what
+    the held-out perplexity measures), at 4 and 3 bits."""
+    w = 0.05 * torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    calib, held_out = _correlated(2048, seed=0), _correlated(2048, seed=1)
+    for bits in (4, 3):
+        s, _, _ = search_scale(calib, [w], bits, 32)
+        awq_w = rtn(w * s, bits, 32).dequantize() / s
+        rtn_w = rtn(w, bits, 32).dequantize()
+        assert _output_error(held_out, w, awq_w) < 0.7 * _output_error(held_out, w, rtn_w)
+
+
+def test_search_loss_from_the_gram_matrix_equals_the_direct_one():
+    w = 0.05 * torch.randn(48, 64, generator=torch.Generator().manual_seed(2))
+    x = _correlated(512, 64)
+    s_gram, loss_gram, rtn_gram = search_scale(x, [w], 4, 32)  # K = 64 < T = 512: Gram path
+    s_direct, loss_direct, rtn_direct = search_scale(x[:48], [w], 4, 32)  # K > T: direct path
+    assert abs(rtn_gram - _output_error(x, w, rtn(w, 4, 32).dequantize())) < 1e-4 * rtn_gram
+    gram_w, direct_w = (rtn(w * s, 4, 32).dequantize() / s for s in (s_gram, s_direct))
+    assert abs(loss_gram - _output_error(x, w, gram_w)) < 1e-4 * rtn_gram
+    assert abs(loss_direct - _output_error(x[:48], w, direct_w)) < 1e-5 * rtn_direct
