@@ -305,3 +305,23 @@ def test_q8_0_export_keeps_routers_f32_and_loads_in_llama_cpp(moe_checkpoint, tm
     assert "output.weight" in types  # qwen2moe requires it: the tied embedding is written again
     tokens, _ = _llama_cpp_greedy(out, [1, 5, 9, 20], 4)
     assert len(tokens) == 4
+
+
+def test_fleet_export_gguf_writes_an_moe_checkpoint_with_its_experts(moe_checkpoint, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`fleet export gguf` on a checkpoint with num_experts > 0 takes the MoE exporter (it failed before)."""
+    from cli_runner import run_main
+    from fleetlm.model.gguf import GGUFFile, load_gguf
+
+    out = tmp_path / "moe.gguf"
+    src = str(moe_checkpoint("mixtral"))
+    code, stdout, err = run_main(monkeypatch, capsys, "export", "gguf", src, str(out), "--type", "f32")
+    assert code == 0, err
+    assert "wrote" in stdout and out.is_file()
+    names = {t.name for t in GGUFFile(out).tensors}
+    assert {"blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
+    back, _ = load_gguf(out)
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), load_checkpoint(moe_checkpoint("mixtral"))(ids), atol=1e-5,
+                                   rtol=1e-5)

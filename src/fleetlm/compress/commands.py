@@ -19,10 +19,15 @@ def gguf_command(
     type_: str = typer.Option("f16", "--type", help="f16 | bf16 | q8_0 | f32"),
 ) -> None:
     """Write MODEL as a llama.cpp GGUF file (tensors, hyperparameters, tokenizer, chat template)."""
-    from fleetlm.compress.gguf import export_gguf
+    from fleetlm.compress.gguf import export_gguf, load_config
 
     start = time.perf_counter()
-    path = export_gguf(model, out, type_)
+    if load_config(model).num_experts > 0:  # Mixtral / Qwen2-MoE: stacked expert tensors, own metadata
+        from fleetlm.compress.gguf_moe import export_moe_gguf
+
+        path = export_moe_gguf(model, out, type_)
+    else:
+        path = export_gguf(model, out, type_)
     _report(path, type_, start)
 
 
