@@ -202,7 +202,8 @@ void bf16_tiles(const uint16_t* w, const void* xv, int64_t kp, int64_t m, const 
   }
 }
 
-const IsaKernels table = {"avx512", quantize_rows, int4_tiles, int8_tiles, bf16_tiles, true};
+const IsaKernels table = {"avx512", quantize_rows, int4_tiles, int8_tiles, bf16_tiles, true, nullptr, nullptr,
+                          nullptr};
 
 }  // namespace
 

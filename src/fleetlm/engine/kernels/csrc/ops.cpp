@@ -38,6 +38,21 @@ int initial_level() {
 
 std::atomic<int> level{initial_level()};
 
+// Several rows use the *_rows kernels where the ISA has them; FLEET_KERNELS_ROWS=0 (or set_rows_kernels(0))
+// keeps the single-row kernels for every M, as before they existed (bench/verify_cost.py: before and after).
+bool initial_rows() {
+  const char* v = std::getenv("FLEET_KERNELS_ROWS");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+std::atomic<bool> rows_on{initial_rows()};
+
+// The kernel for M rows: the multi-row one from 2 rows up, where there is one and it is switched on.
+template <typename F>
+F pick(F single, F rows, int64_t m) {
+  return m >= 2 && rows != nullptr && rows_on.load(std::memory_order_relaxed) ? rows : single;
+}
+
 const IsaKernels& kernels() {
   const int l = level.load(std::memory_order_relaxed);
   const IsaKernels* k = l == 2 ? avx512_kernels() : l == 1 ? avx2_kernels() : nullptr;
@@ -120,8 +135,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const IsaKernels& isa = kernels();
+  const auto run = pick(isa.int4_tiles, isa.int4_rows, m);
   at::parallel_for(0, w.size(0), grain(kp * 8), [&](int64_t t0, int64_t t1) {
-    isa.int4_tiles(wp, sp, group, rows, m, b, yp, n, t0, t1);
+    run(wp, sp, group, rows, m, b, yp, n, t0, t1);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -143,8 +159,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const IsaKernels& isa = kernels();
+  const auto run = pick(isa.int8_tiles, isa.int8_rows, m);
   at::parallel_for(0, w.size(0), grain(kp * 16), [&](int64_t t0, int64_t t1) {
-    isa.int8_tiles(wp, sp, rows, m, b, yp, n, t0, t1);
+    run(wp, sp, rows, m, b, yp, n, t0, t1);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -164,8 +181,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const void* xp = xs.data_ptr();
   float* yp = y.data_ptr<float>();
+  const auto run = pick(isa.bf16_tiles, isa.bf16_rows, m);
   at::parallel_for(0, w.size(0), grain(kp * 32), [&](int64_t t0, int64_t t1) {
-    isa.bf16_tiles(wp, xp, kp, m, b, yp, n, t0, t1);
+    run(wp, xp, kp, m, b, yp, n, t0, t1);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -181,6 +199,12 @@ at::Tensor linear_bf16_meta(const at::Tensor& x, const at::Tensor&, const std::o
 
 int64_t isa_level() { return level.load(); }
 int64_t best_isa_level() { return best_level(); }
+
+int64_t rows_kernels() { return rows_on.load() ? 1 : 0; }
+
+int64_t set_rows_kernels(int64_t on) {  // returns the setting before
+  return rows_on.exchange(on != 0) ? 1 : 0;
+}
 
 int64_t set_isa_level(int64_t wanted) {  // clamps to what the CPU has; returns the level now in use
   const int64_t l = std::max<int64_t>(0, std::min<int64_t>(wanted, best_level()));
@@ -199,6 +223,8 @@ TORCH_LIBRARY(fleetlm_kernels, m) {
   m.def("isa_level() -> int", &fleet::isa_level);
   m.def("best_isa_level() -> int", &fleet::best_isa_level);
   m.def("set_isa_level(int level) -> int", &fleet::set_isa_level);
+  m.def("rows_kernels() -> int", &fleet::rows_kernels);
+  m.def("set_rows_kernels(int on) -> int", &fleet::set_rows_kernels);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm_kernels, CPU, m) {
