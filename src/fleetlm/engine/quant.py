@@ -315,7 +315,9 @@ def quantize(model: nn.Module, scheme: str, group_size: int | None = None, *, sk
         raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
-    targets = _linears(model, skip)
+    from fleetlm.engine.quant_moe import float_linears  # MoE routers stay float (engine/quant_moe.py)
+
+    targets = _linears(model, [*skip, *float_linears(model)])
     if not targets:
         raise QuantizationError("the model has no nn.Linear layers to quantize")
     for parent, child_name, linear in targets:
