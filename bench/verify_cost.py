@@ -152,9 +152,14 @@ def main() -> None:
         raise SystemExit("our kernels are not available here (FLEET_KERNELS=0 or the build failed)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    result: dict = {"commit": commit, "isa": kernels.isa(), "threads": args.threads, "context": args.context,
-                    "rows": rows, "models": {}}
-    print(f"commit {commit}, ISA {result['isa']}, {args.threads} threads, context {args.context}", flush=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "src/fleetlm/engine/kernels"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result: dict = {"commit": commit, "kernel_sources_modified": bool(dirty),
+                    "build": kernels.build_dir().name, "isa": kernels.isa(), "threads": args.threads,
+                    "context": args.context, "rows": rows,
+                    "models": {}}
+    print(f"commit {commit}{' (kernel sources modified)' if dirty else ''}, kernels {result['build']}, "
+          f"ISA {result['isa']}, {args.threads} threads, context {args.context}", flush=True)
     jobs = [(m, d) for m in args.models.split(",") for d in args.dtypes.split(",")]
     if {"linear", "model"} <= skip:
         jobs = []
