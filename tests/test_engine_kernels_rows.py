@@ -36,15 +36,13 @@ def isa(request):
         yield got
 
 
-@pytest.fixture(params=[1, 0], ids=["rows", "single"])
+@pytest.fixture(params=[True, False], ids=["rows", "single"])
 def rows_setting(request):
-    ops = torch.ops.fleetlm_kernels
-    before = int(ops.set_rows_kernels(request.param))
-    try:
-        assert int(ops.rows_kernels()) == request.param
-        yield request.param
-    finally:
-        ops.set_rows_kernels(before)
+    before = int(torch.ops.fleetlm_kernels.rows_kernels())
+    with kernels.use_rows_kernels(request.param) as got:
+        assert got is request.param
+        yield got
+    assert int(torch.ops.fleetlm_kernels.rows_kernels()) == before  # restored
 
 
 def _packed(n: int, k: int, seed: int):

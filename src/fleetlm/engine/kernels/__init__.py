@@ -6,6 +6,10 @@ fleetlm.engine.kernels`) or at first use, and register the operators `torch.ops.
 Everything here also has a pure-PyTorch reference (same packed layouts, same activation quantization), used
 by the tests and wherever the extension cannot be built. `FLEET_KERNELS=0` turns the kernels off (the engine
 then uses PyTorch's kernels); `FLEET_KERNELS_ISA=avx2` forces the AVX2 path on an AVX-512 CPU.
+Two rows and more (speculative decoding's verify step, small batches) run on multi-row kernels that unpack
+each weight line once per pass of several rows (AVX2; AVX-512's kernels take 4 rows a pass already);
+`FLEET_KERNELS_ROWS=0` or `use_rows_kernels(False)` keeps the single-row kernels for every M (the "before" of
+bench/verify_cost.py). A row's numbers are the same to the bit in either, alone or among other rows.
 
 Layouts (see csrc/kernels.h): weights in tiles of 16 output rows, each 64-byte line holding the next columns
 of all 16 rows, so one streaming load feeds 16 output lanes.
@@ -26,7 +30,8 @@ import torch
 
 __all__ = ["TILE_N", "QBLOCK", "available", "build", "isa", "pack_bf16", "pack_int4", "pack_int4_codes",
            "pack_int8", "pack_int8_codes", "reference_linear_bf16", "reference_linear_int4",
-           "reference_linear_int8", "reference_quantize_rows", "unpack_int4", "unpack_int8", "use_isa"]
+           "reference_linear_int8", "reference_quantize_rows", "unpack_int4", "unpack_int8", "use_isa",
+           "use_rows_kernels"]
 
 TILE_N = 16  # output rows per tile
 QBLOCK = 32  # activation (and int8 weight) quantization block
@@ -118,6 +123,19 @@ def use_isa(name: str) -> Iterator[str]:
         yield ISA_NAMES[int(ops.set_isa_level(levels[name]))]
     finally:
         ops.set_isa_level(before)
+
+
+@contextlib.contextmanager
+def use_rows_kernels(on: bool) -> Iterator[bool]:
+    """Run M >= 2 rows on the multi-row kernels (True) or the single-row ones (False); yields the setting."""
+    if not _load():
+        raise RuntimeError("our CPU kernels are not available here")
+    ops = torch.ops.fleetlm_kernels
+    before = int(ops.set_rows_kernels(int(on)))
+    try:
+        yield bool(int(ops.rows_kernels()))
+    finally:
+        ops.set_rows_kernels(before)
 
 
 # ---------------------------------------------------------------------------------------------- packing
