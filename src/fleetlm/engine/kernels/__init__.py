@@ -6,10 +6,11 @@ fleetlm.engine.kernels`) or at first use, and register the operators `torch.ops.
 Everything here also has a pure-PyTorch reference (same packed layouts, same activation quantization), used
 by the tests and wherever the extension cannot be built. `FLEET_KERNELS=0` turns the kernels off (the engine
 then uses PyTorch's kernels); `FLEET_KERNELS_ISA=avx2` forces the AVX2 path on an AVX-512 CPU.
-Two rows and more (speculative decoding's verify step, small batches) run on multi-row kernels that unpack
-each weight line once per pass of several rows (AVX2; AVX-512's kernels take 4 rows a pass already);
-`FLEET_KERNELS_ROWS=0` or `use_rows_kernels(False)` keeps the single-row kernels for every M (the "before" of
-bench/verify_cost.py). A row's numbers are the same to the bit in either, alone or among other rows.
+Every M runs on "rows" kernels (AVX2: passes of 4 rows that unpack each weight line once for all of them, for
+speculative decoding's verify step and small batches; weight lines prefetched ahead, which speeds the single
+row too); `FLEET_KERNELS_ROWS=0` or `use_rows_kernels(False)` keeps the kernels as they were before them (the
+"before" of bench/verify_cost.py; AVX-512's kernels take 4 rows a pass already and have no rows variant).
+A row's numbers are the same to the bit in either, alone or among other rows.
 
 Layouts (see csrc/kernels.h): weights in tiles of 16 output rows, each 64-byte line holding the next columns
 of all 16 rows, so one streaming load feeds 16 output lanes.
@@ -127,7 +128,7 @@ def use_isa(name: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def use_rows_kernels(on: bool) -> Iterator[bool]:
-    """Run M >= 2 rows on the multi-row kernels (True) or the single-row ones (False); yields the setting."""
+    """Run on the rows kernels (True) or the kernels as they were before them (False); yields the setting."""
     if not _load():
         raise RuntimeError("our CPU kernels are not available here")
     ops = torch.ops.fleetlm_kernels

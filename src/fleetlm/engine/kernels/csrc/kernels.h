@@ -42,8 +42,8 @@ struct IsaKernels {
   void (*bf16_tiles)(const uint16_t* w, const void* x, int64_t kp, int64_t m, const float* bias, float* y,
                      int64_t n_total, int64_t t0, int64_t t1);
   bool bf16_wants_bf16;
-  // The same products for several rows (M >= 2) with each weight line unpacked once per pass of rows;
-  // null where the ISA's *_tiles already do that (AVX-512: 4 rows a pass).
+  // The same products with each weight line unpacked once per pass of several rows and prefetched ahead;
+  // null where the ISA's *_tiles already do both (AVX-512: 4 rows a pass).
   decltype(int4_tiles) int4_rows;
   decltype(int8_tiles) int8_rows;
   decltype(bf16_tiles) bf16_rows;

@@ -38,8 +38,10 @@ int initial_level() {
 
 std::atomic<int> level{initial_level()};
 
-// Several rows use the *_rows kernels where the ISA has them; FLEET_KERNELS_ROWS=0 (or set_rows_kernels(0))
-// keeps the single-row kernels for every M, as before they existed (bench/verify_cost.py: before and after).
+// Every M runs on the *_rows kernels where the ISA has them (AVX2: passes of several rows, and a single row
+// with weight prefetching: 17920x1536 int4 from memory, 2 threads, 1.66 -> 1.05-1.27 ms). FLEET_KERNELS_ROWS=0
+// (or set_rows_kernels(0)) keeps the kernels as they were before them for every M: bench/verify_cost.py's
+// "before". Both give the same numbers to the bit.
 bool initial_rows() {
   const char* v = std::getenv("FLEET_KERNELS_ROWS");
   return !(v && std::strcmp(v, "0") == 0);
@@ -47,10 +49,10 @@ bool initial_rows() {
 
 std::atomic<bool> rows_on{initial_rows()};
 
-// The kernel for M rows: the multi-row one from 2 rows up, where there is one and it is switched on.
+// The kernel for any M: the rows one where the ISA has one and it is switched on.
 template <typename F>
-F pick(F single, F rows, int64_t m) {
-  return m >= 2 && rows != nullptr && rows_on.load(std::memory_order_relaxed) ? rows : single;
+F pick(F single, F rows) {
+  return rows != nullptr && rows_on.load(std::memory_order_relaxed) ? rows : single;
 }
 
 const IsaKernels& kernels() {
@@ -135,7 +137,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const IsaKernels& isa = kernels();
-  const auto run = pick(isa.int4_tiles, isa.int4_rows, m);
+  const auto run = pick(isa.int4_tiles, isa.int4_rows);
   at::parallel_for(0, w.size(0), grain(kp * 8), [&](int64_t t0, int64_t t1) {
     run(wp, sp, group, rows, m, b, yp, n, t0, t1);
   });
@@ -159,7 +161,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const IsaKernels& isa = kernels();
-  const auto run = pick(isa.int8_tiles, isa.int8_rows, m);
+  const auto run = pick(isa.int8_tiles, isa.int8_rows);
   at::parallel_for(0, w.size(0), grain(kp * 16), [&](int64_t t0, int64_t t1) {
     run(wp, sp, rows, m, b, yp, n, t0, t1);
   });
@@ -181,7 +183,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const void* xp = xs.data_ptr();
   float* yp = y.data_ptr<float>();
-  const auto run = pick(isa.bf16_tiles, isa.bf16_rows, m);
+  const auto run = pick(isa.bf16_tiles, isa.bf16_rows);
   at::parallel_for(0, w.size(0), grain(kp * 32), [&](int64_t t0, int64_t t1) {
     run(wp, xp, kp, m, b, yp, n, t0, t1);
   });
