@@ -182,6 +182,8 @@ def main() -> None:
                 print(_line(f"{setting}", entry["model"][setting], rows), flush=True)
         result["models"].setdefault(name, {})[dtype] = entry
         del engine
+        if args.json:  # after each model and dtype: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(result, indent=1))
     if "llama" not in skip:
         for name in args.models.split(","):
             path = resolve_gguf(name)
