@@ -87,12 +87,14 @@ def main() -> None:
     ap.add_argument("--stage", default="all", help="all | llama | sens | mix | uniform (comma-separated)")
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--llama", default="q4_k_m", help="the llama.cpp file type whose size the mix matches")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--window-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--window-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=128)
-    ap.add_argument("--sens-samples", type=int, default=2)
+    ap.add_argument("--sens-samples", type=int, default=1)
     ap.add_argument("--sens-len", type=int, default=64)
+    ap.add_argument("--measure", default="8,4", help="widths whose KL is measured (the others of 8,4 are "
+                    "derived from the lowest by the weight-MSE ratio)")
     ap.add_argument("--humaneval", type=int, default=0, help="HumanEval problems per row (0: none)")
     args = ap.parse_args()
     stages = {"llama", "sens", "mix", "uniform"} if args.stage == "all" else set(args.stage.split(","))
@@ -136,10 +138,12 @@ def main() -> None:
     table = None
     if stages & {"sens", "mix"}:
         start = time.perf_counter()
-        table = sensitivity(base, sens, (8, 4), GROUP, tensors=names, cache=args.work / "sensitivity.json",
-                            progress=True)
-        print(f"sensitivity: {len(table)} tensors x 2 widths in {time.perf_counter() - start:.0f}s",
-              flush=True)
+        measured = tuple(int(b) for b in args.measure.split(","))
+        scaled = tuple(b for b in (8, 4) if b not in measured)
+        table = sensitivity(base, sens, measured, GROUP, tensors=names, scaled=scaled,
+                            cache=args.work / "sensitivity.json", progress=True)
+        print(f"sensitivity: {len(table)} tensors, measured {measured}, scaled {scaled}, in "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
 
     calib = None
     if stages & {"mix", "uniform"} and args.method in ("gptq", "awq"):

@@ -107,6 +107,11 @@ def test_sensitivity_on_a_tiny_model_is_cached(tiny_llama, tmp_path, monkeypatch
     def boom(*_a, **_k):
         raise AssertionError("measured again")
 
+    # 8 bits derived from the 4-bit measurement by the weight-MSE ratio: the same order as measured
+    derived = sensitivity(model, windows, (4,), GROUP, scaled=(8,), cache=cache)
+    ratios = [derived[n][8] / table[n][8] for n in names]
+    assert all(0.1 < r < 10 for r in ratios) and derived["embed_tokens"][4] == table["embed_tokens"][4]
+    assert "8" in json.loads(cache.read_text())["table"]["lm_head"]  # the measured value stays cached
     monkeypatch.setattr("fleetlm.compress.mixed._quantize", boom)
     assert sensitivity(model, windows, (8, 4), GROUP, cache=cache) == {
         n: {8: v[8], 4: v[4]} for n, v in table.items()}

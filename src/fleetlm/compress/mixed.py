@@ -136,16 +136,25 @@ def _cache_key(windows: torch.Tensor, group: int, sym: bool, quantizer: str) -> 
             "tokens_sum": int(windows.sum())}
 
 
+def _mse(w: torch.Tensor, bits: int, group: int, sym: bool, quantizer: str) -> float:
+    return float(((_quantize(w, bits, group, sym, quantizer).dequantize() - w.float()) ** 2).mean())
+
+
 @torch.no_grad()
 def sensitivity(model: nn.Module, windows: torch.Tensor, widths: Iterable[int] = (8, 4), group: int = 32,
                 *, sym: bool = False, quantizer: str = "rtn", tensors: list[str] | None = None,
-                cache: Path | None = None, progress: bool = False) -> dict[str, dict[int, float]]:
+                scaled: Iterable[int] = (), cache: Path | None = None,
+                progress: bool = False) -> dict[str, dict[int, float]]:
     """KL (mean per token, nats) of each tensor at each width, all other tensors float: {name: {bits: kl}}.
 
-    windows [n, T] calibration token ids. cache: a JSON file read first (entries measured with the same
-    settings are kept) and rewritten after each tensor, so a run cut short resumes."""
+    windows [n, T] calibration token ids. scaled: widths not measured but derived from the lowest measured
+    one as KL x (weight MSE at that width / weight MSE at the measured one): the second-order estimate
+    (KL ~ a quadratic form in the weight error, rounding noise of the same shape), for half the forwards.
+    cache: a JSON file read first (entries measured with the same settings are kept) and rewritten after
+    each tensor, so a run cut short resumes."""
     widths = sorted(set(widths), reverse=True)
-    for b in widths:
+    scaled = sorted(set(scaled) - set(widths), reverse=True)
+    for b in [*widths, *scaled]:
         if b not in BITS:
             raise CompressError(f"sensitivity widths must be among {', '.join(map(str, BITS))}, got {b}")
     if quantizer not in ("rtn", "hqq"):
@@ -181,9 +190,20 @@ def sensitivity(model: nn.Module, windows: torch.Tensor, widths: Iterable[int] =
         finally:
             weight.data = original
         if cache is not None:
-            cache.write_text(json.dumps({"key": key, "table": {n: {str(b): kl for b, kl in v.items()}
-                                                                for n, v in table.items()}}, indent=0))
-    return {n: {b: table[n][b] for b in widths} for n in names}
+            _write_cache(cache, key, table)
+    out = {n: {b: table[n][b] for b in widths} for n in names}
+    low = min(widths)
+    for name in names:  # derived each time, never cached: the cache holds measurements only
+        w = tensor_weight(model, name)
+        ref = _mse(w, low, group, sym, quantizer) if scaled else 0.0
+        for b in scaled:
+            out[name][b] = out[name][low] * _mse(w, b, group, sym, quantizer) / ref if ref > 0 else 0.0
+    return out
+
+
+def _write_cache(cache: Path, key: dict[str, Any], table: dict[str, dict[int, float]]) -> None:
+    cache.write_text(json.dumps({"key": key, "table": {n: {str(b): kl for b, kl in v.items()}
+                                                            for n, v in table.items()}}, indent=0))
 
 
 # --------------------------------------------------------------------------------------------- choice
