@@ -1,0 +1,250 @@
+"""Speculative decoding of one stream: a drafter proposes tokens, the target checks them all in one forward.
+
+Lossless. Greedy: a drafted token is kept while it equals the target's argmax, so the output is plain greedy
+decoding's. Sampling: drafted token x is kept with probability min(1, p(x) / q(x)) and the first rejection
+resamples from max(0, p - q) renormalised (Leviathan et al. 2023, Chen et al. 2023), so every token follows
+the target's distribution p exactly, whatever the drafter's q.
+
+Drafters: prompt lookup (the tokens that followed the last earlier occurrence of the text's final n-gram,
+in the prompt or the text so far; q is a point mass) and a smaller model with the same tokenizer (its own KV
+cache). The draft length adapts to the acceptance rate. The target's KV cache needs no rollback: the verify
+forward writes the drafted positions, and slots past the kept text are overwritten before anything reads them
+(attention reads slots [0, kv_len) only, and kv_len never passes the kept text plus the new candidates).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fleetlm.engine.generate import GenerationError, ensure_caches, prefill
+from fleetlm.engine.sampling import SamplingParams, logits_to_probs
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one speculative generation: what was drafted, what the target kept, where time went."""
+
+    rounds: int = 0  # target forwards after the prefill (each verifies a draft, possibly empty)
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+
+@dataclass
+class Draft:
+    """Proposed next tokens; probs [k, V] the drafter's distribution for each, None for a point mass."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+class Drafter(Protocol):
+    def propose(self, seq: Sequence[int], k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft: ...
+
+    def keep(self, length: int) -> None:
+        """The first `length` tokens of the text are final; anything the drafter assumed past them is not."""
+
+
+class PromptLookup:
+    """Drafts by copying: find the last earlier occurrence of the text's final n-gram (longest n first) and
+    propose the tokens that followed it. Costs no model call; pays on edits, summaries and document QA."""
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1) -> None:
+        if not 1 <= ngram_min <= ngram_max:
+            raise GenerationError(f"prompt lookup needs 1 <= ngram_min <= ngram_max, "
+                                  f"got {ngram_min}, {ngram_max}")
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> the position just past its latest occurrence
+        self._indexed = 0  # n-grams ending before this position are in _last
+        self._seq: list[int] = []
+
+    def propose(self, seq: Sequence[int], k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        self._index(seq)
+        for n in range(min(self.ngram_max, len(seq) - 1), self.ngram_min - 1, -1):
+            end = self._last.get(tuple(seq[-n:]))
+            if end is not None:
+                return Draft(list(seq[end:end + k]))
+        return Draft([])
+
+    def keep(self, length: int) -> None:
+        pass  # the index covers final text only (see _index)
+
+    def _index(self, seq: Sequence[int]) -> None:
+        # Incremental: every n-gram that ends before the last token, so a lookup of the final n-gram finds an
+        # earlier occurrence, never itself. A new text (not an extension of the indexed one) starts over.
+        if self._seq[: self._indexed] != list(seq[: self._indexed]):
+            self._last, self._indexed = {}, 0
+        for end in range(max(self._indexed, 1), len(seq)):
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                self._last[tuple(seq[end - n:end])] = end
+        self._indexed = max(self._indexed, len(seq) - 1)
+        self._seq = list(seq)
+
+
+class DraftModel:
+    """Drafts with a smaller model of the same vocabulary, greedily or by sampling with the request's
+    parameters; its KV cache holds the final text plus its own proposals, trimmed back by keep()."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+        self._cached = 0  # tokens of the text whose keys/values sit in the draft's cache
+
+    @torch.inference_mode()
+    def propose(self, seq: Sequence[int], k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        if k < 1:
+            return Draft([])
+        device = next(self.model.parameters()).device
+        ensure_caches(self.model, 1, len(seq) + k)
+        start = min(self._cached, len(seq) - 1)
+        new = torch.tensor([list(seq[start:])], device=device)
+        pos = torch.arange(start, len(seq), device=device)[None]
+        logits = self.model(new, pos, kv_len=len(seq), last=torch.tensor([new.shape[1] - 1]))[:, -1].float()
+        tokens, probs = [], []
+        for i in range(k):
+            if params.greedy:
+                token = int(torch.argmax(logits[0]))
+            else:
+                p = full_probs(logits[0], params)
+                token = int(torch.multinomial(p, 1, generator=generator))
+                probs.append(p)
+            tokens.append(token)
+            if i + 1 < k:  # the last proposal is never fed: the target decides what follows it
+                at = len(seq) + i
+                step = torch.tensor([[token]], device=device)
+                logits = self.model(step, torch.tensor([[at]], device=device), kv_len=at + 1).float()[:, -1]
+        self._cached = len(seq) + k - 1
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def keep(self, length: int) -> None:
+        self._cached = min(self._cached, length)
+
+
+def full_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution of a 1-D logits row over the whole vocabulary (zeros outside top-k/top-p)."""
+    probs, ids = logits_to_probs(logits, params)
+    if ids is None:
+        return probs
+    return torch.zeros(logits.shape[-1], dtype=probs.dtype, device=probs.device).index_copy_(0, ids, probs)
+
+
+def accept_greedy(draft: Sequence[int], logits: torch.Tensor) -> tuple[int, int]:
+    """(kept drafted tokens, the target's own next token) for logits [k + 1, V] of the verify forward."""
+    best = torch.argmax(logits, dim=-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
+def accept_sampled(draft: Draft, logits: torch.Tensor, params: SamplingParams,
+                   generator: torch.Generator | None) -> tuple[int, int]:
+    """Rejection sampling: (kept drafted tokens, the next token), distributed as the target's sampling."""
+    for i, token in enumerate(draft.tokens):
+        p = full_probs(logits[i], params)
+        q_token = 1.0 if draft.probs is None else float(draft.probs[i, token])
+        u = float(torch.rand((), generator=generator))
+        if u * q_token < float(p[token]):  # u < p/q without dividing by a zero q
+            continue
+        # Rejected: the residual max(0, p - q) holds exactly the mass that acceptance under-covers.
+        if draft.probs is None:
+            residual = p.clone()
+            residual[token] = 0.0
+        else:
+            residual = (p - draft.probs[i]).clamp(min=0.0)
+        total = float(residual.sum())
+        residual = residual / total if total > 0 else p  # p == q: nothing left over (rejection had prob. 0)
+        return i, int(torch.multinomial(residual, 1, generator=generator))
+    return len(draft.tokens), int(torch.multinomial(full_probs(logits[-1], params), 1, generator=generator))
+
+
+@dataclass
+class DraftLength:
+    """Adaptive draft length: longer after a fully kept draft, shorter after a rejection (transformers'
+    'heuristic' schedule), within [low, high]."""
+
+    k: int = 4
+    low: int = 1
+    high: int = 12
+
+    def update(self, drafted: int, kept: int) -> None:
+        if drafted == 0:
+            return
+        self.k = min(self.k + 2, self.high) if kept == drafted else max(self.k - 1, self.low)
+
+
+@torch.inference_mode()
+def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: Drafter, *, max_tokens: int,
+                         params: SamplingParams | None = None, generator: torch.Generator | None = None,
+                         stop_ids: Sequence[int] = (), draft_length: DraftLength | None = None,
+                         stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """Stream the target model's tokens for one prompt, up to max_tokens or a stop token (yielded last)."""
+    params = params or SamplingParams()
+    length = draft_length or DraftLength()
+    stats = stats if stats is not None else SpeculativeStats()
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty: it encodes to no tokens")
+    if max_tokens < 1:
+        raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) + max_tokens > limit:
+        raise GenerationError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
+                              f"model's context of {limit} tokens")
+    device = next(model.parameters()).device
+    stops = set(stop_ids)
+    ensure_caches(model, 1, len(prompt_ids) + max_tokens + length.high)
+    seq = [int(t) for t in prompt_ids]
+    idx = torch.tensor([seq], device=device)
+    logits = prefill(model, idx, torch.arange(len(seq), device=device)[None], torch.tensor([len(seq)]))
+    first = (int(torch.argmax(logits[0])) if params.greedy
+             else int(torch.multinomial(full_probs(logits[0], params), 1, generator=generator)))
+    seq.append(first)
+    produced = 1
+    stats.emitted += 1
+    yield first
+    if first in stops:
+        return
+    while produced < max_tokens:
+        # The target's cache holds seq[:-1]; the verify forward feeds seq[-1] and the draft after it.
+        k = min(length.k, max_tokens - produced - 1, limit - len(seq))
+        t0 = time.perf_counter()
+        draft = drafter.propose(seq, k, params, generator) if k > 0 else Draft([])
+        draft.tokens = draft.tokens[: max(k, 0)]
+        t1 = time.perf_counter()
+        cand = torch.tensor([[seq[-1], *draft.tokens]], device=device)
+        pos = torch.arange(len(seq) - 1, len(seq) - 1 + cand.shape[1], device=device)[None]
+        logits = model(cand, pos, kv_len=len(seq) - 1 + cand.shape[1])[0].float()
+        kept, nxt = (accept_greedy(draft.tokens, logits) if params.greedy
+                     else accept_sampled(draft, logits, params, generator))
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += time.perf_counter() - t1
+        stats.rounds += 1
+        stats.drafted += len(draft.tokens)
+        stats.accepted += kept
+        length.update(len(draft.tokens), kept)
+        for token in [*draft.tokens[:kept], nxt]:
+            seq.append(token)
+            produced += 1
+            stats.emitted += 1
+            yield token
+            if token in stops or produced >= max_tokens:
+                return
+        drafter.keep(len(seq) - 1)
