@@ -166,6 +166,37 @@ def _greedy(model: nn.Module, steps: int = 24) -> list[int]:
     return greedy_tokens(model, list(range(5, 17)), steps)
 
 
+def _greedy_logits(model: nn.Module, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the logits row each was chosen from, decoded one token at a time."""
+    model.setup_caches(1, len(prompt) + steps)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt)).view(1, -1))[0, -1]
+        tokens, rows = [], []
+        for step in range(steps):
+            tokens.append(int(logits.argmax()))
+            rows.append(logits)
+            pos = torch.tensor([[len(prompt) + step]])
+            logits = model(torch.tensor([[tokens[-1]]]), pos)[0, -1]
+    return tokens, rows
+
+
+def _assert_diverge_only_at_a_tie(fast: nn.Module, reference: nn.Module, prompt: list[int],
+                                  steps: int) -> None:
+    """The two greedy streams agree up to their first difference, and there the reference's top-2 margin is
+    within what the two paths' logits differ by on that very row (2 x their largest difference), and small:
+    a numerical tie, not a kernel error (int4 on AVX2: a 0.017 margin, logits of 2 off by 0.05, step 6)."""
+    got, got_rows = _greedy_logits(fast, prompt, steps)
+    want, want_rows = _greedy_logits(reference, prompt, steps)
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a == b:
+            continue
+        top = torch.topk(want_rows[step], 2).values
+        margin, noise = float(top[0] - top[1]), float((got_rows[step] - want_rows[step]).abs().max())
+        assert margin <= 2 * noise and margin < 0.025 * float(top[0].abs()), (step, margin, noise)
+        assert step >= 3, step  # the first tokens have clear margins on this model
+        return
+
+
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["int4", "int8", "bf16"])
 def test_tiny_model_greedy_tokens_near_between_kernel_and_reference(scheme: str) -> None:
@@ -173,7 +204,8 @@ def test_tiny_model_greedy_tokens_near_between_kernel_and_reference(scheme: str)
     model that can still flip an int8 activation code (or a bf16 rounding) sitting at a rounding boundary, one
     step of the code (1/127 of its block's max), and on a random tiny model with near-tied logits that can
     change a greedy token after a dozen steps (on SmolLM2's real weights: a different but equally good
-    answer after 20 tokens, both paths). So: the first tokens equal, logits close, top-1 agreement high."""
+    answer after 20 tokens, both paths). So: the streams agree until a numerical tie, logits close, top-1
+    agreement high."""
     model = _tiny_model()
     if scheme == "bf16":
         from fleetlm.engine.packed import pack_linears
@@ -196,7 +228,7 @@ def test_tiny_model_greedy_tokens_near_between_kernel_and_reference(scheme: str)
     for mm in reference.modules():
         if hasattr(mm, "use_kernel"):
             mm.use_kernel = False
-    assert _greedy(reference, 8) == fast[:8]
+    _assert_diverge_only_at_a_tie(model, reference, prompt, 8)
     idx = torch.tensor([prompt + fast])
     with torch.no_grad():
         assert rel(model(idx), reference(idx)) < 0.05
