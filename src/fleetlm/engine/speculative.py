@@ -1,9 +1,12 @@
 """Speculative decoding of one stream: a drafter proposes tokens, the target checks them all in one forward.
 
 Lossless. Greedy: a drafted token is kept while it equals the target's argmax, so the output is plain greedy
-decoding's. Sampling: drafted token x is kept with probability min(1, p(x) / q(x)) and the first rejection
-resamples from max(0, p - q) renormalised (Leviathan et al. 2023, Chen et al. 2023), so every token follows
-the target's distribution p exactly, whatever the drafter's q.
+decoding's, bit for bit: the verify forward attends one candidate row at a time (the model's rowwise) and our
+kernels compute each row on its own, so every row's logits are a decode step's (a masked forward differs by
+summation order, which quantized activations amplify into flipped near-ties).
+Sampling: drafted token x is kept with probability min(1, p(x) / q(x)) and the first rejection resamples from
+max(0, p - q) renormalised (Leviathan et al. 2023, Chen et al. 2023), so every token follows the target's
+distribution p exactly, whatever the drafter's q.
 
 Drafters: prompt lookup (the tokens that followed the last earlier occurrence of the text's final n-gram,
 in the prompt or the text so far; q is a point mass) and a smaller model with the same tokenizer (its own KV
@@ -231,7 +234,9 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
         t1 = time.perf_counter()
         cand = torch.tensor([[seq[-1], *draft.tokens]], device=device)
         pos = torch.arange(len(seq) - 1, len(seq) - 1 + cand.shape[1], device=device)[None]
-        logits = model(cand, pos, kv_len=len(seq) - 1 + cand.shape[1])[0].float()
+        # rowwise: each candidate row computed as a one-token decode step would, so greedy output is plain
+        # decoding's bit for bit even on quantized kernels (see Attention)
+        logits = model(cand, pos, kv_len=len(seq) - 1 + cand.shape[1], rowwise=True)[0].float()
         kept, nxt = (accept_greedy(draft.tokens, logits) if params.greedy
                      else accept_sampled(draft, logits, params, generator))
         stats.draft_seconds += t1 - t0

@@ -178,6 +178,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None,
         cache_rows: CacheRows = None,
         kv_len: int | None = None,
+        rowwise: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, h_kv = self.n_heads, self.n_kv_heads
@@ -193,11 +194,21 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
             q = q.to(k.dtype)  # a bf16 model keeps an f32 cache on CPU (see setup_caches)
-        # mask None: causal for a prompt (t > 1); a single query sees every slot it is given
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        ).to(x.dtype)
+        gqa = self.n_heads != self.n_kv_heads
+        if rowwise and kv_len is not None:
+            # each query alone over exactly the slots it sees: the very SDPA call of a one-token decode step,
+            # so a speculative verify computes bit for bit what plain decoding would (a masked SDPA sums in
+            # another order, and quantized activations amplify that 1e-7 to logits 2% apart)
+            ends = range(kv_len - t + 1, kv_len + 1)
+            sdpa = F.scaled_dot_product_attention
+            rows = [sdpa(q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], enable_gqa=gqa)
+                    for i, end in enumerate(ends)]
+            y = torch.cat(rows, dim=2)
+        else:
+            # mask None: causal for a prompt (t > 1); a single query sees every slot it is given
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                               enable_gqa=gqa)
+        y = y.to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -248,8 +259,10 @@ class TransformerBlock(nn.Module):
         input_pos: torch.Tensor | None,
         cache_rows: CacheRows = None,
         kv_len: int | None = None,
+        rowwise: bool = False,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache_rows, kv_len)
+        h = self.input_layernorm(x)
+        x = x + self.self_attn(h, cos, sin, mask, input_pos, cache_rows, kv_len, rowwise)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -318,6 +331,13 @@ class Transformer(nn.Module):
         return (kv_len is not None and pos.shape[1] == 1 and (window is None or kv_len <= window)
                 and bool((pos == kv_len - 1).all()))
 
+    def trailing(self, pos: torch.Tensor, kv_len: int | None) -> bool:
+        """Every row's T queries stand at slots kv_len - T .. kv_len - 1, within any sliding window: what a
+        row-at-a-time attention (Attention's rowwise) needs, with no mask."""
+        t, window = pos.shape[1], self.config.sliding_window
+        return (kv_len is not None and (window is None or kv_len <= window)
+                and bool((pos == torch.arange(kv_len - t, kv_len, device=pos.device)).all()))
+
     def plain_causal(self, pos: torch.Tensor, kv_len: int | None) -> bool:
         """Every row's queries stand at slots 0..T-1 and attend over exactly those T slots (a prefill from
         an empty row): SDPA's is_causal then needs no [T, T] mask tensor (256 MB as floats at 8k tokens)."""
@@ -346,6 +366,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         unmasked: bool | None = None,
         last: torch.Tensor | None = None,
+        rowwise: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] (float32). input_pos [B, T]: cache slots/positions per row; None: plain causal.
         last [B]: the one position per row whose logits are wanted (a prefill's last prompt token): logits
@@ -357,7 +378,8 @@ class Transformer(nn.Module):
         None: the furthest position + 1 (slots past it are masked for every row, so reading them is waste:
         a 4,096-slot cache would cost its whole length at every step). unmasked: sees_all(input_pos, kv_len)
         or plain_causal(...) when the caller knows it already (a compiled step must not read tensor values:
-        each read splits its graph).
+        each read splits its graph). rowwise: the T queries stand at the last T slots of kv_len (a speculative
+        verify); attend one query at a time so that each row's numbers equal a one-token decode step's.
         """
         b, t = idx.shape
         use_cache = input_pos is not None and self.max_seq_length > 0
@@ -367,12 +389,15 @@ class Transformer(nn.Module):
             pos = torch.arange(t, device=idx.device)[None].expand(b, t)
             window = self.config.sliding_window
             mask = None if window is None or t <= window else self._mask(pos, use_cache=False)
+            rowwise = False
         else:
             pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(b, t)
             if use_cache and kv_len is None:
                 kv_len = int(pos.max()) + 1
+            rowwise = rowwise and use_cache and self.trailing(pos, kv_len)
             if unmasked is None:
-                unmasked = self.sees_all(pos, kv_len) or (use_cache and self.plain_causal(pos, kv_len))
+                unmasked = (rowwise or self.sees_all(pos, kv_len)
+                            or (use_cache and self.plain_causal(pos, kv_len)))
             mask = None if unmasked else self._mask(pos, use_cache, kv_len)
         x = self.embed_tokens(idx)
         inv_freq = self.inv_freq
@@ -380,7 +405,7 @@ class Transformer(nn.Module):
             inv_freq = rope_inv_freq(self.config, int(pos.max()) + 1)
         cos, sin = rope_cos_sin(inv_freq, pos, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, pos if use_cache else None, cache_rows, kv_len)
+            x = layer(x, cos, sin, mask, pos if use_cache else None, cache_rows, kv_len, rowwise)
         if last is not None:
             x = x[torch.arange(b, device=x.device), last.to(x.device)][:, None]
         return self.lm_head(self.norm(x)).float()
