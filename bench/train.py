@@ -112,9 +112,15 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: dict, warmup: int, p
         steps, seconds, tokens = timed_train(parse_config(cfg_json), warmup, pad_id)
         Path(result_dir, f"rank{rank}.json").write_text(
             json.dumps({"steps": steps, "seconds": seconds, "tokens": tokens}))
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    # as fleetlm.train.ddp's worker: gloo's threads can abort the process at interpreter teardown
+    # ("terminate called without an active exception", SIGABRT in CI); the result is written, so leave now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ddp(cfg: TrainConfig, warmup: int, pad_id: int, nprocs: int = 2) -> Run:
