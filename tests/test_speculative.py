@@ -18,6 +18,7 @@ from fleetlm.engine.speculative import (
     SpeculativeStats,
     accept_sampled,
     full_probs,
+    measure_verify_cost,
     speculative_generate,
 )
 from fleetlm.model.config import ModelConfig
@@ -103,18 +104,48 @@ def test_prompt_lookup_copies_what_followed_the_last_earlier_occurrence() -> Non
     assert lookup.propose([5, 6, 5], 4, greedy, None).tokens == [6, 5]  # a new text: the index starts over
 
 
-def test_draft_length_adapts() -> None:
-    length = DraftLength(k=4, low=1, high=8)
-    length.update(drafted=4, kept=4)
-    assert length.k == 6
-    length.update(drafted=6, kept=6)
-    length.update(drafted=8, kept=8)
-    assert length.k == 8
-    for _ in range(10):
-        length.update(drafted=length.k, kept=0)
-    assert length.k == 1
-    length.update(drafted=0, kept=0)  # no draft (lookup found nothing): no evidence either way
-    assert length.k == 1
+def test_draft_length_follows_acceptance_and_cost() -> None:
+    sure, unsure = DraftLength(acceptance=0.95), DraftLength(acceptance=0.1)
+    assert sure.k >= 3 and unsure.k == 0  # a plain step beats verifying guesses that fail 9 times in 10
+    # rows that cost nothing extra (a memory-bound verify, as on a GPU): draft as far as allowed
+    assert DraftLength(acceptance=0.95, verify_cost=(1.0,) * 13).k == 12
+    assert DraftLength(acceptance=0.1, low=1).k == 1
+    cheap, costly = DraftLength(acceptance=0.7), DraftLength(acceptance=0.7, draft_cost=0.5)
+    assert 0 < costly.k < cheap.k
+    assert cheap.cost(20) > cheap.cost(12) > cheap.cost(0) == 1.0  # past the table: its last slope
+    for _ in range(20):
+        unsure.observe(drafted=6, kept=6)
+    assert unsure.acceptance > 0.8 and unsure.k >= 6
+    for _ in range(20):
+        unsure.observe(drafted=4, kept=0)
+    assert unsure.acceptance < 0.05 and unsure.k == 0
+    before = unsure.acceptance
+    unsure.observe(drafted=0, kept=0)  # no draft: no evidence either way
+    assert unsure.acceptance == before
+
+
+def test_measured_verify_cost_is_a_ratio_to_one_row(target: Transformer) -> None:
+    cost = measure_verify_cost(target, rows=5, context=16, reps=2)
+    assert len(cost) == 5 and cost[0] == 1.0 and all(c >= 1.0 for c in cost)
+
+
+def test_lookup_that_never_guesses_right_stops_drafting(target: Transformer) -> None:
+    """A drafter whose guesses all fail: after a few rejected drafts the loop decodes plainly (one row per
+    round), and the output is still plain decoding's."""
+
+    class Wrong:
+        free = True
+
+        def propose(self, seq, k, params, generator):  # noqa: ANN001, ANN202
+            return Draft([(seq[-1] + 1 + i) % 120 for i in range(k)])
+
+        def keep(self, length: int) -> None:
+            pass
+
+    prompt, stats = _repetitive_prompt(), SpeculativeStats()
+    got = list(speculative_generate(target, prompt, Wrong(), max_tokens=30, stats=stats))
+    assert got == _plain_greedy(target, prompt, 30)
+    assert stats.drafted < 20 and stats.rounds >= 25
 
 
 def _chi_square_p(counts: Counter[int], probs: torch.Tensor, n: int) -> float:
@@ -174,7 +205,7 @@ def test_sampled_speculative_stream_follows_plain_sampling(target: Transformer) 
     drafter, counts, n = DraftModel(_model(1, layers=1)), Counter(), 1500
     for _ in range(n):
         out = list(speculative_generate(target, prompt, drafter, max_tokens=3, params=params, generator=gen,
-                                        draft_length=DraftLength(k=1, low=1, high=1)))
+                                        draft_length=DraftLength(low=1, high=1)))
         counts[out[1]] += 1
     assert _chi_square_p(counts, second, n) > 1e-3
     assert math.isclose(float(second.sum()), 1.0, rel_tol=1e-9)

@@ -58,6 +58,8 @@ class Draft:
 
 
 class Drafter(Protocol):
+    free: bool  # proposing costs no model call: worth asking even when the draft length is 0
+
     def propose(self, seq: Sequence[int], k: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft: ...
 
@@ -68,6 +70,8 @@ class Drafter(Protocol):
 class PromptLookup:
     """Drafts by copying: find the last earlier occurrence of the text's final n-gram (longest n first) and
     propose the tokens that followed it. Costs no model call; pays on edits, summaries and document QA."""
+
+    free = True
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1) -> None:
         if not 1 <= ngram_min <= ngram_max:
@@ -105,6 +109,8 @@ class PromptLookup:
 class DraftModel:
     """Drafts with a smaller model of the same vocabulary, greedily or by sampling with the request's
     parameters; its KV cache holds the final text plus its own proposals, trimmed back by keep()."""
+
+    free = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
@@ -179,19 +185,71 @@ def accept_sampled(draft: Draft, logits: torch.Tensor, params: SamplingParams,
     return len(draft.tokens), int(torch.multinomial(full_probs(logits[-1], params), 1, generator=generator))
 
 
+# Cost of one forward of T rows over one of a single row, T = 1, 2, ...: Qwen2.5-Coder-1.5B int4 on this
+# project's 2 AVX2 cores (docs/SPECULATIVE.md, "Verify cost"; rows in between interpolated). A machine's own
+# figures come from measure_verify_cost().
+DEFAULT_VERIFY_COST = (1.0, 1.1, 1.2, 1.34, 1.67, 2.0, 2.33, 2.67, 3.0, 3.34, 3.67, 4.0, 4.34)
+
+
 @dataclass
 class DraftLength:
-    """Adaptive draft length: longer after a fully kept draft, shorter after a rejection (transformers'
-    'heuristic' schedule), within [low, high]."""
+    """How many tokens to draft next: the k that maximises expected tokens per unit of time, from a running
+    estimate of the per-token acceptance a and the cost of verifying T rows (in decode steps).
 
-    k: int = 4
-    low: int = 1
+    k drafted tokens yield 1 + a + ... + a^k tokens (the target's own token always comes) for
+    verify_cost[k] + k * draft_cost steps; k = 0 is a plain decode step (1 token, 1 step). With a cheap
+    drafter and a = 0.9 that picks long drafts, with a = 0.1 none: a drafter that rarely guesses right never
+    slows decoding by more than its own cost."""
+
+    verify_cost: tuple[float, ...] = DEFAULT_VERIFY_COST
+    draft_cost: float = 0.0  # one drafted token, in target decode steps (0: prompt lookup)
+    acceptance: float = 0.6  # the running estimate, starting from this prior
+    low: int = 0
     high: int = 12
+    memory: float = 0.7  # weight of the past in the running estimate
 
-    def update(self, drafted: int, kept: int) -> None:
+    def cost(self, k: int) -> float:
+        table = self.verify_cost
+        if k < len(table):
+            verify = table[k]
+        else:  # past the table: its last slope
+            slope = table[-1] - table[-2] if len(table) > 1 else 1.0
+            verify = table[-1] + slope * (k + 1 - len(table))
+        return verify + k * self.draft_cost
+
+    @property
+    def k(self) -> int:
+        a = min(max(self.acceptance, 0.0), 0.999)
+        gain = [(1 - a ** (k + 1)) / (1 - a) / self.cost(k) for k in range(self.low, self.high + 1)]
+        return self.low + max(range(len(gain)), key=gain.__getitem__)
+
+    def observe(self, drafted: int, kept: int) -> None:
+        """A verify step kept `kept` of `drafted` tokens: a geometric run, kept successes then one failure."""
         if drafted == 0:
             return
-        self.k = min(self.k + 2, self.high) if kept == drafted else max(self.k - 1, self.low)
+        rate = kept / (kept + (1 if kept < drafted else 0))
+        self.acceptance = self.memory * self.acceptance + (1 - self.memory) * rate
+
+
+def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
+                        reps: int = 3) -> tuple[float, ...]:
+    """The model's own DraftLength.verify_cost on this machine: best-of-reps time of a rowwise forward of
+    T = 1..rows tokens after `context` cached ones, over the one-row time."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ensure_caches(model, 1, context + rows)
+    with torch.inference_mode():
+        prompt = torch.randint(0, vocab, (1, context), device=device)
+        model(prompt, torch.arange(context, device=device)[None], kv_len=context)
+        best = [float("inf")] * rows
+        for _ in range(reps):
+            for t in range(1, rows + 1):
+                idx = torch.randint(0, vocab, (1, t), device=device)
+                pos = torch.arange(context, context + t, device=device)[None]
+                t0 = time.perf_counter()
+                model(idx, pos, kv_len=context + t, rowwise=True)
+                best[t - 1] = min(best[t - 1], time.perf_counter() - t0)
+    return tuple(max(b / best[0], 1.0) for b in best)
 
 
 @torch.inference_mode()
@@ -201,7 +259,7 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
                          stats: SpeculativeStats | None = None) -> Iterator[int]:
     """Stream the target model's tokens for one prompt, up to max_tokens or a stop token (yielded last)."""
     params = params or SamplingParams()
-    length = draft_length or DraftLength()
+    length = draft_length or DraftLength(low=0 if drafter.free else 1)
     stats = stats if stats is not None else SpeculativeStats()
     if not prompt_ids:
         raise GenerationError("the prompt is empty: it encodes to no tokens")
@@ -227,10 +285,13 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
         return
     while produced < max_tokens:
         # The target's cache holds seq[:-1]; the verify forward feeds seq[-1] and the draft after it.
-        k = min(length.k, max_tokens - produced - 1, limit - len(seq))
+        k = max(min(length.k, max_tokens - produced - 1, limit - len(seq)), 0)
         t0 = time.perf_counter()
         draft = drafter.propose(seq, k, params, generator) if k > 0 else Draft([])
-        draft.tokens = draft.tokens[: max(k, 0)]
+        draft.tokens = draft.tokens[:k]
+        # a free drafter still guesses on a plain step: the guess, checked against the target's token, keeps
+        # the acceptance estimate alive (else one bad stretch would switch drafting off for good)
+        shadow = drafter.propose(seq, 1, params, generator).tokens if k == 0 and drafter.free else []
         t1 = time.perf_counter()
         cand = torch.tensor([[seq[-1], *draft.tokens]], device=device)
         pos = torch.arange(len(seq) - 1, len(seq) - 1 + cand.shape[1], device=device)[None]
@@ -244,7 +305,9 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
         stats.rounds += 1
         stats.drafted += len(draft.tokens)
         stats.accepted += kept
-        length.update(len(draft.tokens), kept)
+        length.observe(len(draft.tokens), kept)
+        if shadow:
+            length.observe(1, int(shadow[0] == nxt))
         for token in [*draft.tokens[:kept], nxt]:
             seq.append(token)
             produced += 1
