@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from fleetlm.engine import Engine, GenerationError, GenerationRequest
 from fleetlm.engine import batcher as batcher_mod
-from fleetlm.engine.batcher import Batcher, run_all
+from fleetlm.engine.batcher import Batcher, Speculation, run_all
+from fleetlm.engine.speculative import DraftModel, PromptLookup
 from fleetlm.model import SHIPPED_TINY_MODEL
 
 PROMPTS = ["The fleet", "A quick brown fox jumps over", "Numbers: 0 1 2", "Hi",
@@ -216,3 +219,52 @@ def test_warm_up_refuses_a_busy_batcher(engine):
     with pytest.raises(GenerationError, match="idle"):
         b.warm_up((1,))
     assert Batcher(engine.model, engine.tokenizer).warm_up() == 0.0  # eager: nothing to compile
+
+
+@pytest.fixture(scope="module")
+def model64(engine):
+    # float64: a verify forward and a decode step sum in different orders (torch's f32 GEMM is not
+    # row-independent); in float64 that cannot flip a greedy token, so equality is tested exactly
+    return copy.deepcopy(engine.model).double()
+
+
+def test_a_lone_request_speculates_and_gets_the_plain_tokens(engine, model64):
+    request = GenerationRequest(prompt="one two three one two three one two three", max_tokens=40,
+                                ignore_eos=True)
+    want = run_all(Batcher(model64, engine.tokenizer), [request])[0]
+    b = Batcher(model64, engine.tokenizer, speculation=Speculation(DraftModel(copy.deepcopy(model64))))
+    got = run_all(b, [request])[0]
+    assert [e.token_id for e in got] == [e.token_id for e in want]
+    assert "".join(e.text for e in got) == "".join(e.text for e in want)
+    drafted, kept = got[-1].draft
+    assert drafted > 0 and kept == drafted  # the model drafting for itself: every draft is kept
+    assert b.decode_steps < 20  # several tokens a step
+    assert got[-1].finish_reason == "length" and not b.busy
+
+
+def test_speculation_hands_over_to_batching_when_others_join(engine, model64):
+    requests = reqs()[:4]
+    want = run_all(Batcher(model64, engine.tokenizer, max_batch=4), requests)
+    b = Batcher(model64, engine.tokenizer, max_batch=4, speculation=Speculation(PromptLookup()))
+    out: dict[int, list] = {}
+    handles = [b.add(requests[3])]  # the longest first, alone: it speculates
+    for _ in range(3):
+        for ev in b.step():
+            out.setdefault(ev.request_index, []).append(ev)
+    handles += [b.add(r) for r in requests[:3]]  # the others join: plain batched steps from here
+    while b.busy:
+        for ev in b.step():
+            out.setdefault(ev.request_index, []).append(ev)
+    assert b.peak_batch == 4
+    for h, want_h in zip(handles, [want[3], want[0], want[1], want[2]], strict=True):
+        assert [e.token_id for e in out[h]] == [e.token_id for e in want_h]
+
+
+def test_logprobs_and_seeded_sampled_requests_decode_plainly(engine):
+    b = Batcher(engine.model, engine.tokenizer, speculation=Speculation(PromptLookup()))
+    seeded = GenerationRequest(prompt="Hi", max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
+    for request in (GenerationRequest(prompt="Hi", max_tokens=6, logprobs=True, ignore_eos=True), seeded):
+        [got] = run_all(b, [request]).values()
+        assert got[-1].draft is None and len(got) == 6
+    [again] = run_all(b, [seeded]).values()
+    assert [e.token_id for e in again] == [e.token_id for e in alone(engine, seeded)]

@@ -9,6 +9,10 @@ Rows are kept packed: the n active requests live in cache rows 0..n-1, so a deco
 [0, n) as views instead of gathering them. When a request leaves, the request in the last row moves into its
 slot (one row copy when a request finishes, rather than a gather of every row at every step).
 
+With a Speculation, a step that has one request alone decodes it speculatively (engine/speculative.py): a
+drafter guesses the next tokens and one rowwise forward checks them all, in the same cache row, so the request
+goes back to plain batched steps the moment another one joins, and its output is the same either way.
+
     batcher = Batcher(model, tokenizer, max_batch=16)
     handle = batcher.add(GenerationRequest(prompt="Hi", max_tokens=8))
     while batcher.busy:
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ from fleetlm.engine.generate import (
     encode_request,
 )
 from fleetlm.engine.sampling import SamplingParams, make_generator, sample
+from fleetlm.engine.speculative import Drafter, DraftLength, speculative_round
 
 # The cache starts this long (or as long as the first request needs) and doubles when a request needs more.
 INITIAL_CACHE_LENGTH = 256
@@ -53,6 +58,20 @@ class _Seq:
     logprobs: bool
     pos: int = 0  # cache slots 0..pos-1 hold this request's keys/values
     pending: int = -1  # the last sampled token, fed to the next decode step
+    tokens: list[int] = field(default_factory=list)  # generated so far (a drafter reads the whole text)
+    drafted: int = 0  # speculative decoding: tokens drafted for this request, and how many were kept
+    accepted: int = 0
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding of a batcher's lone request: the drafter, and the draft-length policy that
+    every request starts from (a copy each: its acceptance estimate is the request's own)."""
+
+    drafter: Drafter
+    policy: DraftLength = field(default_factory=DraftLength)
+    handle: int = -1  # the request the drafter's state belongs to
+    current: DraftLength | None = None
 
 
 def _constraints(requests: list[GenerationRequest]) -> list | None:
@@ -66,7 +85,7 @@ class Batcher:
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, max_batch: int = 32,
                  context: int | None = None, decode_fn: DecodeFn | None = None,
-                 initial_length: int | None = None) -> None:
+                 initial_length: int | None = None, speculation: Speculation | None = None) -> None:
         """decode_fn: the engine's decode step (model, tokens [n, 1], positions [n, 1]) -> logits [n, V] over
         cache rows 0..n-1, e.g. the compiled step (engine/compiled.py); None: the model's eager forward.
         initial_length: cache slots per row at the first allocation (default INITIAL_CACHE_LENGTH; a compiled
@@ -77,6 +96,7 @@ class Batcher:
         self.context = int(context or model.config.max_position_embeddings)
         self.decode_fn = decode_fn
         self.initial_length = initial_length
+        self.speculation = speculation
         self.device = next(model.parameters()).device
         self.capacity = 0  # cache length (slots per row); 0 until the first request arrives
         self._cache: nn.Module | None = None  # the first layer's cache as we set it up (to spot a takeover)
@@ -139,7 +159,9 @@ class Batcher:
         events: list[TokenEvent] = []
         if self.waiting and len(self.active) < self.max_batch:
             events += self._admit()
-        if self.active:
+        if len(self.active) == 1 and self._speculates(self.active[0]):
+            events += self._speculate()
+        elif self.active:
             events += self._decode()
         return events
 
@@ -189,6 +211,50 @@ class Batcher:
         self.peak_batch = max(self.peak_batch, n)
         return self._emit(logits, 0)
 
+    def _speculates(self, seq: _Seq) -> bool:
+        # logprobs and constrained decoding need every step's own logits: those requests decode plainly. So do
+        # seeded sampled ones: rejection sampling draws other random numbers, and a seed promises the same
+        # text whether the request ran alone or beside others (greedy text is the same either way)
+        request = seq.row.request
+        return (self.speculation is not None and not seq.logprobs
+                and getattr(request, "constraint", None) is None
+                and (seq.params.greedy or request.seed is None))
+
+    def _speculate(self) -> list[TokenEvent]:
+        """One speculative round of the lone request in cache row 0: draft, verify, keep what matches."""
+        if not self._owns_cache():
+            raise GenerationError("the model's KV cache was replaced while requests were decoding")
+        spec, s = self.speculation, self.active[0]
+        assert spec is not None
+        if spec.handle != s.handle:  # a new request: the drafter's cache and estimate start over
+            spec.drafter.keep(0)
+            spec.handle, spec.current = s.handle, replace(spec.policy)
+        policy = spec.current
+        assert policy is not None
+        remaining = s.row.request.max_tokens - s.row.produced
+        # the pending token is the text's last: the round feeds it at slot s.pos, then the draft
+        r = speculative_round(self.model, s.prompt_ids + s.tokens, s.pos, spec.drafter, policy, s.params,
+                              s.generator, limit=min(remaining - 1, self.capacity - s.pos - 1),
+                              cache_rows=slice(0, 1))
+        s.drafted, s.accepted = s.drafted + r.drafted, s.accepted + r.kept
+        events = []
+        for token in r.tokens:
+            event = s.row.step(token, None)
+            s.tokens.append(token)
+            if s.row.done:
+                event.draft = (s.drafted, s.accepted)
+            events.append(event)
+            if s.row.done:
+                break
+        s.pos += r.kept + 1  # the pending token and the kept drafts now sit in the cache
+        s.pending = r.tokens[-1]
+        spec.drafter.keep(len(s.prompt_ids) + len(s.tokens) - 1)
+        self.decode_steps += 1
+        self.peak_batch = max(self.peak_batch, 1)
+        if s.row.done:
+            self._free([0])
+        return events
+
     def _emit(self, logits: torch.Tensor, first: int) -> list[TokenEvent]:
         """Sample the next token of active rows first.., stream their events, free the rows that finished."""
         seqs = self.active[first:first + logits.shape[0]]
@@ -206,8 +272,11 @@ class Batcher:
         for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
             events.append(s.row.step(token, logprobs[i] if s.logprobs else None))
             s.pending = token
+            s.tokens.append(token)
             if s.row.done:
                 done.append(first + i)
+                if s.drafted:
+                    events[-1].draft = (s.drafted, s.accepted)
         self._free(done)
         return events
 

@@ -58,6 +58,7 @@ class TokenEvent:
     text: str
     finish_reason: FinishReason | None = None
     logprob: float | None = None
+    draft: tuple[int, int] | None = None  # speculative decoding: (drafted, kept) tokens, on the last event
 
 
 @dataclass

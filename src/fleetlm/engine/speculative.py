@@ -252,6 +252,45 @@ def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
     return tuple(max(b / best[0], 1.0) for b in best)
 
 
+@dataclass
+class Round:
+    """What one draft-and-verify round produced: the kept drafts, then the target's own next token."""
+
+    tokens: list[int]
+    drafted: int
+    kept: int
+    draft_seconds: float
+    verify_seconds: float
+
+
+def speculative_round(model: nn.Module, text: Sequence[int], pos: int, drafter: Drafter, policy: DraftLength,
+                      params: SamplingParams, generator: torch.Generator | None, *, limit: int,
+                      cache_rows: slice | None = None) -> Round:
+    """Draft up to `limit` tokens after `text` and verify them in one forward. The cache (row cache_rows)
+    holds `pos` slots: everything but text[-1], which the forward feeds first, at slot pos."""
+    k = max(min(policy.k, limit), 0)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    draft = drafter.propose(text, k, params, generator) if k > 0 else Draft([])
+    draft.tokens = draft.tokens[:k]
+    # a free drafter still guesses on a plain step: the guess, checked against the target's token, keeps
+    # the acceptance estimate alive (else one bad stretch would switch drafting off for good)
+    shadow = drafter.propose(text, 1, params, generator).tokens if k == 0 and drafter.free else []
+    t1 = time.perf_counter()
+    cand = torch.tensor([[text[-1], *draft.tokens]], device=device)
+    positions = torch.arange(pos, pos + cand.shape[1], device=device)[None]
+    # rowwise: each candidate row computed as a one-token decode step would, so greedy output is plain
+    # decoding's bit for bit even on quantized kernels (see Attention)
+    logits = model(cand, positions, cache_rows=cache_rows, kv_len=pos + cand.shape[1], rowwise=True)[0]
+    logits = logits.float()
+    kept, nxt = (accept_greedy(draft.tokens, logits) if params.greedy
+                 else accept_sampled(draft, logits, params, generator))
+    policy.observe(len(draft.tokens), kept)
+    if shadow:
+        policy.observe(1, int(shadow[0] == nxt))
+    return Round([*draft.tokens[:kept], nxt], len(draft.tokens), kept, t1 - t0, time.perf_counter() - t1)
+
+
 @torch.inference_mode()
 def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: Drafter, *, max_tokens: int,
                          params: SamplingParams | None = None, generator: torch.Generator | None = None,
@@ -284,31 +323,15 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
     if first in stops:
         return
     while produced < max_tokens:
-        # The target's cache holds seq[:-1]; the verify forward feeds seq[-1] and the draft after it.
-        k = max(min(length.k, max_tokens - produced - 1, limit - len(seq)), 0)
-        t0 = time.perf_counter()
-        draft = drafter.propose(seq, k, params, generator) if k > 0 else Draft([])
-        draft.tokens = draft.tokens[:k]
-        # a free drafter still guesses on a plain step: the guess, checked against the target's token, keeps
-        # the acceptance estimate alive (else one bad stretch would switch drafting off for good)
-        shadow = drafter.propose(seq, 1, params, generator).tokens if k == 0 and drafter.free else []
-        t1 = time.perf_counter()
-        cand = torch.tensor([[seq[-1], *draft.tokens]], device=device)
-        pos = torch.arange(len(seq) - 1, len(seq) - 1 + cand.shape[1], device=device)[None]
-        # rowwise: each candidate row computed as a one-token decode step would, so greedy output is plain
-        # decoding's bit for bit even on quantized kernels (see Attention)
-        logits = model(cand, pos, kv_len=len(seq) - 1 + cand.shape[1], rowwise=True)[0].float()
-        kept, nxt = (accept_greedy(draft.tokens, logits) if params.greedy
-                     else accept_sampled(draft, logits, params, generator))
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += time.perf_counter() - t1
+        # The target's cache holds seq[:-1]; the round feeds seq[-1] and the draft after it.
+        r = speculative_round(model, seq, len(seq) - 1, drafter, length, params, generator,
+                              limit=min(max_tokens - produced - 1, limit - len(seq)))
+        stats.draft_seconds += r.draft_seconds
+        stats.verify_seconds += r.verify_seconds
         stats.rounds += 1
-        stats.drafted += len(draft.tokens)
-        stats.accepted += kept
-        length.observe(len(draft.tokens), kept)
-        if shadow:
-            length.observe(1, int(shadow[0] == nxt))
-        for token in [*draft.tokens[:kept], nxt]:
+        stats.drafted += r.drafted
+        stats.accepted += r.kept
+        for token in r.tokens:
             seq.append(token)
             produced += 1
             stats.emitted += 1
