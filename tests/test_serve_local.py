@@ -303,3 +303,58 @@ def test_a_declared_call_is_kept_and_unconstrained_output_is_never_asked_again()
     free = ScriptedBackend(tokenizer, [UNDECLARED])  # constrained_decoding false: the baseline, as it came
     choice = asyncio.run(free.chat(_weather_request(constrained_decoding=False))).choices[0]
     assert choice.text == UNDECLARED and choice.tool_calls is None and len(free.constraints) == 1
+
+
+REPEATED = "one two three four, one two three four, one two three four, one two three four"
+
+
+def test_speculative_lookup_gives_the_plain_answer_and_logs_its_acceptance(tmp_path):
+    """A model with `speculative: lookup` answers a lone request with the plain backend's text (float64
+    weights: see tests/test_batcher.py), and the tally reaches the body's `fleet` and the usage log."""
+    import copy
+
+    import torch
+
+    from fleetlm.engine.batcher import Speculation
+    from fleetlm.engine.speculative import PromptLookup
+
+    base = Engine.load(SHIPPED_TINY_MODEL, dtype="f32")
+    plain = LocalBackend("tiny", Engine(copy.deepcopy(base.model).to(torch.float64), base.tokenizer))
+    fast = LocalBackend("tiny", Engine(copy.deepcopy(base.model).to(torch.float64), base.tokenizer),
+                        speculation=Speculation(PromptLookup(), name="lookup"))
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": REPEATED}], "max_tokens": 40,
+           "temperature": 0}
+    want = asyncio.run(plain.chat(ChatCompletionRequest(**ask))).choices[0].text
+    store = UsageStore(f"sqlite:///{tmp_path / 'spec.db'}")
+    cfg = parse_config({"models": {"tiny": {"path": str(SHIPPED_TINY_MODEL)}}})
+    try:
+        with TestClient(create_app(cfg, store, {"tiny": fast})) as client:
+            whole = client.post("/v1/chat/completions", json=ask)
+            streamed = client.post("/v1/chat/completions", json={**ask, "stream": True})
+    finally:
+        asyncio.run(plain.aclose())
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == want
+    tally = whole.json()["fleet"]["speculative"]
+    assert tally["drafter"] == "lookup" and tally["drafted"] >= tally["accepted"] >= 0
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                   for line in streamed.text.splitlines()
+                   if line.startswith("data: {") and json.loads(line[6:])["choices"])
+    assert text == want
+    rows = store.requests()
+    assert len(rows) == 2 and all("; speculative lookup: " in r["route_reason"] for r in rows)
+    assert f"{tally['accepted']}/{tally['drafted']} drafts kept" in rows[0]["route_reason"]
+
+
+def test_speculative_setting_is_checked():
+    from fleetlm.errors import ConfigError
+    from fleetlm.serve.local import speculation_for
+
+    with pytest.raises(Exception, match="speculative needs a model our engine runs"):
+        parse_config({"models": {"r": {"remote": "http://h:1/v1", "speculative": "lookup"}}})
+    engine = Engine.load(SHIPPED_TINY_MODEL, dtype="f32")
+    with pytest.raises(ConfigError, match="want 'lookup', a catalog model or a .gguf file"):
+        speculation_for("no-such-draft", engine, "f32")
+    with pytest.raises(ConfigError, match="does not exist"):
+        speculation_for("/nowhere/draft.gguf", engine, "f32")
+    spec = speculation_for("lookup", engine, "f32")
+    assert spec.name == "lookup" and spec.policy.low == 0 and len(spec.policy.verify_cost) == 9

@@ -82,6 +82,11 @@ class ModelSpec(_Strict):
     replay_match: Literal["contains", "exact"] = Field(
         "contains", description="contains: the recorded question may sit inside a longer user message"
     )
+    speculative: str | None = Field(
+        None, description="speculative decoding, on our engine, of a request that runs alone: 'lookup' "
+                          "(prompt lookup: pays on edits and document QA) or a draft model with the same "
+                          "tokenizer (a catalog name or a .gguf file); same output, acceptance rate logged"
+    )
     api_key_env: str | None = None
     timeout: float = Field(60.0, gt=0, description="seconds per upstream attempt")
     retries: int = Field(1, ge=0, le=10, description="extra attempts after a failed one")
@@ -111,6 +116,8 @@ class ModelSpec(_Strict):
                                  f"{', '.join(known)})")
         if self.remote and not self.remote.startswith(("http://", "https://")):
             raise ValueError(f"remote must be an http(s) URL, got {self.remote!r}")
+        if self.speculative and self.kind not in ("local", "gguf"):
+            raise ValueError("speculative needs a model our engine runs (path, gguf or catalog)")
         if self.replay and not self.replay_model:
             raise ValueError("replay needs replay_model: which recorded model answers")
         if self.replay and "price" not in self.model_fields_set:

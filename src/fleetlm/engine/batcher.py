@@ -70,6 +70,7 @@ class Speculation:
 
     drafter: Drafter
     policy: DraftLength = field(default_factory=DraftLength)
+    name: str = "draft"  # what drafts, for reports ("lookup", the draft model's name)
     handle: int = -1  # the request the drafter's state belongs to
     current: DraftLength | None = None
 

@@ -252,6 +252,24 @@ def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
     return tuple(max(b / best[0], 1.0) for b in best)
 
 
+def step_seconds(model: nn.Module, context: int = 256, reps: int = 5) -> float:
+    """Best-of-reps time of a one-token decode step after `context` cached tokens (a draft's cost in target
+    steps is the ratio of the two models' figures)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ensure_caches(model, 1, context + 1)
+    best = float("inf")
+    with torch.inference_mode():
+        prompt = torch.randint(0, vocab, (1, context), device=device)
+        model(prompt, torch.arange(context, device=device)[None], kv_len=context)
+        for _ in range(reps):
+            token = torch.randint(0, vocab, (1, 1), device=device)
+            t0 = time.perf_counter()
+            model(token, torch.tensor([[context]], device=device), kv_len=context + 1)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @dataclass
 class Round:
     """What one draft-and-verify round produced: the kept drafts, then the target's own next token."""

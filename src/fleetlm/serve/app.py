@@ -118,6 +118,17 @@ class _Call:
     vision: str | None = None  # a request with images: what read them (serve/vision.py)
     voice: Any = None  # a request with audio parts or a spoken answer (serve/voice_chat.VoiceTurn)
     grounding: Any = None  # a request with fleet_file_search: its sources (serve/chat_grounding.py)
+    speculative: dict | None = None  # speculative decoding's tally (serve/local.py Drafts), for the log
+
+    def route_reason(self) -> str:
+        """The usage log's route_reason: the route, and what read images or drafted tokens on the way."""
+        reason = self.route if self.vision is None else f"{self.route}; vision: {self.vision}"
+        if self.speculative:
+            s = self.speculative
+            rate = "" if s.get("acceptance") is None else f" ({s['acceptance']:.0%})"
+            kept = f"{s.get('accepted')}/{s.get('drafted')}"
+            reason += f"; speculative {s.get('drafter')}: {kept} drafts kept{rate}"
+        return reason
 
     def headers(self, cost: float | None = None) -> dict[str, str]:
         h = {
@@ -308,7 +319,7 @@ class Gateway:
             model_requested=call.model_requested,
             status=status,
             model_used=call.model_used,
-            route_reason=call.route if call.vision is None else f"{call.route}; vision: {call.vision}",
+            route_reason=call.route_reason(),
             predicted_quality=call.predicted_quality,
             fallbacks=call.fallbacks,
             prompt_tokens=prompt_tokens,
@@ -465,6 +476,7 @@ class Gateway:
             )
         if self.config.log_content and gen.choices:
             call.response = gen.choices[0].text or ""
+        call.speculative = (gen.fleet or {}).get("speculative")
         cost = await self.log(call, 200, gen.prompt_tokens, gen.completion_tokens)
         data = body.model_dump(exclude_none=True)
         if call.mcp is not None:  # the tool rounds' usage and cost, and the calls that ran
@@ -623,6 +635,8 @@ class Gateway:
                 while pending is not None:
                     if pending.usage is not None:
                         usage = pending.usage
+                    if pending.fleet is not None:
+                        call.speculative = pending.fleet.get("speculative", call.speculative)
                     if self.config.log_content and pending.index == 0 and pending.text:
                         call.response = (call.response or "") + pending.text
                     if call.grounding is not None and pending.index == 0:  # strip [n], keep the text

@@ -49,6 +49,7 @@ class Delta:
     tool_calls: list[dict] | None = None
     logprobs: dict | None = None
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens)
+    fleet: dict[str, Any] | None = None  # with usage: our extension (e.g. speculative decoding's tally)
 
 
 async def close_stream(it: AsyncIterator[Delta]) -> None:

@@ -147,11 +147,13 @@ def resilient_stream(
         single = getattr(request, "n", 1) == 1
         last = time.perf_counter()
         done = False  # a finish_reason came: a failure after it loses nothing
+        fleet = None  # the answering backend's extension (speculative decoding's tally), passed on
         while piece is not None:
             seg = tally.segments[-1]
             done = done or bool(piece.finish_reason)
             if piece.usage is not None:
                 seg.usage = piece.usage
+            fleet = piece.fleet if piece.fleet is not None else fleet
             if piece.text is not None or piece.finish_reason or piece.tool_calls:
                 if piece.index != 0 or piece.tool_calls:
                     single = False  # several choices or tool calls: a partial answer is not one text
@@ -174,7 +176,7 @@ def resilient_stream(
                     await close_stream(it)
                     break
                 it, piece = await switch(it, exc, produced, single)
-        yield Delta(usage=tally.finish(gateway, call))
+        yield Delta(usage=tally.finish(gateway, call), fleet=fleet)
 
     return run()
 

@@ -23,10 +23,10 @@ import torch
 
 from fleetlm.config import ModelSpec
 from fleetlm.engine import Engine, GenerationError, GenerationRequest, TokenEvent
-from fleetlm.engine.batcher import Batcher
+from fleetlm.engine.batcher import Batcher, Speculation
 from fleetlm.engine.compiled import compile_cache_dir
 from fleetlm.engine.constrain import ConstraintError, GrammarConstraint
-from fleetlm.errors import FleetError
+from fleetlm.errors import ConfigError, FleetError
 from fleetlm.model.tokenizer import ChatTemplateError
 from fleetlm.serve.backends import Choice, Delta, Embeddings, Generation
 from fleetlm.serve.errors import BackendError
@@ -37,6 +37,7 @@ DEFAULT_MAX_TOKENS = 256
 # The compiled step recompiles when the batcher reallocates its cache, so a compiled batcher starts with this
 # many slots per row (a longer conversation grows it, and pays one recompile).
 SERVE_CACHE_LENGTH = 1024
+SPECULATIVE_HIGH = 8  # the longest draft: past ~4 rows a verify costs most of a step a row (2 AVX2 cores)
 WARM_BATCHES = (1, 2)  # one graph for a single stream, one for 2+ rows where the batch dimension is dynamic
 COMPILE_MIN_BYTES = 200_000_000  # SmolLM2-135M (Q4_1, 98 MB) stays eager, Qwen2.5-0.5B (491 MB) compiles
 _DONE = object()
@@ -180,10 +181,12 @@ class TokenStreamBackend:
         texts, reasons = [""] * len(reqs), [None] * len(reqs)
         lps: list[list[dict]] = [[] for _ in reqs]
         prompt_tokens, completion_tokens = [0] * len(reqs), 0
+        drafts = Drafts()
         async for i, pt, ev in self._merged(reqs):
             texts[i] += ev.text
             prompt_tokens[i] = pt
             completion_tokens += 1
+            drafts.add(ev)
             if ev.finish_reason:
                 reasons[i] = ev.finish_reason
             if ev.logprob is not None:
@@ -209,7 +212,7 @@ class TokenStreamBackend:
         if plan is not None and plan.mode != "none":  # tool calls read back out of the text
             for c in choices:
                 c.text, c.tool_calls, c.finish_reason = plan.shape(c.text or "", c.finish_reason or "length")
-        return Generation(choices, pt_total, completion_tokens)
+        return Generation(choices, pt_total, completion_tokens, drafts.fleet(self))
 
     def _text_request(self, r: GenerationRequest, plan: ChatPlan) -> GenerationRequest:
         """The same prompt again, held to text: for a choice that called a tool the request lacks."""
@@ -222,9 +225,11 @@ class TokenStreamBackend:
         reqs = self._requests(req, plan)
         calls = [ToolCallStream(plan) for _ in reqs] if plan is not None and plan.mode != "none" else None
         prompt_tokens, completion_tokens = [0] * len(reqs), 0
+        drafts = Drafts()
         async for i, pt, ev in self._merged(reqs):
             prompt_tokens[i] = pt
             completion_tokens += 1
+            drafts.add(ev)
             lp = (
                 {"content": [{"token": ev.text, "logprob": ev.logprob, "top_logprobs": []}]}
                 if ev.logprob is not None
@@ -243,7 +248,8 @@ class TokenStreamBackend:
                 completion_tokens += 1
                 if ev.text or ev.finish_reason:
                     yield Delta(0, ev.text, ev.finish_reason)
-        yield Delta(usage=(sum(prompt_tokens[i] for i in range(0, len(reqs), req.n)), completion_tokens))
+        yield Delta(usage=(sum(prompt_tokens[i] for i in range(0, len(reqs), req.n)), completion_tokens),
+                    fleet=drafts.fleet(self))
 
     async def chat(self, request: ChatCompletionRequest) -> Generation:
         return await self._whole(request)
@@ -258,20 +264,45 @@ class TokenStreamBackend:
         return self._stream(request)
 
 
+@dataclass
+class Drafts:
+    """Speculative decoding's tally over a request's choices, from their last events' (drafted, kept)."""
+
+    drafted: int = 0
+    kept: int = 0
+    seen: bool = False
+
+    def add(self, event: TokenEvent) -> None:
+        if event.draft is not None:
+            self.seen = True
+            self.drafted, self.kept = self.drafted + event.draft[0], self.kept + event.draft[1]
+
+    def fleet(self, backend: object) -> dict[str, Any] | None:
+        """The response body's `fleet` extension ({"speculative": ...}), None when nothing speculated."""
+        if not self.seen:
+            return None
+        speculation = getattr(getattr(backend, "batcher", None), "speculation", None)
+        return {"speculative": {"drafter": getattr(speculation, "name", "draft"), "drafted": self.drafted,
+                                "accepted": self.kept,
+                                "acceptance": round(self.kept / self.drafted, 4) if self.drafted else None}}
+
+
 class LocalBackend(TokenStreamBackend):
     """One loaded Engine and the thread that runs it; every public method is safe to call from the app."""
 
     def __init__(self, name: str, engine: Engine, max_batch: int = 32,
-                 warm_batches: tuple[int, ...] = WARM_BATCHES):
+                 warm_batches: tuple[int, ...] = WARM_BATCHES, speculation: Speculation | None = None):
         """An engine loaded with compile=True decodes every batch through its compiled step, compiled here for
-        warm_batches (before the gateway listens: no request waits on the compiler)."""
+        warm_batches (before the gateway listens: no request waits on the compiler). speculation: decode a
+        request that runs alone speculatively (engine/batcher.py)."""
         self.name, self.engine, self.max_batch = name, engine, max_batch
         self.tokenizer = engine.tokenizer
         self.context = int(engine.model.config.max_position_embeddings)
         compiled = getattr(engine._decode, "warm_up", None) is not None
         self.batcher = Batcher(engine.model, engine.tokenizer, max_batch=max_batch, context=self.context,
                                decode_fn=engine._decode if compiled else None,
-                               initial_length=min(self.context, SERVE_CACHE_LENGTH) if compiled else None)
+                               initial_length=min(self.context, SERVE_CACHE_LENGTH) if compiled else None,
+                               speculation=speculation)
         self.compile_seconds = self._warm_up(warm_batches) if compiled else 0.0
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
@@ -287,7 +318,9 @@ class LocalBackend(TokenStreamBackend):
             assert spec.path is not None
             location = spec.path
         compile = wants_compile(location)  # the batcher warms the compiled step on its own caches
-        return cls(name, Engine.load(location, dtype=spec.dtype, name=name, compile=compile, warm=False))
+        engine = Engine.load(location, dtype=spec.dtype, name=name, compile=compile, warm=False)
+        speculation = speculation_for(spec.speculative, engine, spec.dtype) if spec.speculative else None
+        return cls(name, engine, speculation=speculation)
 
     def _warm_up(self, batch_sizes: tuple[int, ...]) -> float:
         threads = self.engine.num_threads
@@ -407,6 +440,46 @@ class LocalBackend(TokenStreamBackend):
 
     def _shut_down(self) -> BackendError:
         return BackendError(f"{self.name}: the model has been shut down", retryable=False)
+
+
+def speculation_for(setting: str, engine: Engine, dtype: str) -> Speculation:
+    """A model's `speculative:` setting made real: prompt lookup, or a draft model loaded at the target's
+    width, with the draft-length policy's costs measured here on both models (a few seconds at start-up)."""
+    from fleetlm.engine.speculative import (
+        DraftLength,
+        DraftModel,
+        PromptLookup,
+        measure_verify_cost,
+        step_seconds,
+    )
+
+    verify_cost = measure_verify_cost(engine.model, rows=SPECULATIVE_HIGH + 1, context=128, reps=2)
+    if setting == "lookup":
+        return Speculation(PromptLookup(), DraftLength(verify_cost, high=SPECULATIVE_HIGH), name="lookup")
+    location = _draft_location(setting)
+    draft = Engine.load(location, dtype=dtype, name=f"{setting} (draft)")
+    if draft.model.config.vocab_size != engine.model.config.vocab_size:
+        theirs, ours = draft.model.config.vocab_size, engine.model.config.vocab_size
+        raise ConfigError(f"speculative draft {setting!r} has a vocabulary of {theirs}, the model {ours}: "
+                          f"a draft needs the same tokenizer")
+    cost = step_seconds(draft.model, context=128, reps=3) / step_seconds(engine.model, context=128, reps=3)
+    policy = DraftLength(verify_cost, draft_cost=cost, low=1, high=SPECULATIVE_HIGH)
+    return Speculation(DraftModel(draft.model), policy, name=setting)
+
+
+def _draft_location(setting: str) -> str:
+    if setting.endswith(".gguf") or Path(setting).exists():
+        if not Path(setting).exists():
+            raise ConfigError(f"speculative draft {setting} does not exist")
+        return setting
+    from fleetlm.catalog import entries, installed_path
+
+    if setting not in entries():
+        raise ConfigError(f"speculative: want 'lookup', a catalog model or a .gguf file, got {setting!r}")
+    path = installed_path(setting)
+    if path is None:
+        raise ConfigError(f"speculative draft {setting} is not installed; run: fleet models pull {setting}")
+    return str(path)
 
 
 def wants_compile(location: str | Path) -> bool:
