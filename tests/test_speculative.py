@@ -209,3 +209,18 @@ def test_sampled_speculative_stream_follows_plain_sampling(target: Transformer) 
         counts[out[1]] += 1
     assert _chi_square_p(counts, second, n) > 1e-3
     assert math.isclose(float(second.sum()), 1.0, rel_tol=1e-9)
+
+
+def test_draft_model_refills_a_cache_that_grew() -> None:
+    """The draft's KV cache grows in blocks of 512 slots; a new cache holds nothing, so the draft feeds the
+    whole text again (before this, its drafts past slot 512 read zeroed keys and were mostly rejected)."""
+    target = _model(0, vocab=120)
+    target.config.max_position_embeddings = 1100
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 120, (500,)).tolist()
+    draft = _model(0, vocab=120)
+    draft.config.max_position_embeddings = 1100
+    stats = SpeculativeStats()
+    got = list(speculative_generate(target, prompt, DraftModel(draft), max_tokens=40, stats=stats))
+    assert got == _plain_greedy(target, prompt, 40)
+    assert draft.max_seq_length > 512 and stats.accepted == stats.drafted > 0

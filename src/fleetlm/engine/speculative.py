@@ -122,7 +122,10 @@ class DraftModel:
         if k < 1:
             return Draft([])
         device = next(self.model.parameters()).device
+        before = self.model.layers[0].self_attn.kv_cache
         ensure_caches(self.model, 1, len(seq) + k)
+        if self.model.layers[0].self_attn.kv_cache is not before:  # a new, bigger cache holds nothing yet
+            self._cached = 0
         start = min(self._cached, len(seq) - 1)
         new = torch.tensor([list(seq[start:])], device=device)
         pos = torch.arange(start, len(seq), device=device)[None]
