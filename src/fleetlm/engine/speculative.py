@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fleetlm.engine.generate import GenerationError, ensure_caches, prefill
-from fleetlm.engine.sampling import SamplingParams, logits_to_probs
+from fleetlm.engine.sampling import SamplingParams, logits_to_probs, sample_row
 
 
 @dataclass
@@ -234,17 +234,16 @@ class DraftLength:
         self.acceptance = self.memory * self.acceptance + (1 - self.memory) * rate
 
 
-def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
-                        reps: int = 3) -> tuple[float, ...]:
-    """The model's own DraftLength.verify_cost on this machine: best-of-reps time of a rowwise forward of
-    T = 1..rows tokens after `context` cached ones, over the one-row time."""
+def forward_seconds(model: nn.Module, rows: int, context: int = 256, reps: int = 3) -> list[float]:
+    """Best-of-reps time of a rowwise forward of T = 1..rows new tokens after `context` cached ones (T = 1 is
+    a decode step: rowwise changes nothing for one row)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ensure_caches(model, 1, context + rows)
+    best = [float("inf")] * rows
     with torch.inference_mode():
         prompt = torch.randint(0, vocab, (1, context), device=device)
         model(prompt, torch.arange(context, device=device)[None], kv_len=context)
-        best = [float("inf")] * rows
         for _ in range(reps):
             for t in range(1, rows + 1):
                 idx = torch.randint(0, vocab, (1, t), device=device)
@@ -252,25 +251,20 @@ def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
                 t0 = time.perf_counter()
                 model(idx, pos, kv_len=context + t, rowwise=True)
                 best[t - 1] = min(best[t - 1], time.perf_counter() - t0)
+    return best
+
+
+def measure_verify_cost(model: nn.Module, rows: int = 13, context: int = 256,
+                        reps: int = 3) -> tuple[float, ...]:
+    """The model's own DraftLength.verify_cost on this machine: forward_seconds over the one-row time."""
+    best = forward_seconds(model, rows, context, reps)
     return tuple(max(b / best[0], 1.0) for b in best)
 
 
 def step_seconds(model: nn.Module, context: int = 256, reps: int = 5) -> float:
     """Best-of-reps time of a one-token decode step after `context` cached tokens (a draft's cost in target
     steps is the ratio of the two models' figures)."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ensure_caches(model, 1, context + 1)
-    best = float("inf")
-    with torch.inference_mode():
-        prompt = torch.randint(0, vocab, (1, context), device=device)
-        model(prompt, torch.arange(context, device=device)[None], kv_len=context)
-        for _ in range(reps):
-            token = torch.randint(0, vocab, (1, 1), device=device)
-            t0 = time.perf_counter()
-            model(token, torch.tensor([[context]], device=device), kv_len=context + 1)
-            best = min(best, time.perf_counter() - t0)
-    return best
+    return forward_seconds(model, 1, context, reps)[0]
 
 
 @dataclass
@@ -335,8 +329,7 @@ def speculative_generate(model: nn.Module, prompt_ids: Sequence[int], drafter: D
     seq = [int(t) for t in prompt_ids]
     idx = torch.tensor([seq], device=device)
     logits = prefill(model, idx, torch.arange(len(seq), device=device)[None], torch.tensor([len(seq)]))
-    first = (int(torch.argmax(logits[0])) if params.greedy
-             else int(torch.multinomial(full_probs(logits[0], params), 1, generator=generator)))
+    first = int(sample_row(logits[0], params, generator))
     seq.append(first)
     produced = 1
     stats.emitted += 1
