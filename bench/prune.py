@@ -6,6 +6,7 @@ unstructured and 2:4, each alone and followed by 4-bit quantization; sizes of a 
 
 - baseline: the shipped model (its GGUF dequantized to float32): every row prunes that;
 - a config is PRUNER:SPARSITY[:QUANT] (QUANT rtn or gptq, 4-bit, --group): e.g. sparsegpt:2:4:gptq;
+  dense:QUANT is the unpruned model quantized the same way (the reference for the pruned + quantized rows);
 - pruned rows are evaluated as float32 weights with the zeros (quantized rows: the codes' values);
 - calibration: the Python 3.11 library reference; evaluation: licenses + Debian changelogs
   (compress.evaluate);
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fleetlm.compress.calib import compress_model
 from fleetlm.compress.evaluate import block_linear_names, eval_windows, humaneval_pass1, perplexity
 from fleetlm.compress.pipeline import calibration_windows, load_float_model
 from fleetlm.compress.prune import QuantAfter, packed_nm_bytes, parse_sparsity, prune_model, sparsity_of
@@ -64,7 +66,6 @@ def _nibbles(q: torch.Tensor) -> bytes:
 def decode_speed(base: torch.nn.Module, tokenizer, calib: torch.Tensor, tokens: int,  # noqa: ANN001
                  group: int) -> list[dict]:
     """tok/s of the int4 kernels on RTN vs 2:4 + RTN (same kernels), one stream, greedy."""
-    from fleetlm.compress.calib import compress_model
     from fleetlm.compress.store import load_compressed, save_compressed
     from fleetlm.engine import Engine, GenerationRequest
 
@@ -138,11 +139,15 @@ def main() -> None:
         method, sparsity, quant = parse_config(config)
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        _masks, codes = prune_model(model, method, parse_sparsity(sparsity), calib,
-                                    quant=QuantAfter(quant, 4, args.group) if quant else None, progress=False)
+        if method == "dense":  # quantization alone, no pruning
+            codes = compress_model(model, quant, 4, args.group, calib)
+        else:
+            _masks, codes = prune_model(model, method, parse_sparsity(sparsity), calib,
+                                        quant=QuantAfter(quant, 4, args.group) if quant else None,
+                                        progress=False)
         seconds = time.perf_counter() - start
         row = {"config": config, "ppl": perplexity(model, windows), "sparsity": sparsity_of(model),
-               "seconds": seconds, **sizes(model, codes, linears, sparsity == "2:4")}
+               "seconds": seconds, **sizes(model, codes, linears, sparsity == "2:4" and method != "dense")}
         if args.humaneval:
             row["pass1"] = humaneval_pass1(model, tokenizer, args.humaneval, progress=False)
         rows.append(_tag(row, args))
