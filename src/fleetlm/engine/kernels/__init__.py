@@ -39,6 +39,9 @@ QBLOCK = 32  # activation (and int8 weight) quantization block
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512"}
 SOURCES = ("ops.cpp", "avx512.cpp", "avx2.cpp", "kernels.h")
 CSRC = Path(__file__).with_name("csrc")
+# -fopenmp: without it at::parallel_for compiles to a serial loop (its pragma is ignored), and every op ran
+# on one core; the OpenMP calls resolve to PyTorch's own libgomp, already loaded with libtorch_cpu.
+CFLAGS = ("-O3", "-fno-math-errno", "-fopenmp")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -54,6 +57,7 @@ def build_dir() -> Path:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
     return fleet_home() / "kernels" / f"{torch.__version__}-{digest.hexdigest()[:12]}"
 
 
@@ -74,7 +78,7 @@ def build(verbose: bool = False) -> Path:
     # -march is not set: each ISA file carries its own target options and the CPU is checked at run time,
     # so one build serves AVX2 and AVX-512 machines alike.
     cpp_extension.load(name="fleetlm_kernels", sources=[str(CSRC / s) for s in SOURCES if s.endswith(".cpp")],
-                       extra_cflags=["-O3", "-fno-math-errno"], build_directory=str(folder),
+                       extra_cflags=list(CFLAGS), build_directory=str(folder),
                        is_python_module=False, verbose=verbose)
     library = _built_library(folder)
     if library is None:
