@@ -311,3 +311,22 @@ def test_rowwise_forward_equals_one_token_steps_bit_for_bit(width: str) -> None:
         masked = model(ids[:, 14:], torch.arange(14, 20)[None], kv_len=20)
     assert torch.equal(rowwise, steps)
     torch.testing.assert_close(masked, steps, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_groups_query_heads_like_sdpa_gqa(masked: bool) -> None:
+    from fleetlm.model.decoder import one_query_attention
+
+    torch.manual_seed(0)
+    b, h, h_kv, s, d = 3, 12, 2, 37, 16
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, h_kv, s, d), torch.randn(b, h_kv, s, d)
+    mask = (torch.arange(s)[None, None, None, :] < torch.tensor([37, 20, 5])[:, None, None, None]
+            if masked else None)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = one_query_attention(q, k, v, mask)
+    assert got.shape == (b, h, 1, d)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if masked:  # a row that sees 5 slots is unaffected by what lies past them
+        v2 = v.clone()
+        v2[2, :, 5:] = 1e3
+        torch.testing.assert_close(one_query_attention(q, k, v2, mask)[2], got[2])

@@ -191,6 +191,7 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(b, t, h_kv, self.head_dim).transpose(1, 2)
             v = self.v_proj(x).view(b, t, h_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        one_query = one_query_attention
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
             q = q.to(k.dtype)  # a bf16 model keeps an f32 cache on CPU (see setup_caches)
@@ -200,16 +201,31 @@ class Attention(nn.Module):
             # so a speculative verify computes bit for bit what plain decoding would (a masked SDPA sums in
             # another order, and quantized activations amplify that 1e-7 to logits 2% apart)
             ends = range(kv_len - t + 1, kv_len + 1)
-            sdpa = F.scaled_dot_product_attention
-            rows = [sdpa(q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], enable_gqa=gqa)
+            rows = [one_query(q[:, :, i:i + 1], k[:, :, :end], v[:, :, :end], None)
                     for i, end in enumerate(ends)]
             y = torch.cat(rows, dim=2)
+        elif t == 1:
+            y = one_query(q, k, v, mask)
         else:
             # mask None: causal for a prompt (t > 1); a single query sees every slot it is given
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                enable_gqa=gqa)
         y = y.to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row and head, q [B, H, 1, D] over k, v [B, H_kv, S, D] (mask None or
+    [B, 1, 1, S]): the H / H_kv query heads that share a KV head attend as that many rows of one head.
+    SDPA's enable_gqa copies K and V once per query head on CPU, which made a decode step's attention
+    2x slower at 8k slots (Qwen2.5-1.5B: 12 query heads on 2 KV heads)."""
+    b, h, _, d = q.shape
+    h_kv = k.shape[1]
+    if h == h_kv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grouped = q.reshape(b, h_kv, h // h_kv, d)  # query heads kv*G .. kv*G + G - 1 read KV head kv
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).reshape(b, h, 1, d)
 
 
 class MLP(nn.Module):
