@@ -368,3 +368,94 @@ def test_the_gateways_continuous_batcher_runs_on_our_kernels(tiny_llama, dtype: 
     mixed = run(["hello", "a b c d", "the"])
     assert all(len(tokens) == 8 for tokens in mixed.values())
     assert 3 in rows_seen  # decode steps ran the three active rows through our kernels at once
+
+
+def _half_cache(b: int, h_kv: int, slots: int, d: int, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v as the KV cache hands them out: float16 views of the first `used` of `slots` slots."""
+    k = torch.randn(b, h_kv, slots, d).to(torch.float16)
+    v = torch.randn(b, h_kv, slots, d).to(torch.float16)
+    return k[:, :, :used], v[:, :, :used]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,h,h_kv,d,length", [
+    (1, 12, 2, 128, 8192),  # Qwen2.5-1.5B's heads at 8k: 32 chunks of 256 slots
+    (1, 14, 2, 64, 257),    # 7 query heads a group (a block of 4, then 3); one slot past a chunk
+    (2, 9, 3, 64, 1),       # SmolLM2's 3-head groups; a single slot
+    (3, 4, 4, 16, 255),     # no grouping; head size 16
+    (1, 8, 1, 32, 513),     # one KV head for 8 query heads
+])
+def test_half_cache_attention_matches_the_reference(b: int, h: int, h_kv: int, d: int, length: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(b, h, 1, d) * 2
+    k, v = _half_cache(b, h_kv, length + 7, d, length)
+    got = kernels.attend_f16(q, k, v, None)
+    want = kernels.reference_attend_f16(q.view(b, h, d), k, v, None).view(b, h, 1, d)
+    assert got.dtype == torch.float32 and got.shape == (b, h, 1, d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_half_cache_attention_masks_slots_and_rows_are_independent() -> None:
+    torch.manual_seed(1)
+    b, h, h_kv, d, length = 3, 6, 2, 64, 600
+    q = torch.randn(b, h, 1, d)
+    k, v = _half_cache(b, h_kv, length, d, length)
+    seen = torch.tensor([600, 300, 5])
+    mask = (torch.arange(length)[None] < seen[:, None])[:, None, None, :]
+    got = kernels.attend_f16(q, k, v, mask)
+    want = kernels.reference_attend_f16(q.view(b, h, d), k, v, mask.view(b, length)).view(b, h, 1, d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for row in range(b):  # a row alone over just the slots it sees: the same numbers
+        n = int(seen[row])
+        alone = kernels.attend_f16(q[row:row + 1], k[row:row + 1, :, :n], v[row:row + 1, :, :n], None)
+        torch.testing.assert_close(got[row:row + 1], alone, rtol=1e-5, atol=1e-6)
+    nothing = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    assert not kernels.attend_f16(q, k, v, nothing).any()  # every slot masked: zeros, never NaN
+
+
+@needs_kernels
+def test_half_cache_attention_bad_inputs_are_clear_errors() -> None:
+    q = torch.randn(1, 4, 16)
+    k, v = _half_cache(1, 2, 8, 16, 8)
+    with pytest.raises(RuntimeError, match="must be float16"):
+        torch.ops.fleetlm_kernels.attend_f16(q, k.float(), v.float(), None, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.fleetlm_kernels.attend_f16(torch.randn(1, 4, 12), k[..., :12], v[..., :12], None, 0.25)
+    torch.library.opcheck(torch.ops.fleetlm_kernels.attend_f16.default, (q, k.contiguous(), v.contiguous(),
+                                                                         None, 0.25))
+
+
+def _teacher_forced_logits(model: nn.Module, ids: list[int], steps: int) -> torch.Tensor:
+    """Logits of a prefill of ids[:-steps], then one decode step for each of the last `steps` ids."""
+    from fleetlm.engine.generate import decode_one_token, ensure_caches
+
+    ensure_caches(model, 1, len(ids) + 1)
+    n = len(ids) - steps
+    with torch.inference_mode():
+        out = [model(torch.tensor([ids[:n]]), torch.arange(n)[None], kv_len=n)[:, -1].float()]
+        for pos in range(n, len(ids)):
+            out.append(decode_one_token(model, torch.tensor([[ids[pos]]]), torch.tensor([[pos]])))
+    return torch.cat(out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int4", "bf16", "f32"])
+def test_engine_decodes_over_a_float16_cache_close_to_the_f32_one(tiny_llama, dtype: str,
+                                                                   monkeypatch) -> None:
+    """The engine's cache is float16 where our kernels run; FLEET_KV_CACHE=f32 keeps the f32 cache.
+    - bf16: every bf16 k and v is a float16 value, so the cache loses nothing: logits within 1e-3 (only the
+      softmax's float order differs; on this machine they were the same to the bit);
+    - f32: float16 rounds k and v at 5e-4: logits within 2e-3;
+    - int4: our int8 activation codes turn that into flipped codes downstream (a 1e-7 change in attention's
+      sum order moved this random model's int4 logits by 2%, see Attention.forward's rowwise): within 6%."""
+    ids = [(7 * i) % 200 + 3 for i in range(48)]
+    half = Engine.load(tiny_llama, dtype=dtype)
+    got = _teacher_forced_logits(half.model, ids, 16)
+    assert half.model.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float16
+    monkeypatch.setenv("FLEET_KV_CACHE", "f32")
+    plain = Engine.load(tiny_llama, dtype=dtype)
+    want = _teacher_forced_logits(plain.model, ids, 16)
+    assert plain.model.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float32
+    assert rel(got, want) < {"bf16": 1e-3, "f32": 2e-3, "int4": 6e-2}[dtype]
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (0.8 if dtype == "int4" else 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,12 @@ def our_kernels() -> bool:
     return kernels.available()
 
 
+def half_kv_cache() -> bool:
+    """KV caches in float16, attended by our kernel (engine/kernels attend_f16): where our kernels run, unless
+    FLEET_KV_CACHE=f32 keeps the f32 cache (PyTorch's attention; the "before" of bench/long_context.py)."""
+    return os.environ.get("FLEET_KV_CACHE", "f16") != "f32" and our_kernels()
+
+
 def _int8_kernel() -> str:
     from fleetlm.engine.quant import dynamic_int8_available
 
@@ -235,6 +242,10 @@ def prepare_weights(model: nn.Module, dtype: str, compile: bool = False) -> nn.M
     ours)."""
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if hasattr(model, "half_cache_attention") and half_kv_cache():
+        from fleetlm.engine.kernels import attend_f16
+
+        model.half_cache_attention = attend_f16  # a float16 KV cache, read by our attention kernel
     if dtype in ("int8", "int4"):
         return _quantize(model, dtype)
     if dtype == "bf16" and next(model.parameters()).device.type == "cpu":

@@ -9,6 +9,7 @@ experts are stacked tensors instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from fleetlm.model.moe import MoEFeedForward
 
 # Which cache rows a batch's rows use: None = rows 0..B-1, a slice of rows, or an index tensor [B].
 CacheRows = slice | torch.Tensor | None
+# Attention of one query per row and head: (q [B, H, 1, D], k, v [B, H_kv, S, D], mask [B, 1, 1, S] | None).
+OneQueryAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class KVCache(nn.Module):
@@ -161,6 +164,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, set by fuse() for inference
         self.kv_cache: KVCache | None = None
+        # one-query attention over a float16 cache (q, k, v, mask -> y), given by setup_caches
+        self.half_cache_attention: OneQueryAttention | None = None
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -194,7 +199,11 @@ class Attention(nn.Module):
         one_query = one_query_attention
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)
-            q = q.to(k.dtype)  # a bf16 model keeps an f32 cache on CPU (see setup_caches)
+            if k.dtype == torch.float16 and self.half_cache_attention is not None:
+                # the engine's float16 cache (setup_caches), read by its kernel
+                one_query, q = self.half_cache_attention, q.float()
+            else:
+                q = q.to(k.dtype)  # a bf16 model keeps an f32 cache on CPU (see setup_caches)
         gqa = self.n_heads != self.n_kv_heads
         if rowwise and kv_len is not None:
             # each query alone over exactly the slots it sees: the very SDPA call of a one-token decode step,
@@ -207,6 +216,7 @@ class Attention(nn.Module):
         elif t == 1:
             y = one_query(q, k, v, mask)
         else:
+            k, v = k.to(q.dtype), v.to(q.dtype)  # over a float16 cache: widened (a prompt is compute-bound)
             # mask None: causal for a prompt (t > 1); a single query sees every slot it is given
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                enable_gqa=gqa)
@@ -295,6 +305,7 @@ class Transformer(nn.Module):
         # A plain float32 tensor, not a buffer: model.to(bfloat16) must not round the frequencies.
         self.inv_freq = rope_inv_freq(config)
         self.max_batch_size = 0
+        self.half_cache_attention: OneQueryAttention | None = None  # set by the engine (see setup_caches)
         self.max_seq_length = 0
 
     def fuse_projections(self) -> None:
@@ -309,17 +320,23 @@ class Transformer(nn.Module):
         """Allocate a static KV cache per layer; forward(idx, input_pos) then reads and writes it.
 
         A bf16/f16 model on CPU gets an f32 cache: PyTorch's CPU attention in bf16 is 3-5x slower than in
-        f32 for one query against the cache (measured in bench/decode.py), and the cache is small.
+        f32 for one query against the cache (measured in bench/decode.py). Where the engine gave the model
+        a kernel for it (`half_cache_attention`, engine/kernels' attend_f16), the cache is float16 on CPU
+        whatever the model's dtype: half the bytes a decode step reads at long contexts.
         """
         ref = self.norm.weight
         if dtype is None:
             half = ref.dtype in (torch.bfloat16, torch.float16)
             dtype = torch.float32 if half and ref.device.type == "cpu" else ref.dtype
+            if self.half_cache_attention is not None and ref.device.type == "cpu":
+                dtype = torch.float16
         c = self.config
+        kernel = self.half_cache_attention if dtype == torch.float16 else None
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(
                 max_batch_size, c.num_kv_heads, max_seq_length, c.head_dim, dtype, ref.device
             )
+            layer.self_attn.half_cache_attention = kernel
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def reset_caches(self, rows: list[int] | None = None) -> None:

@@ -37,7 +37,7 @@ __all__ = ["TILE_N", "QBLOCK", "available", "build", "isa", "pack_bf16", "pack_i
 TILE_N = 16  # output rows per tile
 QBLOCK = 32  # activation (and int8 weight) quantization block
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512"}
-SOURCES = ("ops.cpp", "avx512.cpp", "avx2.cpp", "kernels.h")
+SOURCES = ("ops.cpp", "avx512.cpp", "avx2.cpp", "attention.cpp", "kernels.h")
 CSRC = Path(__file__).with_name("csrc")
 # -fopenmp: without it at::parallel_for compiles to a serial loop (its pragma is ignored), and every op ran
 # on one core; the OpenMP calls resolve to PyTorch's own libgomp, already loaded with libtorch_cpu.
@@ -86,6 +86,11 @@ def build(verbose: bool = False) -> Path:
     return library
 
 
+def _attend_f16_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
 @functools.cache
 def _load() -> bool:
     if os.environ.get("FLEET_KERNELS", "1") == "0":
@@ -97,6 +102,9 @@ def _load() -> bool:
         else:
             build()
         ok = int(torch.ops.fleetlm_kernels.best_isa_level()) > 0
+        # attend_f16's fake in Python: its batch size stays symbolic in a compiled step (a C++ Meta
+        # function reads concrete sizes, and the step then compiled one graph per batch size)
+        torch.library.register_fake("fleetlm_kernels::attend_f16", _attend_f16_fake)
     except Exception as exc:  # a compiler missing or failing must never stop the engine: PyTorch's kernels
         warnings.warn(f"fleetlm: our CPU kernels are unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
                       "using PyTorch's kernels", RuntimeWarning, stacklevel=3)
@@ -309,3 +317,28 @@ def reference_linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     xb = torch.nn.functional.pad(x.to(torch.bfloat16).float(), (0, w.shape[1] - x.shape[1]))
     y = xb @ w.t()
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def reference_attend_f16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """attend_f16 in PyTorch: q [B, H, D] over float16 k, v [B, H_kv, L, D] widened to f32; mask [B, L]."""
+    b, h, d = q.shape
+    h_kv = k.shape[1]
+    grouped = q.float().reshape(b, h_kv, h // h_kv, d)
+    m = None if mask is None else mask[:, None, None, :]
+    y = torch.nn.functional.scaled_dot_product_attention(grouped, k.float(), v.float(), attn_mask=m)
+    return y.reshape(b, h, d)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+def attend_f16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row and head, q [B, H, 1, D], over a float16 KV cache k, v [B, H_kv, L, D] (mask None
+    or bool [B, 1, 1, L]) -> [B, H, 1, D] float32: our kernel (attention.cpp) where it runs and the head
+    size is a multiple of 8, else the reference. Half the bytes of an f32 cache, and each cached row is
+    read once for all the query heads that share it."""
+    b, h, _, d = q.shape
+    flat = None if mask is None else mask.reshape(b, -1)
+    if d % 8 or not available():
+        return reference_attend_f16(q.reshape(b, h, d), k, v, flat).reshape(b, h, 1, d)
+    return torch.ops.fleetlm_kernels.attend_f16(q.reshape(b, h, d), k, v, flat, d ** -0.5).reshape(b, h, 1, d)

@@ -53,4 +53,13 @@ struct IsaKernels {
 const IsaKernels* avx512_kernels();
 const IsaKernels* avx2_kernels();
 
+// Decode attention (attention.cpp): the G query heads q [G][d] (scaled) that share one KV head, over slots
+// [s0, s1) of float16 rows k + s * k_stride, v + s * v_stride (d a multiple of 8); mask [slots] (0 = skip) or
+// null. Leaves the chunk's partial softmax: m[g] (max score, -inf when all masked), l[g] (sum of e^(s - m)),
+// acc[g][d] (sum of e^(s - m) v). scores: scratch of 4 * (s1 - s0) floats.
+using AttendChunk = void (*)(const float* q, int64_t g, int64_t d, const uint16_t* k, const uint16_t* v,
+                             int64_t k_stride, int64_t v_stride, const uint8_t* mask, int64_t s0, int64_t s1,
+                             float* scores, float* acc, float* m, float* l);
+AttendChunk avx2_attend_f16();
+
 }  // namespace fleet

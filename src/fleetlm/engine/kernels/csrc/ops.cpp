@@ -8,8 +8,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -190,6 +193,77 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const std::opti
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// One query per row and head, q [B, H, D] float, over a float16 cache k, v [B, H_kv, L, D] (any strides but
+// the last; the H / H_kv query heads of a group read their KV head's rows once); mask [B, L] bool (true =
+// attend) or none. Work is split into chunks of ATTEND_CHUNK slots per (row, KV head), merged afterwards
+// (flash-decoding): two KV heads and one row still keep both cores busy. Returns [B, H, D] float.
+constexpr int64_t ATTEND_CHUNK = 256;
+
+at::Tensor attend_f16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "attend_f16: q [B, H, D], k and v [B, H_kv, L, D]");
+  TORCH_CHECK(k.scalar_type() == at::kHalf && v.scalar_type() == at::kHalf, "attend_f16: k and v must be float16");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "attend_f16: k and v must have one shape and contiguous rows");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), h_kv = k.size(1), len = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % h_kv == 0 && d % 8 == 0,
+              "attend_f16: shapes do not fit (head_dim must be a multiple of 8)");
+  const AttendChunk chunk_fn = avx2_attend_f16();
+  TORCH_CHECK(chunk_fn != nullptr && best_level() >= 1, "attend_f16: needs AVX2, FMA and F16C");
+  const int64_t g = h / h_kv, chunks = std::max<int64_t>(1, (len + ATTEND_CHUNK - 1) / ATTEND_CHUNK);
+  const at::Tensor qs = (q.to(at::kFloat) * scale).contiguous();
+  at::Tensor mask_u8;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == b && mask->size(1) == len, "attend_f16: mask must be [B, L]");
+    mask_u8 = mask->to(at::kByte).contiguous();
+  }
+  // partial results of each (row, KV head, chunk): acc [G][D], then m [G] and l [G]
+  const int64_t part = g * d + 2 * g, tasks = b * h_kv * chunks;
+  at::Tensor partial = at::empty({tasks, part}, qs.options());
+  const float* qp = qs.data_ptr<float>();
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::Half>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+  const uint8_t* mp = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
+  float* pp = partial.data_ptr<float>();
+  // below ~16k slot-rows in all a parallel region costs more than it saves
+  const int64_t grain_tasks = b * h_kv * len < 16384 ? tasks : 1;
+  at::parallel_for(0, tasks, grain_tasks, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(4 * ATTEND_CHUNK);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t % chunks, kvh = (t / chunks) % h_kv, row = t / (chunks * h_kv);
+      const int64_t s0 = c * ATTEND_CHUNK, s1 = std::min(len, s0 + ATTEND_CHUNK);
+      float* out = pp + t * part;
+      chunk_fn(qp + (row * h + kvh * g) * d, g, d, kp + row * k.stride(0) + kvh * k.stride(1),
+               vp + row * v.stride(0) + kvh * v.stride(1), k.stride(2), v.stride(2),
+               mp == nullptr ? nullptr : mp + row * len, s0, s1, scores.data(), out, out + g * d,
+               out + g * d + g);
+    }
+  });
+  at::Tensor y = at::zeros({b, h, d}, qs.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t row = 0; row < b; ++row) {  // merge the chunks: rescale each to the overall max
+    for (int64_t kvh = 0; kvh < h_kv; ++kvh) {
+      const float* base = pp + (row * h_kv + kvh) * chunks * part;
+      for (int64_t j = 0; j < g; ++j) {
+        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, base[c * part + g * d + j]);
+        if (top == -std::numeric_limits<float>::infinity()) continue;  // every slot masked: zeros
+        float* o = yp + (row * h + kvh * g + j) * d;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* pc = base + c * part;
+          const float mc = pc[g * d + j];
+          if (mc == -std::numeric_limits<float>::infinity()) continue;
+          const float w = std::exp(mc - top);
+          total += w * pc[g * d + g + j];
+          for (int64_t i = 0; i < d; ++i) o[i] += w * pc[j * d + i];
+        }
+        for (int64_t i = 0; i < d; ++i) o[i] /= total;
+      }
+    }
+  }
+  return y;
+}
+
 // Meta: shapes and dtypes only, for FakeTensor tracing under torch.compile.
 at::Tensor linear_meta(const at::Tensor& x, int64_t n) { return at::empty({x.size(0), n}, x.options()); }
 at::Tensor linear_int4_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
@@ -222,6 +296,7 @@ TORCH_LIBRARY(fleetlm_kernels, m) {
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales, Tensor? bias, int out_features, int group) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, int out_features) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("attend_f16(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("isa_level() -> int", &fleet::isa_level);
   m.def("best_isa_level() -> int", &fleet::best_isa_level);
   m.def("set_isa_level(int level) -> int", &fleet::set_isa_level);
@@ -234,6 +309,7 @@ TORCH_LIBRARY_IMPL(fleetlm_kernels, CPU, m) {
   m.impl("linear_int4", &fleet::linear_int4);
   m.impl("linear_int8", &fleet::linear_int8);
   m.impl("linear_bf16", &fleet::linear_bf16);
+  m.impl("attend_f16", &fleet::attend_f16);
 }
 
 TORCH_LIBRARY_IMPL(fleetlm_kernels, Meta, m) {
