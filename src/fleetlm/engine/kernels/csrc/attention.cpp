@@ -118,12 +118,23 @@ void accumulate_columns(const float* p, int64_t ld, const uint16_t* v, int64_t s
     for (int w = 0; w < W; ++w) _mm256_storeu_ps(out + g * d + j + 8 * w, a[g][w]);
 }
 
+// Heads two at a time over 32 columns (a whole 64-byte line of a row): 8 sums and 4 widened values in
+// registers, each probability broadcast once per line.
 template <int NG>
 void accumulate_rows(const float* p, int64_t ld, int64_t d, const uint16_t* v, int64_t stride, int64_t s0,
                      int64_t s1, float* out) {
-  int64_t j = 0;
-  for (; j + 16 <= d; j += 16) accumulate_columns<NG, 2>(p, ld, v, stride, s0, s1, j, d, out);
-  if (j < d) accumulate_columns<NG, 1>(p, ld, v, stride, s0, s1, j, d, out);
+  for (int g = 0; g < NG; g += 2) {
+    const float* pg = p + g * ld;
+    float* og = out + g * d;
+    int64_t j = 0;
+    if (NG - g >= 2) {
+      for (; j + 32 <= d; j += 32) accumulate_columns<2, 4>(pg, ld, v, stride, s0, s1, j, d, og);
+      for (; j < d; j += 8) accumulate_columns<2, 1>(pg, ld, v, stride, s0, s1, j, d, og);
+    } else {
+      for (; j + 32 <= d; j += 32) accumulate_columns<1, 4>(pg, ld, v, stride, s0, s1, j, d, og);
+      for (; j < d; j += 8) accumulate_columns<1, 1>(pg, ld, v, stride, s0, s1, j, d, og);
+    }
+  }
 }
 
 // Softmax numerators of one head's chunk in place: p = e^(s - max); returns the max, adds the sum to *sum.

@@ -225,8 +225,8 @@ at::Tensor attend_f16(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
   const uint8_t* mp = mask_u8.defined() ? mask_u8.data_ptr<uint8_t>() : nullptr;
   float* pp = partial.data_ptr<float>();
-  // below ~16k slot-rows in all a parallel region costs more than it saves
-  const int64_t grain_tasks = b * h_kv * len < 16384 ? tasks : 1;
+  // below ~2k slot-rows in all a parallel region costs more than it saves
+  const int64_t grain_tasks = b * h_kv * len < 2048 ? tasks : 1;
   at::parallel_for(0, tasks, grain_tasks, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(4 * ATTEND_CHUNK);
     for (int64_t t = t0; t < t1; ++t) {
