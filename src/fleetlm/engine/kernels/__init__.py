@@ -37,7 +37,7 @@ __all__ = ["TILE_N", "QBLOCK", "available", "build", "isa", "pack_bf16", "pack_i
 TILE_N = 16  # output rows per tile
 QBLOCK = 32  # activation (and int8 weight) quantization block
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512"}
-SOURCES = ("ops.cpp", "avx512.cpp", "avx2.cpp", "attention.cpp", "kernels.h")
+SOURCES = ("ops.cpp", "avx512.cpp", "avx2.cpp", "attention.cpp", "kernels.h", "avx2_lanes.h")
 CSRC = Path(__file__).with_name("csrc")
 # -fopenmp: without it at::parallel_for compiles to a serial loop (its pragma is ignored), and every op ran
 # on one core; the OpenMP calls resolve to PyTorch's own libgomp, already loaded with libtorch_cpu.

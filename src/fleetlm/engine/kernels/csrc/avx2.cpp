@@ -15,6 +15,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#include "avx2_lanes.h"
+
 namespace fleet {
 namespace {
 
@@ -29,13 +31,6 @@ inline float hmax(__m256 v) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 inline int32_t hsum_i32(__m256i v) {

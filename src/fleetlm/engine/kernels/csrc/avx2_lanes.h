@@ -1,0 +1,17 @@
+// Horizontal reductions of an AVX2 register, shared by avx2.cpp and attention.cpp. Include it inside a
+// region compiled for AVX2 (their target pragmas), never from code built for the baseline ISA.
+#pragma once
+#include <immintrin.h>
+
+namespace fleet {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+}  // namespace fleet
