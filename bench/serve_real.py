@@ -78,6 +78,25 @@ def parse_peers(text: str) -> list[str]:
     return [p for p in PEERS if p in names]
 
 
+WIDTHS = ("bf16", "f32", "int8", "int4")
+
+
+def parse_widths(text: str) -> list[str]:
+    """'bf16,int8' -> our engine's widths, each served by its own gateway in the same run; an unknown one is
+    an error."""
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WIDTHS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown width(s) {', '.join(unknown) or '(none given)'}: choose "
+                                         f"from {', '.join(WIDTHS)}")
+    return list(dict.fromkeys(names))
+
+
+def ours_name(width: str, widths: list[str]) -> str:
+    """'ours' when one width is timed (the report's usual row), else 'ours <width>'."""
+    return "ours" if len(widths) == 1 else f"ours {width}"
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -101,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, of {', '.join(PEERS)}; none: skip part (1)")
     ap.add_argument("--rounds", type=positive, default=1, help="timed rounds per server (best one reported)")
     ap.add_argument("--threads", type=positive, default=2, help="CPU threads of each engine")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32", "int8", "int4"],
-                    help="our engine's width (the gateway's default: bf16)")
+    ap.add_argument("--dtype", type=parse_widths, default=["bf16"],
+                    help="our engine's width, or several comma-separated, each its own gateway in the same "
+                         "run (the gateway's default: bf16)")
     ap.add_argument("--ctx", type=positive, default=None,
                     help="context per stream for llama.cpp (default: max-tokens + 256, rounded up to 256)")
     ap.add_argument("--fleet-streams", type=non_negative, default=64,
@@ -383,7 +403,7 @@ class Server:
 
 def launch(name: str, cmd: list[str], port: int, model: str, work: Path, env: dict | None = None,
            cwd: Path | None = None) -> Server:
-    log = work / f"{name}.log"
+    log = work / f"{name.replace(' ', '-')}.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd,
                             env={**os.environ, **(env or {})})
     return Server(name, f"http://127.0.0.1:{port}/v1", model, proc, log, time.perf_counter())
@@ -447,12 +467,14 @@ def part_one(args: argparse.Namespace, work: Path) -> dict[str, RunStats]:
         for peer in args.peers:
             port = free_port()
             if peer == "ours":
-                config = {"models": {"bench": {"gguf": str(gguf), "engine": "fleetlm", "dtype": args.dtype,
-                                               "price": {"input": 0, "output": 0}}},  # no price measuring
-                          "storage": f"sqlite:///{work / 'usage.db'}"}
-                (work / "fleet.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
-                cmd = fleet_cmd(work / "fleet.yaml", port)
-                servers.append(launch(peer, cmd, port, "bench", work, threads))
+                for width in args.dtype:
+                    port = free_port()
+                    config = {"models": {"bench": {"gguf": str(gguf), "engine": "fleetlm", "dtype": width,
+                                                   "price": {"input": 0, "output": 0}}},  # no price measuring
+                              "storage": f"sqlite:///{work / f'usage-{width}.db'}"}
+                    (work / f"fleet-{width}.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+                    cmd = fleet_cmd(work / f"fleet-{width}.yaml", port)
+                    servers.append(launch(ours_name(width, args.dtype), cmd, port, "bench", work, threads))
             elif peer == "llama-server":
                 binary = find_llama_server(args.llama_server, args.peers_python)
                 cmd = llama_server_cmd(binary, gguf, port, args.streams, ctx, args.threads)
@@ -530,11 +552,11 @@ def report_one(stats: dict[str, RunStats], args: argparse.Namespace) -> list[str
     lines = [f"(1) {args.model}: {args.streams} concurrent streams x {args.max_tokens} tokens, greedy, "
              f"{args.threads} threads per engine (best of {args.rounds} round(s))", HEADER]
     lines += [row(name, st) for name, st in stats.items()]
-    ours = stats.get("ours")
-    if ours is not None:
+    for name in (n for n in stats if n.startswith("ours")):
         for peer, target in (("llama-server", "1.0x"), ("llama-cpp-python", "4x")):
             if peer in stats:
-                lines.append(f"  ours / {peer:<22} {ratio(ours.tokens_per_s, stats[peer].tokens_per_s):>8}"
+                label = f"{name} / {peer}"
+                lines.append(f"  {label:<28} {ratio(stats[name].tokens_per_s, stats[peer].tokens_per_s):>8}"
                              f"   (target >= {target})")
     for name, st in stats.items():
         if st.first_errors:

@@ -31,10 +31,14 @@ def test_defaults_and_flags(bench):
                                       "--fleet-streams", "0"])
     assert (args.streams, args.max_tokens, args.fleet_streams) == (4, 16, 0)
     assert args.peers == ["ours", "llama-server"]  # always in the report's order
+    assert args.dtype == ["bf16"] and bench.ours_name("bf16", args.dtype) == "ours"
+    args = bench.parser().parse_args(["--dtype", "int8,bf16,int8"])
+    assert args.dtype == ["int8", "bf16"]  # each width once, its own gateway
+    assert [bench.ours_name(w, args.dtype) for w in args.dtype] == ["ours int8", "ours bf16"]
 
 
 def test_bad_flags_are_one_clear_error(bench, capsys):
-    for argv in (["--peers", "vllm"], ["--streams", "0"], ["--fleet-streams", "-1"]):
+    for argv in (["--peers", "vllm"], ["--streams", "0"], ["--fleet-streams", "-1"], ["--dtype", "fp8"]):
         with pytest.raises(SystemExit) as exc:
             bench.parser().parse_args(argv)
         assert exc.value.code == 2
@@ -75,6 +79,18 @@ def test_best_round_prefers_clean_rounds(bench):
     assert bench.best([fast_but_failed, clean, cleaner]) is cleaner
     assert bench.best([fast_but_failed]) is fast_but_failed
     assert bench.ratio(30.0, 10.0) == "3.00x" and bench.ratio(1.0, 0.0) == "n/a"
+
+
+def test_report_gives_each_width_its_ratios(bench):
+    R = bench.StreamResult
+    stats = {name: bench.summarize([R("m", tokens, 1.0, 0.1, "length")], wall=1.0)
+             for name, tokens in (("ours bf16", 90), ("ours int8", 150), ("llama-server", 100),
+                                  ("llama-cpp-python", 25))}
+    args = bench.parser().parse_args(["--dtype", "bf16,int8"])
+    text = "\n".join(bench.report_one(stats, args))
+    assert "ours bf16 / llama-server" in text and "0.90x" in text
+    assert "ours int8 / llama-server" in text and "1.50x" in text
+    assert "ours int8 / llama-cpp-python" in text and "6.00x" in text
 
 
 def test_stream_lines_parse_as_openai_sends_them(bench):
