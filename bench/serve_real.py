@@ -66,15 +66,21 @@ TASKS = [
 # ---------------------------------------------------------------------------------------------- arguments
 
 
+def chosen(text: str, allowed: tuple[str, ...], what: str, also: str = "") -> list[str]:
+    """'a,b' -> the names given, each once; an unknown one (or none) is one clear argparse error."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}: choose "
+                                         f"from {', '.join(allowed)}{also}")
+    return list(dict.fromkeys(names))
+
+
 def parse_peers(text: str) -> list[str]:
     """'ours,llama-server' -> the peers in PEERS order; 'none' -> []; an unknown name is an error."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if names == ["none"]:
+    if text.strip() == "none":
         return []
-    unknown = [p for p in names if p not in PEERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown) or '(none given)'}: choose "
-                                         f"from {', '.join(PEERS)}, or none")
+    names = chosen(text, PEERS, "peer", also=", or none")
     return [p for p in PEERS if p in names]
 
 
@@ -82,14 +88,8 @@ WIDTHS = ("bf16", "f32", "int8", "int4")
 
 
 def parse_widths(text: str) -> list[str]:
-    """'bf16,int8' -> our engine's widths, each served by its own gateway in the same run; an unknown one is
-    an error."""
-    names = [w.strip() for w in text.split(",") if w.strip()]
-    unknown = [w for w in names if w not in WIDTHS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown width(s) {', '.join(unknown) or '(none given)'}: choose "
-                                         f"from {', '.join(WIDTHS)}")
-    return list(dict.fromkeys(names))
+    """'bf16,int8' -> our engine's widths, each served by its own gateway in the same run."""
+    return chosen(text, WIDTHS, "width")
 
 
 def ours_name(width: str, widths: list[str]) -> str:
