@@ -169,10 +169,26 @@ def test_a_model_the_gateway_compiles_is_measured_compiled(tiny_gguf, home, monk
     eager = M.cache_path(tiny_gguf, "fleetlm", "bf16")
     monkeypatch.setattr(M, "serves_compiled", lambda path: True)
     compiled = M.cache_path(tiny_gguf, "fleetlm", "bf16")
-    assert eager.name.endswith(f"-fleetlm-bf16-{M.machine_id()}.json")
-    assert compiled.name.endswith(f"-fleetlm-bf16-compiled-{M.machine_id()}.json")
+    build = M.engine_build_id("fleetlm")
+    assert eager.name.endswith(f"-fleetlm-bf16-{M.machine_id()}-{build}.json")
+    assert compiled.name.endswith(f"-fleetlm-bf16-compiled-{M.machine_id()}-{build}.json")
     saved = fake(tiny_gguf, "fleetlm", decode=9.0, dtype=M._mode("fleetlm", "bf16", tiny_gguf))
     assert saved.dtype == "bf16-compiled" and M.cached(tiny_gguf, "fleetlm", "bf16") == saved
     assert [p.name for p in (home / "measure").iterdir()] == [compiled.name]
     llama = M.cache_path(tiny_gguf, "llama_cpp", "bf16")
-    assert llama.name.endswith(f"-llama_cpp-gguf-{M.machine_id()}.json")
+    assert llama.name.endswith(f"-llama_cpp-gguf-{M.machine_id()}-{M.engine_build_id('llama_cpp')}.json")
+
+
+def test_a_rebuilt_kernel_is_measured_anew(tiny_gguf, home, monkeypatch):
+    """A measurement times one build of the kernels: new sources (or flags, or torch) make a new build folder,
+    and the old figure must not stand for it (a serial kernel once timed at half the speed)."""
+    from fleetlm.engine import kernels
+
+    saved = fake(tiny_gguf, "fleetlm", decode=9.0)
+    assert M.cached(tiny_gguf, "fleetlm", "bf16") == saved
+    before = M.engine_build_id("fleetlm")
+    rebuilt = home / "kernels" / "2.13.0-0123456789ab"
+    monkeypatch.setattr(kernels, "build_dir", lambda: rebuilt)
+    assert M.engine_build_id("fleetlm") != before
+    assert M.cached(tiny_gguf, "fleetlm", "bf16") is None
+    assert M.engine_build_id("llama_cpp") == M.engine_build_id("llama_cpp")  # stable between calls

@@ -3,7 +3,8 @@
 `measure(path, engine, dtype)` loads a GGUF file (or one of our checkpoints) on llama.cpp or on our engine and
 times one stream on MEASURE_THREADS threads: a PROMPT_TOKENS-token prompt, then NEW_TOKENS new tokens, after a
 short warm-up, best of REPEATS runs. The result is saved as
-`fleet_home()/measure/<model key>-<engine>-<dtype>-<machine id>.json`, so it is made once per machine.
+`fleet_home()/measure/<model key>-<engine>-<dtype>-<machine id>-<build id>.json`, so it is made once per
+machine and engine build: a rebuilt kernel (new sources, flags or torch) or another llama.cpp is timed anew.
 `choose_engine` picks, for `engine: auto`, the engine with the higher decode tokens/s (measuring what is
 missing). `price_per_million` turns tokens/s into dollars per million tokens at a machine's hourly price:
 the price of local models that set no `price:` in fleet.yaml.
@@ -135,8 +136,30 @@ def _mode(engine: str, dtype: str, path: str | Path) -> str:
     return f"{dtype}-compiled" if serves_compiled(path) else dtype
 
 
+def engine_build_id(engine: str) -> str:
+    """Which build of the engine a measurement timed: for ours, fleetlm's version and the kernels' build
+    folder (torch version, sources and flags); for llama.cpp, llama-cpp-python's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if engine == "llama_cpp":
+        try:
+            text = f"llama-cpp-python {version('llama_cpp_python')}"
+        except PackageNotFoundError:
+            text = "llama-cpp-python missing"
+    else:
+        from fleetlm.engine.kernels import build_dir
+
+        try:
+            text = f"fleetlm {version('fleetlm')}"
+        except PackageNotFoundError:
+            text = "fleetlm source"
+        text += f" {build_dir().name}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def _cache_file(path: str | Path, engine: str, mode: str) -> Path:
-    return fleet_home() / "measure" / f"{model_key(path)}-{engine}-{mode}-{machine_id()}.json"
+    name = f"{model_key(path)}-{engine}-{mode}-{machine_id()}-{engine_build_id(engine)}.json"
+    return fleet_home() / "measure" / name
 
 
 def cache_path(path: str | Path, engine: str, dtype: str) -> Path:
