@@ -54,11 +54,17 @@ def build_dir() -> Path:
     """Where this machine's build lives: one folder per torch version and version of the sources."""
     from fleetlm.catalog import fleet_home
 
+    return fleet_home() / "kernels" / f"{torch.__version__}-{_sources_digest()}"
+
+
+@functools.cache
+def _sources_digest() -> str:
+    # read once a process: the build id is asked at each measurement-cache lookup (fleet/measure.py)
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
     digest.update(" ".join(CFLAGS).encode())
-    return fleet_home() / "kernels" / f"{torch.__version__}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
 
 
 def _built_library(folder: Path) -> Path | None:
