@@ -17,13 +17,13 @@ def speech_wav(cache_dir: Path, name: str, sentences: list[str], gap_s: float = 
     path = cache_dir / f"{name}.wav"
     if path.exists():
         return path
-    voice = _voice()
+    voice, config = _voice(), _noise_free()
     gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.int16)
     parts: list[np.ndarray] = []
     for i, sentence in enumerate(sentences):
         if i and len(gap):
             parts.append(gap)
-        parts.extend(chunk.audio_int16_array for chunk in voice.synthesize(sentence, syn_config=_NO_NOISE()))
+        parts.extend(chunk.audio_int16_array for chunk in voice.synthesize(sentence, syn_config=config))
     write_wav(path, np.concatenate(parts), SAMPLE_RATE)
     return path
 
@@ -73,7 +73,7 @@ def encode(source: Path, target: Path, fmt: str) -> Path:
 _loaded = None
 
 
-def _NO_NOISE():  # noqa: ANN202, N802 (piper's SynthesisConfig, imported late like the voice)
+def _noise_free():  # noqa: ANN202 (piper's SynthesisConfig, imported late like the voice)
     from piper import SynthesisConfig
 
     return SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
