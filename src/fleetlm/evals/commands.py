@@ -13,7 +13,8 @@ BENCHES = ("humaneval", "gsm8k", "tasks", "bfcl")
 MODES = ("chat", "complete")
 
 
-def _load_bench(bench: str, data: Path | None, max_tokens: int | None):
+def load_bench(bench: str, data: Path | None, max_tokens: int | None):
+    """A benchmark by name (humaneval, gsm8k, tasks), its reply length capped at max_tokens if given."""
     if bench == "humaneval":
         from fleetlm.evals import humaneval
         from fleetlm.sandbox import check_sandbox
@@ -101,7 +102,7 @@ def eval_cmd(
         return
     if category is not None or constrained is not None:
         raise EvalError("--category and --constrained/--unconstrained are for --bench bfcl")
-    benchmark = _load_bench(bench, data, max_tokens)
+    benchmark = load_bench(bench, data, max_tokens)
     items = select(benchmark.items, split=split, limit=limit, seed=seed)
     if not items:
         raise EvalError(f"no {bench} items in split {split!r}")
