@@ -178,15 +178,19 @@ def test_generate_accepts_a_single_request_and_records_stats(tiny_llama):
 
 @pytest.mark.parametrize("dtype", ["f32", "int8"])
 def test_compiled_decode_step_matches_eager_and_does_not_recompile(tiny_llama, dtype):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager = Engine.load(tiny_llama, dtype=dtype)
     compiled = Engine.load(tiny_llama, dtype=dtype, compile=True)
     prompts = [eager.tokenizer.encode(p) for p in PROMPTS]
     expected = _ours(eager, prompts, ignore_eos=True)
     assert _ours(compiled, prompts, ignore_eos=True) == expected  # batched, rows of different lengths
-    # another call of another length reuses the caches and the compiled code: no new graphs
-    from torch._dynamo.utils import counters
+    # one graph a step: a break would compile each layer as its own frame (up to the recompile limit)
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
+    # another call of another length reuses the caches and the compiled code: no new graphs
     def same_length(n, max_tokens):  # rows at one position: the unmasked attention variant
         return [GenerationRequest(prompt_ids=p[:n], max_tokens=max_tokens, ignore_eos=True) for p in prompts]
 

@@ -415,6 +415,19 @@ def test_half_cache_attention_masks_slots_and_rows_are_independent() -> None:
 
 
 @needs_kernels
+def test_half_cache_attention_compiles_into_one_graph() -> None:
+    # the compiled decode step calls attend_f16 in every layer: asking whether the kernels are there must not
+    # break the graph (it did, and each layer then compiled as its own frame up to dynamo's recompile limit)
+    torch.manual_seed(2)
+    q = torch.randn(2, 6, 1, 64)
+    k, v = _half_cache(2, 2, 40, 64, 40)
+    mask = (torch.arange(40)[None] < torch.tensor([40, 17])[:, None])[:, None, None, :]
+    torch._dynamo.reset()
+    compiled = torch.compile(kernels.attend_f16, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), kernels.attend_f16(q, k, v, mask))
+
+
+@needs_kernels
 def test_half_cache_attention_bad_inputs_are_clear_errors() -> None:
     q = torch.randn(1, 4, 16)
     k, v = _half_cache(1, 2, 8, 16, 8)

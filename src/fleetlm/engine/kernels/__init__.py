@@ -118,6 +118,10 @@ def _load() -> bool:
     return ok
 
 
+# A constant to torch.compile: attend_f16 asks inside the compiled decode step, and dynamo traces through
+# functools.cache into _load (file globs, hashing), which broke the step's graph at every layer (each layer
+# then compiled as its own frame, up to the recompile limit, and ran eagerly past it).
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """The kernels are built (building them at the first call) and this CPU has AVX2 or AVX-512.
 
