@@ -91,7 +91,7 @@ def test_two_installed_models_make_a_checks_cascade_smallest_first(fake_home, ch
     assert r.checks == ["code", "math", "json", "tool"]
     # --print-config's YAML is a fleet.yaml that parses back to the same fleet
     data = yaml.safe_load(default_config_yaml())
-    assert data["models"]["small"] == {"catalog": "small", "engine": "auto"}
+    assert data["models"]["small"] == {"catalog": "small", "engine": "auto", "dtype": "int8"}
     assert data["router"]["models"] == ["small", "big"]
 
 
@@ -105,12 +105,13 @@ def test_fleet_serve_with_nothing_installed_fails_with_one_line(fake_home, monke
 def test_fleet_serve_print_config_prints_the_default_fleet(fake_home, chat_gguf, monkeypatch, capsys):
     fake_home.install("one", chat_gguf, 10)
     code, out, _ = run_main(monkeypatch, capsys, "serve", "--print-config")
-    assert code == 0 and yaml.safe_load(out)["models"] == {"one": {"catalog": "one", "engine": "auto"}}
+    assert code == 0 and yaml.safe_load(out)["models"] == {"one": {"catalog": "one", "engine": "auto",
+                                                                      "dtype": "int8"}}
 
 
 def _measured(path, engine, decode, prompt):
     m = M.Measurement(model=path.name, model_key=M.model_key(path), engine=engine,
-                      dtype="gguf" if engine == "llama_cpp" else "bf16", prompt_tokens_per_second=prompt,
+                      dtype="gguf" if engine == "llama_cpp" else "int8", prompt_tokens_per_second=prompt,
                       decode_tokens_per_second=decode, prompt_tokens=64, new_tokens=32, threads=2,
                       load_seconds=0.1, machine={"id": M.machine_id()},
                       measured_at="2026-12-01T00:00:00+00:00")
