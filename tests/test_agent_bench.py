@@ -1,27 +1,19 @@
 """bench/agent.py through a scripted gateway: an oracle model replaying each task's solution, a lazy one."""
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
 from agent_fakes import ScriptedGateway, call, code
+from bench_scripts import bench_script
 from fleetlm.agent.bench_tasks import generate_tasks
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "agent.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("agent_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("agent") as module:
+        yield module
 
 
 def _task_of(body, tasks):

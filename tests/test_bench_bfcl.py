@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench_scripts import bench_script
+
 pytest.importorskip("bfcl_eval", reason="needs bfcl-eval's data: pip install --no-deps bfcl-eval==2026.3.23")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bfcl.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bfcl_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("bfcl") as module:
+        yield module
 
 
 def summary(correct: dict[str, tuple[int, int, int]]) -> dict:

@@ -3,28 +3,18 @@ arguments, and scoring / printing / plotting of kept arms (no model, no corpus).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from bench_scripts import bench_script
 from fleetlm.rag.labelled import Question, load_questions
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # kb_answers imports bench/retrieval.py's store helpers
-    spec = importlib.util.spec_from_file_location("kb_answers_bench", BENCH_DIR / "kb_answers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(BENCH_DIR))
+    with bench_script("kb_answers", on_path=True) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -4,32 +4,24 @@ fact, truncation and the bare question none: what the benchmark measures is the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from bench_scripts import bench_script
 from fleetlm.config import parse_config
 from fleetlm.serve.app import create_app
 from fleetlm.serve.backends import Choice, Generation
 from fleetlm.serve.store import UsageStore
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory_recall.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("memory_recall_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("memory_recall") as module:
+        yield module
 
 
 class Reader:

@@ -4,29 +4,21 @@ gateway (answers kept, scored, summarised and plotted)."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
+from bench_scripts import bench_script
 from fleetlm.vision.docset import generate_set
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "vqa.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("vqa_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("vqa") as module:
+        yield module
 
 
 def test_arguments_and_their_errors(bench):

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "width_quality.py"
+from bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("width_quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("width_quality") as module:
+        yield module
 
 
 @pytest.mark.parametrize(("a", "b"), [(0, 0), (3, 0), (2, 7), (10, 10), (1, 12)])
