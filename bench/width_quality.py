@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from fleetlm.evals.commands import load_bench
-from fleetlm.evals.harness import ItemResult, run_benchmark, select, timed
+from fleetlm.evals.harness import Benchmark, EvalItem, ItemResult, run_benchmark, select, timed
 from fleetlm.evals.runners import make_runner
 
 
@@ -31,9 +31,8 @@ def sign_test_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def run_width(bench_name: str, dtype: str, args: argparse.Namespace) -> tuple[list[ItemResult], float]:
-    benchmark = load_bench(bench_name, None, args.max_tokens)
-    items = select(benchmark.items, split=args.split, limit=args.limit, seed=args.seed)
+def run_width(benchmark: Benchmark, items: list[EvalItem], dtype: str,
+              args: argparse.Namespace) -> tuple[list[ItemResult], float]:
     runner, name = make_runner(args.model, engine="fleetlm", dtype=dtype, batch_size=args.batch,
                                threads=args.threads)
     return timed(lambda: run_benchmark(benchmark, runner, items, model=f"{name}@{dtype}", progress=True))
@@ -55,7 +54,9 @@ def main() -> None:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     rows, report = [], {"model": args.model, "split": args.split, "limit": args.limit, "benches": {}}
     for bench_name in [b.strip() for b in args.benches.split(",") if b.strip()]:
-        runs = {d: run_width(bench_name, d, args) for d in dtypes}
+        benchmark = load_bench(bench_name, None, args.max_tokens)
+        items = select(benchmark.items, split=args.split, limit=args.limit, seed=args.seed)
+        runs = {d: run_width(benchmark, items, d, args) for d in dtypes}
         ref_results, _ = runs[dtypes[0]]
         ref = {r.item.id: r for r in ref_results}
         report["benches"][bench_name] = {}
